@@ -1,0 +1,212 @@
+"""`BackMatchingExact` (`bmp_exact`): exact back-matching propagation for MLPs.
+
+Zhang, Chen, Liu 2018 (arXiv 1802.09750) write the network as a chain of blocks
+`z[l+1] = F_l(W_l, z[l])` and propagate *target shifts* down it. The shift of the network's
+output is `Δz[L] = −lr · ∂(Σ_batch loss)/∂z[L]`, the gradient of the batch's *summed* loss
+(the optimizer multiplies the gradient it sees by the batch size when `loss_reduction="mean"`,
+the default, i.e. when the loss given to `backward()` is the batch mean of per-example losses).
+Each block, from the top, solves two damped least-squares problems, linearised at the current
+point, with the block's input `X` (rows = examples) and weight `W` (shape `n_out × n_in`):
+
+- parameters: `min_Δθ ‖X̃·Δθ − Δz_out‖² + λ_W·‖Δθ‖²` with `X̃ = [X, 1]` (the column of ones
+  when the layer has a bias), so `Δθ = (X̃ᵀX̃ + λ_W·I)⁻¹ X̃ᵀ Δz_out` and `[W b] += Δθᵀ`;
+- input shift: `min_Δz ‖Δz·Wᵀ − Δz_out‖² + λ_z·‖Δz‖²`, so `Δz_in = Δz_out·W·(WᵀW + λ_z·I)⁻¹`;
+- elementwise activation `y = f(u)`: `Δu = f'(u)·Δy / (f'(u)² + λ_f)`.
+
+Choices where the paper is silent:
+- damping is relative: `λ = damping × the block's bmp scalar` (mean eigenvalue of the normal
+  matrix): `λ_W = damping · trace(X̃ᵀX̃)/(n_in + 1)` (n_in without bias),
+  `λ_z = damping · ‖W‖_F² / min(n_in, n_out)`, `λ_f = damping · mean(f'(u)²)`, so the same
+  `damping` means the same thing in every layer and at every scale;
+- `damping = 0` uses the pseudo-inverse (minimum-norm solutions; a ReLU's inactive units get
+  no shift); then one step with `lr = 1` on linear least squares lands on the least-squares
+  solution whatever the batch size (batch ≥ inputs + 1);
+- every block's input shift is computed with the weights before this step's update;
+- `momentum = μ`: heavy ball on the solved change, `v ← μ·v + Δθ`, `θ ← θ + v`;
+- inputs with more than two dimensions are flattened to rows (leading dimensions as examples).
+
+Supported: chains (`nn.Sequential`, nested) of `Linear`, `ReLU`, `Tanh`, `Sigmoid`, `GELU`,
+`SiLU`, modules declaring `backmatching_slope(u)`, `Identity` and `Flatten`; anything else is a
+`ValueError` naming the module (use `bmp` for convolutions, normalisation and residual blocks).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from optim.backmatching.activations import is_activation, slope
+from optim.backmatching.structure import Chain, Leaf, Node, describe, parse
+
+__all__ = ["BackMatchingExact"]
+
+_PASS = (nn.Identity, nn.Flatten)
+
+
+def _supported(module: nn.Module) -> bool:
+    return type(module) in (nn.Linear, *_PASS) or is_activation(module)
+
+
+_ADVICE = "the exact mode solves chains of Linear layers and elementwise activations (use bmp)"
+
+
+def _chain(node: Node) -> list[Leaf]:
+    if isinstance(node, Leaf):
+        return [node]
+    if isinstance(node, Chain):
+        return [leaf for child in node.nodes for leaf in _chain(child)]
+    raise ValueError(
+        f"bmp_exact: {node.path or 'model'}: a sum of paths (residual block) is not a chain; "
+        + _ADVICE
+    )
+
+
+class BackMatchingExact(torch.optim.Optimizer):
+    """Exact back-matching propagation (`bmp_exact`); formulas in the module docstring."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 0.1,
+        damping: float = 0.1,
+        momentum: float = 0.0,
+        loss_reduction: str = "mean",
+    ) -> None:
+        if not (lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"bmp_exact: lr: must be > 0, got {lr!r}")
+        if not (damping >= 0 and math.isfinite(damping)):
+            raise ValueError(f"bmp_exact: damping: must be >= 0, got {damping!r}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"bmp_exact: momentum: must be in [0, 1), got {momentum!r}")
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(
+                f"bmp_exact: loss_reduction: must be 'mean' or 'sum', got {loss_reduction!r}"
+            )
+        self._layers = _chain(parse(model, "bmp_exact", _supported, _ADVICE))
+        names = {id(p): n for n, p in model.named_parameters()}
+        named: list[tuple[str, nn.Parameter]] = []
+        for leaf in self._layers:
+            own = list(leaf.module.parameters(recurse=False))
+            if own and not isinstance(leaf.module, nn.Linear):
+                raise ValueError(
+                    f"bmp_exact: {describe(leaf.path, leaf.module)}: only Linear layers may "
+                    "hold parameters"
+                )
+            named += [(names[id(p)], p) for p in own if p.requires_grad]
+        if not named:
+            raise ValueError("bmp_exact: the model has no trainable Linear parameters")
+        defaults = {"lr": lr, "damping": damping, "momentum": momentum}
+        super().__init__([{"params": named}], defaults)
+        self.loss_reduction = loss_reduction
+        self._inputs: dict[int, tuple[Tensor, Tensor]] = {}
+        self._output_grad: Tensor | None = None
+        self._handles = [model.register_forward_hook(self._watch_output)]
+        for i, leaf in enumerate(self._layers):
+            self._handles.append(leaf.module.register_forward_hook(self._recorder(i)))
+
+    def remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _recorder(self, index: int) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
+        def record(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if torch.is_grad_enabled():
+                self._inputs[index] = (args[0].detach(), output.detach())
+
+        return record
+
+    def _watch_output(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad:
+            output.register_hook(self._keep_output_grad)
+
+    def _keep_output_grad(self, grad: Tensor) -> None:
+        self._output_grad = grad.detach()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self._output_grad is None or len(self._inputs) != len(self._layers):
+            raise RuntimeError(
+                "bmp_exact: no gradient of the loss with respect to the model's output since "
+                "the last step; run forward and backward on the model's output before step()"
+            )
+        group = self.param_groups[0]
+        g = self._output_grad
+        scale = -group["lr"] * (g.shape[0] if self.loss_reduction == "mean" else 1)
+        target = g * scale
+        lowest = min(i for i, leaf in enumerate(self._layers) if isinstance(leaf.module, nn.Linear))
+        for i in range(len(self._layers) - 1, lowest - 1, -1):
+            module = self._layers[i].module
+            x, y = self._inputs[i]
+            if isinstance(module, nn.Linear):
+                target = self._linear(group, module, x, target, shift_input=i > lowest)
+            elif isinstance(module, _PASS):
+                target = target.reshape(x.shape)
+            else:
+                target = _activation_shift(slope(module, x, y), target, group["damping"])
+        self._inputs.clear()
+        self._output_grad = None
+        return loss
+
+    def _linear(
+        self, group: dict[str, Any], layer: nn.Linear, x: Tensor, target: Tensor, shift_input: bool
+    ) -> Tensor:
+        """Update `layer` toward `target` on its output; return the shift of its input."""
+        damping = group["damping"]
+        rows = x.reshape(-1, layer.in_features)
+        wanted = target.reshape(-1, layer.out_features)
+        if layer.bias is not None:
+            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+        delta = _damped_solve(rows, wanted, damping, rows.shape[1])  # (n_in [+1]) × n_out
+        shift = None
+        if shift_input:
+            w = layer.weight
+            dims = min(layer.in_features, layer.out_features)
+            shift = _damped_solve(w, wanted.T, damping, dims).T.reshape(x.shape)
+        self._apply(group, layer.weight, delta[: layer.in_features].T)
+        if layer.bias is not None:
+            self._apply(group, layer.bias, delta[layer.in_features])
+        return shift if shift is not None else target
+
+    def _apply(self, group: dict[str, Any], p: Tensor, delta: Tensor) -> None:
+        if not p.requires_grad:
+            return
+        mu = group["momentum"]
+        if mu > 0.0:
+            state = self.state[p]
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = delta.clone()
+            else:
+                buf.mul_(mu).add_(delta)
+            delta = buf
+        p.add_(delta)
+
+
+def _damped_solve(a: Tensor, b: Tensor, damping: float, dims: int) -> Tensor:
+    """`argmin_X ‖a·X − b‖² + λ‖X‖²` with `λ = damping · trace(aᵀa) / dims`.
+
+    `damping = 0`: the minimum-norm least-squares solution `a⁺·b`.
+    """
+    if damping == 0.0:
+        return torch.linalg.pinv(a) @ b
+    gram = a.T @ a
+    lam = damping * torch.trace(gram) / dims
+    gram.diagonal().add_(lam)
+    return torch.linalg.solve(gram, a.T @ b)
+
+
+def _activation_shift(fp: Tensor, target: Tensor, damping: float) -> Tensor:
+    """`Δu = f'·Δy / (f'² + λ_f)`; with no damping, units with `f' = 0` get no shift."""
+    fp2 = fp.square()
+    if damping == 0.0:
+        return torch.where(fp != 0, target / torch.where(fp != 0, fp, 1.0), 0.0)
+    return target * fp / (fp2 + damping * fp2.mean())

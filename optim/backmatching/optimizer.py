@@ -1,0 +1,176 @@
+"""`BackMatching` (`bmp`): SGD whose rate for each parameter is `lr × factor`.
+
+The factor is the scalar back-matching rate of DESIGN.md (Zhang, Chen, Liu 2018, arXiv
+1802.09750, "On the Local Hessian in Back-propagation"):
+
+    factor(l) = (1 / s_W(l)) · Π_{blocks k above l} (1 / s_z(k))
+
+with the per-layer scalars of `optim.backmatching.layers`, recomputed every step from the
+statistics the forward hooks recorded and the current weights. Then, in this order:
+
+1. EMA (`ema = β > 0`): each scalar is replaced by its running average
+   `ŝ_t = β·ŝ_{t−1} + (1 − β)·s_t`, started at `ŝ_1 = s_1` (so no bias correction is needed);
+2. clamp: `factor ← min(max(factor, 1/clamp), clamp)` (NaN passes through, so a diverging run
+   still shows as diverged);
+3. warm-up (`warmup_steps = N > 0`): at step t ≤ N the factor is `factor^(t/N)`, a geometric
+   ramp from plain SGD (factor 1) to the back-matching rate;
+4. the update is torch.optim.SGD's on the scaled gradient `g' = factor·g`: weight decay
+   `d = g' + wd·w` (added after the scaling, so decay is not rescaled by the factor),
+   momentum `b ← μ·b + d` (b = d at the first step), Nesterov `d ← d + μ·b` else `d ← b`,
+   `w ← w − lr·d`. With every factor 1 it is exactly torch.optim.SGD (dampening 0).
+
+The optimizer holds one parameter group (the model's trainable parameters, with their names);
+`lr` and the other options live in it, so learning-rate schedulers work as usual.
+`layer_factors()` returns the factors applied at the last step, by parameter name.
+`state_dict()` carries the step count, the scalars' running averages and the last factors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from optim.backmatching.plan import Plan
+
+__all__ = ["BackMatching"]
+
+
+def _check(name: str, value: float, ok: bool, rule: str) -> None:
+    if not ok:
+        raise ValueError(f"bmp: {name}: must be {rule}, got {value!r}")
+
+
+class BackMatching(torch.optim.Optimizer):
+    """Back-matching layer-wise rates (`bmp`); see the module docstring for the formulas."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 0.05,
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        ema: float = 0.0,
+        clamp: float = 1e12,
+        warmup_steps: int = 0,
+    ) -> None:
+        _check("lr", lr, lr > 0 and math.isfinite(lr), "> 0")
+        _check("momentum", momentum, 0.0 <= momentum < 1.0, "in [0, 1)")
+        _check("nesterov", nesterov, not nesterov or momentum > 0, "false when momentum is 0")
+        _check("weight_decay", weight_decay, weight_decay >= 0.0, ">= 0")
+        _check("ema", ema, 0.0 <= ema < 1.0, "in [0, 1)")
+        _check("clamp", clamp, clamp >= 1.0, ">= 1")
+        _check("warmup_steps", warmup_steps, int(warmup_steps) == warmup_steps >= 0, "an int >= 0")
+        self._plan = Plan(model, "bmp")
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "nesterov": nesterov,
+            "weight_decay": weight_decay,
+            "ema": ema,
+            "clamp": clamp,
+            "warmup_steps": int(warmup_steps),
+        }
+        named = list(zip(self._plan.names, self._plan.params, strict=True))
+        super().__init__([{"params": named}], defaults)
+        self._steps = 0
+        self._scalars: list[float] | None = None  # running averages when ema > 0
+        self._factors: list[float] | None = None
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if self.param_groups:
+            raise ValueError("bmp: param_groups: the model's parameters form the only group")
+        super().add_param_group(param_group)
+
+    def remove_hooks(self) -> None:
+        """Detach the optimizer from the model (its forward passes are no longer recorded)."""
+        self._plan.remove_hooks()
+
+    def layer_factors(self) -> dict[str, float]:
+        """The factor applied to each named parameter at the last step ({} before the first)."""
+        if self._factors is None:
+            return {}
+        return dict(zip(self._plan.names, self._factors, strict=True))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        group = self.param_groups[0]
+        s = self._plan.scalars()
+        self._steps += 1
+        beta = group["ema"]
+        if beta > 0.0 and self._scalars is not None:
+            s = [beta * old + (1.0 - beta) * new for old, new in zip(self._scalars, s, strict=True)]
+        self._scalars = s
+        factors = self._plan.factors(s)
+        lo, hi = 1.0 / group["clamp"], group["clamp"]
+        factors = [min(max(f, lo), hi) for f in factors]
+        warmup = group["warmup_steps"]
+        if warmup > 0 and self._steps < warmup:
+            power = self._steps / warmup
+            factors = [f**power for f in factors]
+        self._factors = factors
+        self._update(group, factors)
+        return loss
+
+    def _update(self, group: dict[str, Any], factors: list[float]) -> None:
+        """SGD on `factor·g` (see the module docstring), written without temporaries: the
+        factor and the decay enter as scalar multipliers of in-place operations."""
+        lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+        nesterov = group["nesterov"]
+        for p, f in zip(group["params"], factors, strict=True):
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                raise ValueError("bmp: sparse gradients are not supported")
+            if mu == 0.0:
+                if wd != 0.0:
+                    p.mul_(1.0 - lr * wd)
+                p.add_(g, alpha=-lr * f)
+                continue
+            state = self.state[p]
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = g.mul(f)
+            else:
+                buf.mul_(mu).add_(g, alpha=f)
+            if wd != 0.0:
+                buf.add_(p, alpha=wd)
+            if nesterov:  # w − lr·(f·g + wd·w + μ·b)
+                if wd != 0.0:
+                    p.mul_(1.0 - lr * wd)
+                p.add_(g, alpha=-lr * f).add_(buf, alpha=-lr * mu)
+            else:
+                p.add_(buf, alpha=-lr)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["backmatching"] = {
+            "steps": self._steps,
+            "scalars": None if self._scalars is None else list(self._scalars),
+            "factors": None if self._factors is None else list(self._factors),
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("backmatching", None)
+        super().load_state_dict(state_dict)
+        if extra is None:
+            return
+        scalars, factors = extra["scalars"], extra["factors"]
+        if scalars is not None and len(scalars) != self._plan.size:
+            raise ValueError(
+                f"bmp: state_dict: {len(scalars)} scalars saved, this model has {self._plan.size}"
+            )
+        self._steps = int(extra["steps"])
+        self._scalars = None if scalars is None else [float(v) for v in scalars]
+        self._factors = None if factors is None else [float(v) for v in factors]

@@ -1,0 +1,182 @@
+"""A model read for `bmp`: its blocks, hooks, and the per-parameter factor of each step.
+
+`Plan.scalars()` gathers every block's scalars into one flat list (per block: `s_z`, then the
+`s_W` of each of its parameters); `Plan.factors(s)` walks the tree from the output down:
+
+    factor(parameter of block l) = (1 / s_W) · Π_{blocks k above l} (1 / s_z(k))
+
+where a chain multiplies its blocks' `s_z`, a sum of paths adds its paths' `s_z`, and a
+parameter inside a path sees the path's blocks above it times everything above the sum.
+A zero scalar gives an infinite factor (the optimizer's clamp bounds it).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from optim.backmatching.layers import Block, make_block, supported
+from optim.backmatching.structure import Chain, Leaf, Node, describe, leaves, parse
+
+__all__ = ["Plan"]
+
+_Program = int | list["_Program"] | tuple["_Program", ...]
+
+
+class Plan:
+    """The blocks of `model`, hooked; parameters in a fixed order with their names."""
+
+    def __init__(self, model: nn.Module, scheme: str = "bmp") -> None:
+        self.scheme = scheme
+        self.tree: Node = parse(model, scheme, supported)
+        tree_leaves = leaves(self.tree)
+        self.blocks: list[Block] = [make_block(leaf.path, leaf.module) for leaf in tree_leaves]
+        self._index = {id(leaf): i for i, leaf in enumerate(tree_leaves)}
+        self._check_reuse()
+        self.params: list[nn.Parameter] = []
+        self.names: list[str] = []
+        self.slots: list[list[int]] = []  # per block: index into params per s_W, -1 if frozen
+        self._collect_parameters(model)
+        self.offsets: list[int] = []
+        offset = 0
+        for block in self.blocks:
+            self.offsets.append(offset)
+            offset += 1 + block.n_params
+        self.size = offset
+        # per block: (index into params, index into s of that parameter's s_W), trainable only
+        self._targets = [
+            [(slot, off + 1 + j) for j, slot in enumerate(slots) if slot >= 0]
+            for off, slots in zip(self.offsets, self.slots, strict=True)
+        ]
+        self._program = self._compile(self.tree)
+        self._weights: list[Tensor] = []
+        self._weight_index: list[int] = []
+        for block in self.blocks:
+            w = block.weight()
+            self._weight_index.append(len(self._weights) if w is not None else -1)
+            if w is not None:
+                self._weights.append(w)
+        self._hooked = [b for b in self.blocks if b.hooked]
+        self.handles: list[RemovableHandle] = []
+        for b in self._hooked:
+            if b.pre_hook is not None:
+                self.handles.append(b.module.register_forward_pre_hook(b.pre_hook))
+            if b.post:
+                self.handles.append(b.module.register_forward_hook(b.hook))
+
+    def remove_hooks(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def scalars(self) -> list[float]:
+        """Every block's scalars from the statistics recorded since the last call."""
+        for block in self._hooked:
+            if not block.counts:
+                raise RuntimeError(
+                    f"{self.scheme}: {describe(block.path, block.module)}: no forward pass with "
+                    "gradients enabled since the last step; run forward and backward before step()"
+                )
+        tensors = list(torch._foreach_norm(self._weights)) if self._weights else []
+        for block in self._hooked:
+            tensors += block.values
+        values = _floats(tensors)
+        position = len(self._weights)
+        s: list[float] = []
+        for block, w in zip(self.blocks, self._weight_index, strict=True):
+            n = len(block.values)
+            norm = values[w] if w >= 0 else 0.0
+            s_z, s_w = block.scalars(values[position : position + n], norm * norm)
+            position += n
+            s.append(s_z)
+            s += s_w
+        for block in self._hooked:
+            block.reset()
+        return s
+
+    def factors(self, s: list[float]) -> list[float]:
+        """The factor of each parameter in `params` order, for the flat scalar list `s`."""
+        out = [1.0] * len(self.params)
+        self._assign(self._program, 1.0, s, out)
+        return out
+
+    def _compile(self, node: Node) -> _Program:
+        """The tree with leaves as block indices, chains as lists (output side first, nested
+        chains merged) and sums as tuples: what `_assign` walks every step."""
+        if isinstance(node, Leaf):
+            return self._index[id(node)]
+        if isinstance(node, Chain):
+            steps: list[_Program] = []
+            for child in reversed(node.nodes):
+                compiled = self._compile(child)
+                steps += compiled if isinstance(compiled, list) else [compiled]
+            return steps
+        return tuple(self._compile(path) for path in node.paths)
+
+    def _assign(self, node: _Program, upstream: float, s: list[float], out: list[float]) -> float:
+        """Set the factors of `node`'s parameters given the product above it; return its s_z."""
+        if isinstance(node, tuple):
+            return sum(self._assign(path, upstream, s, out) for path in node)
+        total = 1.0
+        for step in node if isinstance(node, list) else [node]:
+            if isinstance(step, int):
+                for slot, k in self._targets[step]:
+                    out[slot] = upstream / s[k] if s[k] != 0.0 else math.inf
+                s_z = s[self.offsets[step]]
+            else:
+                s_z = self._assign(step, upstream, s, out)
+            total *= s_z
+            upstream = upstream / s_z if s_z != 0.0 else math.inf
+        return total
+
+    def _check_reuse(self) -> None:
+        owners: dict[int, Block] = {}
+        for block in self.blocks:
+            first = owners.setdefault(id(block.module), block)
+            if first is not block and block.hooked:
+                raise ValueError(
+                    f"{self.scheme}: {describe(block.path, block.module)}: the same module is "
+                    f"also used as {first.path}; back-matching needs each layer once"
+                )
+
+    def _collect_parameters(self, model: nn.Module) -> None:
+        names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+        owner: dict[int, str] = {}
+        for block in self.blocks:
+            slots = []
+            for local, p in block.params():
+                if id(p) in owner:
+                    raise ValueError(
+                        f"{self.scheme}: parameter {names.get(id(p), local)!r} is shared by "
+                        f"{owner[id(p)]} and {block.path}; tied weights are not supported"
+                    )
+                owner[id(p)] = block.path
+                slots.append(len(self.params) if p.requires_grad else -1)
+                if p.requires_grad:
+                    self.params.append(p)
+                    self.names.append(names.get(id(p), f"{block.path}.{local}"))
+            self.slots.append(slots)
+        for name, p in model.named_parameters():
+            if p.requires_grad and id(p) not in owner:
+                raise ValueError(
+                    f"{self.scheme}: parameter {name!r} is not in a layer back-matching "
+                    "understands (a sum of paths or an activation cannot train parameters)"
+                )
+        if not self.params:
+            raise ValueError(f"{self.scheme}: the model has no trainable parameters")
+
+
+def _floats(tensors: list[Tensor]) -> list[float]:
+    """0-d tensors to Python floats with one device synchronisation where possible."""
+    if not tensors:
+        return []
+    first = tensors[0]
+    if first.device.type == "cpu":
+        return [t.item() for t in tensors]  # cheaper than stacking a few scalars
+    if all(t.dtype == first.dtype and t.device == first.device for t in tensors):
+        values: list[float] = torch.stack(tensors).tolist()
+        return values
+    return [float(t) for t in tensors]
