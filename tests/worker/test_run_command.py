@@ -1,0 +1,71 @@
+"""`ratebench run`: a spec file in, the leaderboard out; spec mistakes as one line each."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.cli import main
+
+TINY: dict[str, Any] = {
+    "name": "cli tiny",
+    "task": "digits-mlp",
+    "data": {"batch_size": 32, "n_train": 256, "n_val": 128, "n_test": 128},
+    "model": {"width": 8, "depth": 1},
+    "arms": [{"optimizer": "sgd"}, {"optimizer": "adam"}],
+    "budget": {"trials_per_arm": 2, "epochs": 1, "final_seeds": 1},
+    "sampler": "random",
+    "pruner": "none",
+    "resources": {"cpus_per_trial": 0.5, "max_concurrent_trials": 4, "device": "cpu"},
+}
+
+
+def _write(tmp_path: Path, data: Any) -> Path:
+    path = tmp_path / "spec.json"
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return path
+
+
+def test_invalid_spec_prints_one_line_per_problem_and_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = {**TINY, "arms": [{"optimizer": "foo"}], "budget": {"epochs": 0}}
+    assert main(["run", str(_write(tmp_path, bad))]) == 2
+    err = capsys.readouterr().err
+    assert "is not a valid study spec" in err
+    assert "  arms.0.optimizer: unknown scheme 'foo'; known: sgd" in err
+    assert "  budget.epochs: " in err
+
+
+def test_malformed_json_and_missing_files_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["run", str(_write(tmp_path, '{"name": '))]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "nope.json")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_run_prints_the_leaderboard_and_a_rerun_resumes_the_finished_study(
+    ray_runtime: None, tmp_path: Path, sqlite_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _write(tmp_path, TINY)
+    assert main(["run", str(path), "--database-url", sqlite_url, "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert [a["rank"] for a in first["arms"]] == [1, 2]
+    assert {a["arm"] for a in first["arms"]} == {"sgd", "adam"}
+    assert all(a["n_trials"] == 2 and a["n_seeds"] == 1 for a in first["arms"])
+
+    assert main(["run", str(path), "--database-url", sqlite_url, "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["study_key"] == first["study_key"]
+    assert again["arms"] == first["arms"]  # nothing re-ran
+
+    assert main(["run", str(path), "--database-url", sqlite_url]) == 0
+    table = capsys.readouterr().out
+    assert "sgd" in table and "adam" in table and "val_accuracy" in table

@@ -1,0 +1,148 @@
+"""The trial runner: deterministic, measures each epoch, detects divergence, obeys pruning."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+import optim
+from worker.runner import TrialConfig, diverged_value, run_trial
+
+DIGITS = TrialConfig(
+    task="digits-mlp",
+    scheme="sgd",
+    hyperparameters={"lr": 0.1, "momentum": 0.9},
+    epochs=3,
+    data={"batch_size": 32, "n_train": 320, "n_val": 200},
+    model={"width": 16, "depth": 1},
+    device="cpu",
+)
+
+
+class Recorder:
+    """A reporter that keeps what it is told and prunes from `prune_at` on."""
+
+    def __init__(self, prune_at: int | None = None) -> None:
+        self.prune_at = prune_at
+        self.seen: list[tuple[int, float]] = []
+
+    def report(self, epoch: int, value: float) -> bool:
+        self.seen.append((epoch, value))
+        return self.prune_at is not None and epoch >= self.prune_at
+
+
+def _losses(config: TrialConfig) -> list[tuple[float, float]]:
+    return [(r.train_loss, r.val_loss) for r in run_trial(config).history]
+
+
+def test_same_config_same_history_other_seed_other_history() -> None:
+    assert _losses(DIGITS) == _losses(DIGITS)
+    assert _losses(DIGITS) != _losses(replace(DIGITS, seed=1))
+
+
+def test_every_epoch_is_measured_and_reported() -> None:
+    recorder = Recorder()
+    result = run_trial(DIGITS, recorder)
+    assert result.outcome == "complete"
+    assert [r.epoch for r in result.history] == [1, 2, 3]
+    assert [r.step for r in result.history] == [10, 20, 30]  # 320 examples / 32 per batch
+    assert recorder.seen == [(r.epoch, r.val_accuracy) for r in result.history]
+    assert result.value == result.history[-1].val_accuracy
+    walls = [r.wall_time for r in result.history]
+    assert walls == sorted(walls) and all(r.examples_per_sec > 0 for r in result.history)
+    assert result.history[-1].train_loss < result.history[0].train_loss
+    assert result.test_accuracy is None  # the test split is for final seeds only
+
+
+def test_val_loss_objective_is_reported_when_chosen() -> None:
+    recorder = Recorder()
+    result = run_trial(replace(DIGITS, objective="val_loss"), recorder)
+    assert (
+        recorder.seen[-1] == (3, result.history[-1].val_loss)
+        and result.value == recorder.seen[-1][1]
+    )
+
+
+def test_pruning_stops_the_trial_after_the_reported_epoch() -> None:
+    result = run_trial(DIGITS, Recorder(prune_at=2))
+    assert result.outcome == "pruned"
+    assert len(result.history) == 2 and result.value == result.history[-1].val_accuracy
+
+
+def test_a_huge_rate_diverges_and_records_the_worst_value() -> None:
+    config = replace(DIGITS, hyperparameters={"lr": 80.0, "momentum": 0.9}, epochs=3)
+    result = run_trial(config, Recorder())
+    assert result.outcome == "diverged"
+    assert result.diverged_at_step is not None and result.diverged_at_step <= 30
+    assert result.value == diverged_value("val_accuracy", 10, config.divergence_factor) == 0.0
+    bound = diverged_value("val_loss", 10, 10.0)
+    assert bound == pytest.approx(10 * math.log(10))
+    json.dumps(result.user_attrs(), allow_nan=False)  # NaN never reaches storage
+
+
+def test_steps_per_epoch_and_test_metrics_of_final_seeds() -> None:
+    config = replace(DIGITS, steps_per_epoch=7, evaluate_test=True, epochs=2)
+    result = run_trial(config)
+    assert result.steps == 14 and [r.step for r in result.history] == [7, 14]
+    assert result.test_accuracy is not None and 0 <= result.test_accuracy <= 1
+    attrs = result.user_attrs()
+    assert attrs["test_loss"] == result.test_loss and attrs["outcome"] == "complete"
+    json.dumps(attrs, allow_nan=False)
+
+
+def test_batch_larger_than_the_training_split_is_an_error() -> None:
+    with pytest.raises(ValueError, match=r"data\.batch_size"):
+        run_trial(replace(DIGITS, data={"batch_size": 512, "n_train": 100}))
+
+
+def test_layerwise_schemes_record_their_factors_every_epoch() -> None:
+    scheme = next((n for n, s in optim.SCHEMES.items() if s.layerwise), None)
+    if scheme is None:
+        pytest.skip("no layer-wise scheme registered in optim yet")
+    result = run_trial(replace(DIGITS, scheme=scheme, hyperparameters={"lr": 0.01}, epochs=2))
+    factors = result.layer_factors
+    assert factors is not None and len(factors["values"]) == 2
+    assert all(len(row) == len(factors["names"]) > 0 for row in factors["values"])
+    assert run_trial(DIGITS).layer_factors is None
+
+
+def test_transformed_mlp_trains_with_periodic_updates() -> None:
+    pytest.importorskip("optim.transformed")
+    config = replace(
+        DIGITS, model={"width": 16, "depth": 2, "transformed": True, "transform_every": 5}
+    )
+    result = run_trial(config)
+    assert result.outcome == "complete" and result.history[-1].val_accuracy > 0.2
+
+
+def test_mnist1d_resnet_and_a_cifar_cnn_train(
+    cifar10_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("optim.residual")
+    resnet = TrialConfig(
+        "mnist1d-resnet",
+        "adam",
+        {"lr": 0.003},
+        epochs=1,
+        data={"n_train": 256},
+        model={"width": 16, "depth": 1},
+        device="cpu",
+    )
+    assert run_trial(resnet).outcome == "complete"
+    monkeypatch.setenv("RATEBENCH_CIFAR_DIR", str(cifar10_dir))
+    cnn = TrialConfig(
+        "cifar10-cnn",
+        "sgd",
+        {"lr": 0.01},
+        epochs=1,
+        data={"batch_size": 4, "n_val": 4},
+        model={"width": 4, "depth": 1},
+        device="cpu",
+        evaluate_test=True,
+    )
+    result = run_trial(cnn)
+    assert result.steps == 4 and result.test_accuracy is not None

@@ -1,0 +1,170 @@
+"""The study spec: valid examples pass, each mistake is reported under its field path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from worker import spec as spec_module
+from worker.spec import StudySpec, format_errors
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.json"))
+
+
+def _spec(**changes: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "name": "t",
+        "task": "mnist1d-mlp",
+        "arms": [{"optimizer": "sgd"}, {"optimizer": "adam"}],
+    }
+    base.update(changes)
+    return base
+
+
+def _errors(data: dict[str, Any]) -> dict[str, str]:
+    with pytest.raises(ValidationError) as info:
+        StudySpec.model_validate(data)
+    return {".".join(map(str, e["loc"])): e["msg"] for e in info.value.errors()}
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_spec_is_valid(path: Path) -> None:
+    spec = StudySpec.model_validate(json.loads(path.read_text()))
+    assert len(set(spec.labels)) == len(spec.arms)
+
+
+def test_there_are_example_specs() -> None:
+    assert {p.name for p in EXAMPLES} >= {"quick.json", "mnist1d-mlp-lr.json"}
+
+
+def test_defaults_fill_a_minimal_spec() -> None:
+    spec = StudySpec.model_validate(_spec())
+    assert spec.objective.direction == "maximize"
+    assert set(spec.search_space) == {"lr"}
+    assert spec.labels == ["sgd", "adam"]
+
+
+def test_unknown_scheme_names_the_arm_and_lists_known_schemes() -> None:
+    errors = _errors(_spec(arms=[{"optimizer": "sgd"}, {"optimizer": "foo"}]))
+    assert errors["arms.1.optimizer"].startswith("unknown scheme 'foo'; known: sgd, adam")
+
+
+def test_unknown_task_lists_known_tasks() -> None:
+    errors = _errors(_spec(task="mnist1d-cnn"))
+    assert "unknown task 'mnist1d-cnn'" in errors["task"]
+    assert "mnist1d-mlp" in errors["task"]
+
+
+def test_rate_range_outside_the_schemes_range_is_rejected() -> None:
+    errors = _errors(_spec(search_space={"lr": {"low": 1e-9, "high": 1.0, "log": True}}))
+    assert set(errors) == {"search_space.lr"}
+    assert "must be >= 1e-07" in errors["search_space.lr"]
+
+
+def test_arm_search_space_replaces_the_studys_entry() -> None:
+    arms = [{"optimizer": "sgd", "search_space": {"lr": {"low": 0.01, "high": 0.1}}}]
+    spec = StudySpec.model_validate(_spec(arms=arms))
+    lr = spec.arm_search_space(spec.arms[0])["lr"]
+    assert (lr.low, lr.high, lr.log) == (0.01, 0.1, False)
+
+
+def test_fixed_hyperparameters_are_checked_against_the_scheme() -> None:
+    arms = [{"optimizer": "sgd", "fixed": {"momentum": -1, "beta1": 0.9, "lr": 0.1}}]
+    errors = _errors(_spec(arms=arms))
+    assert errors["arms.0.fixed.momentum"] == "must be >= 0, got -1"
+    assert errors["arms.0.fixed.beta1"].startswith("sgd has no hyperparameter 'beta1'; known: lr")
+    assert errors["arms.0.fixed.lr"] == "'lr' is both fixed and searched; keep one"
+
+
+def test_searching_a_hyperparameter_one_arm_lacks_names_that_arm() -> None:
+    space = {"lr": {"low": 0.001, "high": 1, "log": True}, "momentum": {"low": 0, "high": 0.9}}
+    errors = _errors(_spec(search_space=space))
+    assert "not a hyperparameter of adam (arm 1)" in errors["search_space.momentum"]
+
+
+def test_budget_over_the_hard_limit_is_rejected_with_the_limit() -> None:
+    too_many = spec_module.MAX_TRIALS_PER_ARM + 1
+    errors = _errors(_spec(budget={"trials_per_arm": too_many, "epochs": 0}))
+    assert str(spec_module.MAX_TRIALS_PER_ARM) in errors["budget.trials_per_arm"]
+    assert "budget.epochs" in errors
+
+
+def test_too_many_arms_is_rejected() -> None:
+    arms = [{"optimizer": "sgd"}] * (spec_module.MAX_ARMS + 1)
+    assert "arms" in _errors(_spec(arms=arms))
+
+
+def test_model_over_the_parameter_limit_is_rejected() -> None:
+    errors = _errors(_spec(model={"width": 4096, "depth": 64}))
+    assert "at most 50,000,000" in errors["model"]
+
+
+def test_model_options_must_fit_the_model() -> None:
+    errors = _errors(_spec(task="digits-cnn", model={"transformed": True, "width": 8}))
+    assert "only the mlp model has a transformed variant" in errors["model"]
+    errors = _errors(_spec(task="digits-vgg", model={"depth": 3}))
+    assert "fixed depth" in errors["model"]
+
+
+def test_synthetic_options_belong_to_the_synthetic_dataset() -> None:
+    errors = _errors(_spec(data={"input_shape": [10]}))
+    assert errors["data.input_shape"] == "only the synthetic dataset takes input_shape, not mnist1d"
+    errors = _errors(_spec(task="synthetic-cnn", data={"input_shape": [10]}))
+    assert "needs images" in errors["data.input_shape"]
+
+
+def test_hypergradient_tuner_needs_the_loss_it_descends() -> None:
+    errors = _errors(_spec(arms=[{"optimizer": "sgd", "tuner": "hypergradient"}]))
+    assert "objective.metric 'val_loss'" in errors["arms.0.tuner"]
+
+
+def test_direction_must_agree_with_the_metric() -> None:
+    errors = _errors(_spec(objective={"metric": "val_loss", "direction": "maximize"}))
+    assert errors["objective"] == "val_loss is to minimize, got direction 'maximize'"
+
+
+def test_unknown_fields_are_rejected() -> None:
+    assert "budget.trials" in _errors(_spec(budget={"trials": 3}))
+
+
+def test_labels_are_derived_unique_and_survive_a_round_trip() -> None:
+    arms = [
+        {"optimizer": "sgd"},
+        {"optimizer": "sgd", "fixed": {"momentum": 0.9}},
+        {"optimizer": "sgd", "model": {"transformed": True}},
+        {"optimizer": "adam", "label": "sgd-3"},
+        {"optimizer": "sgd", "fixed": {"nesterov": True, "momentum": 0.5}},
+    ]
+    spec = StudySpec.model_validate(_spec(arms=arms))
+    assert spec.labels == ["sgd", "sgd-2", "sgd+transformed", "sgd-3", "sgd-4"]
+    again = StudySpec.model_validate(spec.model_dump(mode="json"))
+    assert again.labels == spec.labels
+
+
+def test_duplicate_labels_are_rejected() -> None:
+    arms = [{"optimizer": "sgd", "label": "a"}, {"optimizer": "adam", "label": "a"}]
+    assert "labels are unique" in _errors(_spec(arms=arms))["arms.1.label"]
+
+
+def test_sampler_and_pruner_accept_a_name_or_an_object() -> None:
+    spec = StudySpec.model_validate(_spec(sampler="random", pruner={"name": "hyperband"}))
+    assert (spec.sampler.name, spec.pruner.name) == ("random", "hyperband")
+
+
+def test_format_errors_gives_one_line_per_problem_with_its_path() -> None:
+    with pytest.raises(ValidationError) as info:
+        StudySpec.model_validate(_spec(arms=[{"optimizer": "foo"}], budget={"epochs": 5000}))
+    lines = format_errors(info.value)
+    assert len(lines) == 2
+    assert any(line.startswith("arms.0.optimizer: unknown scheme 'foo'") for line in lines)
+    assert any(line.startswith("budget.epochs: ") and "(got 5000)" in line for line in lines)
+
+
+def test_the_json_schema_carries_an_example_that_validates() -> None:
+    schema = StudySpec.model_json_schema()
+    (example,) = schema["examples"]
+    StudySpec.model_validate(example)

@@ -1,0 +1,206 @@
+"""Leaderboard rows from Optuna studies written by hand, checked against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import optuna
+import pytest
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState, create_trial
+
+from worker.spec import StudySpec
+from worker.storage import open_storage
+from worker.summary import summarize_study
+
+LR = FloatDistribution(1e-4, 100.0, log=True)
+
+
+def _history(values: list[float]) -> list[dict[str, Any]]:
+    return [
+        {
+            "epoch": i + 1,
+            "step": 10 * (i + 1),
+            "val_accuracy": v,
+            "val_loss": 1 - v,
+            "wall_time": float(i + 1),
+        }
+        for i, v in enumerate(values)
+    ]
+
+
+def _trial(
+    lr: float,
+    value: float | None,
+    outcome: str,
+    state: TrialState = TrialState.COMPLETE,
+    **attrs: Any,
+) -> optuna.trial.FrozenTrial:
+    intermediate: dict[int, float] = {}
+    if state == TrialState.PRUNED:
+        assert value is not None
+        intermediate, value = {1: value}, None
+    return create_trial(
+        params={"lr": lr},
+        distributions={"lr": LR},
+        value=value,
+        state=state,
+        intermediate_values=intermediate,
+        user_attrs={"lr": lr, "outcome": outcome, **attrs},
+    )
+
+
+def _study(
+    storage: Any,
+    name: str,
+    direction: Literal["maximize", "minimize"],
+    trials: list[optuna.trial.FrozenTrial],
+) -> None:
+    study = optuna.create_study(storage=storage, study_name=name, direction=direction)
+    for t in trials:
+        study.add_trial(t)
+
+
+def _spec(**objective: Any) -> StudySpec:
+    return StudySpec.model_validate(
+        {
+            "name": "hand",
+            "task": "mnist1d-mlp",
+            "arms": [{"optimizer": "sgd"}, {"optimizer": "adam"}, {"optimizer": "adamw"}],
+            "budget": {"trials_per_arm": 7, "final_seeds": 2},
+            "objective": {"band_tolerance": 0.1, "target_fraction": 0.9, **objective},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One storage for the module's tests (they only read it)."""
+    sqlite_url = f"sqlite:///{tmp_path_factory.mktemp('summary') / 'optuna.db'}"
+    storage = open_storage(sqlite_url)
+    _study(
+        storage,
+        "k/sgd",
+        "maximize",
+        [
+            _trial(0.001, 0.5, "complete"),
+            _trial(0.01, 0.85, "complete"),
+            _trial(0.03, 0.3, "pruned", TrialState.PRUNED),
+            _trial(0.1, 0.9, "complete"),
+            _trial(1.0, 0.82, "complete"),
+            _trial(10.0, 0.0, "diverged"),
+            _trial(3.0, None, "failed", TrialState.FAIL),
+        ],
+    )
+    _study(
+        storage,
+        "k/sgd/final",
+        "maximize",
+        [
+            _trial(
+                0.1,
+                0.88,
+                "complete",
+                seed=1,
+                test_accuracy=0.87,
+                history=_history([0.5, 0.8, 0.88]),
+            ),
+            _trial(
+                0.1,
+                0.92,
+                "complete",
+                seed=2,
+                test_accuracy=0.89,
+                history=_history([0.7, 0.85, 0.92]),
+            ),
+        ],
+    )
+    _study(
+        storage,
+        "k/adam",
+        "maximize",
+        [
+            _trial(0.001, 0.95, "complete"),
+            _trial(0.01, 0.6, "complete"),
+        ],
+    )
+    _study(
+        storage,
+        "k/adam/final",
+        "maximize",
+        [
+            _trial(0.001, 0.94, "complete", seed=1, history=_history([0.86, 0.9, 0.94])),
+            _trial(0.001, 0.96, "complete", seed=2, history=_history([0.8, 0.9, 0.96])),
+        ],
+    )
+    storage.engine.dispose()
+    return sqlite_url
+
+
+def test_rows_are_ranked_by_the_final_mean_and_missing_arms_come_last(url: str) -> None:
+    rows = summarize_study(url, "k", _spec())
+    assert [(r.rank, r.arm) for r in rows] == [(1, "adam"), (2, "sgd"), (3, "adamw")]
+    assert rows[2].objective_mean is None and rows[2].n_trials == 0
+
+
+def test_best_configuration_mean_std_and_test_metric(url: str) -> None:
+    sgd = {r.arm: r for r in summarize_study(url, "k", _spec())}["sgd"]
+    assert (sgd.best_lr, sgd.best_sweep_value, sgd.best_params) == (0.1, 0.9, {"lr": 0.1})
+    assert sgd.objective_mean == pytest.approx(0.9)
+    assert sgd.objective_std == pytest.approx(math.sqrt(2 * 0.02**2))
+    assert sgd.final_values == [0.88, 0.92] and sgd.n_seeds == 2
+    assert sgd.test_mean == pytest.approx(0.88) and sgd.test_metric == "test_accuracy"
+
+
+def test_trial_counts(url: str) -> None:
+    sgd = {r.arm: r for r in summarize_study(url, "k", _spec())}["sgd"]
+    counts = (sgd.n_trials, sgd.n_complete, sgd.n_pruned, sgd.n_diverged, sgd.n_failed)
+    assert counts == (7, 4, 1, 1, 1)
+
+
+def test_rate_band_is_contiguous_around_the_best_and_skips_pruned_trials(url: str) -> None:
+    # within 10% of 0.9 (>= 0.81): lr 0.01 (0.85) and 1.0 (0.82); 0.001 (0.5) and the diverged
+    # 10.0 end the band; the pruned 0.03 is left out.
+    sgd = {r.arm: r for r in summarize_study(url, "k", _spec())}["sgd"]
+    assert (sgd.band_low, sgd.band_high) == (0.01, 1.0)
+    assert sgd.band_decades == pytest.approx(2.0)
+
+
+def test_steps_and_time_to_the_relative_target(url: str) -> None:
+    # target = 0.9 × best mean 0.95 = 0.855; adam's seeds reach it at epochs 1 and 2, sgd's at 3.
+    rows = {r.arm: r for r in summarize_study(url, "k", _spec())}
+    assert rows["adam"].target == pytest.approx(0.855)
+    assert (rows["adam"].steps_to_target, rows["adam"].time_to_target_s) == (15.0, 1.5)
+    assert (rows["sgd"].steps_to_target, rows["sgd"].target_reached) == (30.0, 2)
+
+
+def test_an_absolute_target_nobody_reaches_gives_no_time(url: str) -> None:
+    rows = {r.arm: r for r in summarize_study(url, "k", _spec(target=0.99))}
+    assert rows["adam"].target == 0.99
+    assert rows["adam"].steps_to_target is None and rows["adam"].target_reached == 0
+
+
+def test_a_diverged_trial_never_wins_even_with_the_best_value(sqlite_url: str) -> None:
+    spec = StudySpec.model_validate(
+        {
+            "name": "d",
+            "task": "mnist1d-mlp",
+            "arms": [{"optimizer": "sgd"}],
+            "objective": {"metric": "val_loss"},
+        }
+    )
+    storage = open_storage(sqlite_url)
+    _study(
+        storage,
+        "d/sgd",
+        "minimize",
+        [
+            _trial(0.1, 0.7, "complete"),
+            _trial(9.0, 0.0, "diverged"),
+        ],
+    )
+    storage.engine.dispose()
+    (row,) = summarize_study(sqlite_url, "d", spec)
+    assert row.best_lr == 0.1 and row.n_diverged == 1
+    assert row.to_dict()["best_sweep_value"] == 0.7

@@ -1,0 +1,294 @@
+"""Sweeps on a real local Ray runtime and real databases: concurrency, faults, resume, stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+import pytest
+import sqlalchemy as sa
+import torch
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState
+
+from worker.results import TrialRecord, load_trials
+from worker.spec import StudySpec
+from worker.storage import MAX_OVERFLOW, POOL_SIZE, open_storage, study_trials
+from worker.sweep import Progress, run_study
+
+pytestmark = pytest.mark.ray
+
+
+def _spec(**changes: Any) -> StudySpec:
+    """Digits MLP trials that take a fraction of a second each."""
+    data: dict[str, Any] = {
+        "name": "sweep-test",
+        "task": "digits-mlp",
+        "data": {"batch_size": 32, "n_train": 256, "n_val": 128, "n_test": 128},
+        "model": {"width": 8, "depth": 1},
+        "arms": [{"optimizer": "sgd"}],
+        "search_space": {"lr": {"low": 0.01, "high": 0.5, "log": True}},
+        "budget": {"trials_per_arm": 4, "epochs": 2, "final_seeds": 1},
+        "sampler": "random",
+        "pruner": "none",
+        "resources": {"cpus_per_trial": 0.5, "max_concurrent_trials": 2, "device": "cpu"},
+    }
+    for key, value in changes.items():
+        merge = isinstance(value, dict) and isinstance(data[key], dict)
+        data[key] = {**data[key], **value} if merge else value
+    return StudySpec.model_validate(data)
+
+
+def _sweep(trials: list[TrialRecord]) -> list[TrialRecord]:
+    return [t for t in trials if t.role == "sweep"]
+
+
+def _max_overlap(trials: list[TrialRecord]) -> int:
+    """Most trials whose processes ran at the same moment (from their start and durations)."""
+    events = []
+    for t in trials:
+        start = t.user_attrs["started_at"]
+        end = start + t.user_attrs["setup_time"] + t.user_attrs["wall_time"]
+        events += [(start, 1), (end, -1)]
+    running = peak = 0
+    for _, step in sorted(events):
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+def _connections_counter(url: str) -> Callable[[], int]:
+    """Connections to the test database other than this counter's own."""
+    engine = sa.create_engine(url, poolclass=sa.pool.StaticPool)
+    query = sa.text(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )
+
+    def count() -> int:
+        with engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    return count
+
+
+@pytest.mark.slow
+def test_eight_concurrent_trials_with_one_database_writer(
+    ray_runtime: None, database_url: str
+) -> None:
+    spec = _spec(
+        arms=[{"optimizer": "sgd"}, {"optimizer": "adam"}],
+        budget={"trials_per_arm": 4, "epochs": 3, "steps_per_epoch": 400},  # a second or two each
+        resources={"cpus_per_trial": 0.25, "max_concurrent_trials": 8},
+    )
+    postgres = database_url.startswith("postgresql")
+    count = _connections_counter(database_url) if postgres else None
+    in_flight: list[int] = []
+    connections: list[int] = []
+
+    def on_progress(progress: Progress) -> None:
+        in_flight.append(sum(a.running for a in progress.arms))
+        if count is not None:
+            connections.append(count())
+
+    result = run_study(spec, database_url, "conc", on_progress=on_progress)
+
+    assert max(in_flight) == 8
+    trials = load_trials(database_url, "conc", spec)
+    assert len(_sweep(trials)) == 8 and len(trials) == 10
+    assert {t.state for t in trials} == {"COMPLETE"}, [t.user_attrs.get("error") for t in trials]
+    # The tasks really ran side by side (all 8 at once unless Ray's worker start-up staggers them).
+    assert _max_overlap(_sweep(trials)) >= 4
+    assert [r.n_seeds for r in result.arms] == [1, 1]
+    if postgres:
+        assert 0 < max(connections) <= POOL_SIZE + MAX_OVERFLOW
+
+
+@pytest.mark.slow
+def test_a_killed_trial_is_failed_and_retried_and_the_others_stay_intact(
+    ray_runtime: None, sqlite_url: str
+) -> None:
+    spec = _spec(
+        budget={"epochs": 3, "steps_per_epoch": 300},
+        resources={"max_retries": 1},
+    )
+    killed: dict[str, int] = {}
+
+    def kill_first_running_trial() -> None:
+        storage = open_storage(sqlite_url)
+        deadline = time.monotonic() + 120
+        try:
+            while not killed and time.monotonic() < deadline:
+                for t in study_trials(storage, "fault/sgd"):
+                    if t.state == TrialState.RUNNING and "pid" in t.user_attrs:
+                        os.kill(t.user_attrs["pid"], signal.SIGKILL)
+                        killed.update(number=t.number, pid=t.user_attrs["pid"])
+                        break
+                time.sleep(0.05)
+        finally:
+            storage.engine.dispose()
+
+    killer = threading.Thread(target=kill_first_running_trial)
+    killer.start()
+    result = run_study(spec, sqlite_url, "fault")
+    killer.join()
+
+    assert killed, "no running trial was found to kill"
+    sweep = {t.number: t for t in _sweep(load_trials(sqlite_url, "fault", spec))}
+    victim = sweep[killed["number"]]
+    assert victim.state == "FAIL" and victim.outcome == "failed"
+    assert "worker process" in victim.user_attrs["error"]
+    (retry,) = [t for t in sweep.values() if t.user_attrs.get("retry_of") == victim.number]
+    assert retry.state == "COMPLETE" and retry.user_attrs["attempt"] == 2
+    assert retry.params == victim.params
+    others = [t for t in sweep.values() if t.number not in (victim.number, retry.number)]
+    assert len(others) == 3 and all(t.state == "COMPLETE" for t in others)
+    assert result.arms[0].n_failed == 1 and result.arms[0].n_seeds == 1
+
+
+@pytest.mark.slow
+def test_an_interrupted_study_resumes_instead_of_restarting(
+    ray_runtime: None, sqlite_url: str
+) -> None:
+    spec = _spec(budget={"trials_per_arm": 6})
+    done = {"n": 0}
+
+    def on_progress(progress: Progress) -> None:
+        done["n"] = progress.arms[0].sweep_done
+
+    first = run_study(
+        spec, sqlite_url, "resume", on_progress=on_progress, should_stop=lambda: done["n"] >= 2
+    )
+    assert first.stopped
+    before = {t.number: t for t in load_trials(sqlite_url, "resume", spec)}
+    assert 2 <= sum(t.state == "COMPLETE" for t in before.values()) < 6
+    # A driver that died left a trial RUNNING:
+    storage = open_storage(sqlite_url)
+    stale = optuna.load_study(study_name="resume/sgd", storage=storage).ask(
+        {"lr": FloatDistribution(0.01, 0.5, log=True)}
+    )
+    storage.engine.dispose()
+
+    second = run_study(spec, sqlite_url, "resume")
+
+    assert not second.stopped
+    after = {t.number: t for t in load_trials(sqlite_url, "resume", spec) if t.role == "sweep"}
+    for number, t in before.items():
+        if t.role == "sweep" and t.state == "COMPLETE":
+            assert (after[number].state, after[number].value) == ("COMPLETE", t.value)
+    assert after[stale.number].state == "FAIL"
+    assert "stale" in after[stale.number].user_attrs["error"]
+    retried = {t.user_attrs.get("retry_of") for t in after.values()}
+    assert stale.number in retried
+    for t in after.values():
+        if t.user_attrs.get("interrupted"):
+            assert t.number in retried
+    originals = [t for t in after.values() if "retry_of" not in t.user_attrs]
+    assert len(originals) == 6
+    assert sum(t.state == "COMPLETE" for t in after.values()) == 6
+    assert second.arms[0].n_seeds == 1
+
+
+def test_should_stop_cancels_running_trials_promptly(ray_runtime: None, sqlite_url: str) -> None:
+    spec = _spec(budget={"epochs": 100, "steps_per_epoch": 500})
+    running: dict[str, float | None] = {"since": None}
+
+    def on_progress(progress: Progress) -> None:
+        if progress.arms[0].running == 2 and running["since"] is None:
+            running["since"] = time.monotonic()
+
+    def should_stop() -> bool:
+        return running["since"] is not None and time.monotonic() - running["since"] > 3
+
+    result = run_study(spec, sqlite_url, "stop", on_progress=on_progress, should_stop=should_stop)
+    stopped_after = time.monotonic() - (running["since"] or 0) - 3
+
+    assert result.stopped and stopped_after < 20  # a trial alone would take minutes
+    trials = _sweep(load_trials(sqlite_url, "stop", spec))
+    interrupted = [t for t in trials if t.user_attrs.get("interrupted")]
+    assert len(interrupted) == 2 and all(t.state == "FAIL" for t in interrupted)
+    assert sum(t.state == "WAITING" for t in trials) == 2  # their re-runs, for a resume
+    deadline = time.monotonic() + 30
+    pids = [t.user_attrs["pid"] for t in interrupted if "pid" in t.user_attrs]
+    while pids and time.monotonic() < deadline:
+        pids = [pid for pid in pids if _alive(pid)]
+        time.sleep(0.1)
+    assert not pids, "the cancelled trials' processes are still running"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_the_pruner_stops_a_bad_rate_through_the_driver(ray_runtime: None, sqlite_url: str) -> None:
+    spec = _spec(
+        search_space={"lr": {"low": 1e-6, "high": 1.0, "log": True}},
+        budget={"trials_per_arm": 2, "epochs": 4},
+        pruner={"name": "median", "n_startup_trials": 1, "n_warmup_epochs": 0},
+        resources={"max_concurrent_trials": 1},
+    )
+    storage = open_storage(sqlite_url)
+    study = optuna.create_study(study_name="prune/sgd", storage=storage, direction="maximize")
+    study.enqueue_trial({"lr": 0.3})  # runs first and learns
+    study.enqueue_trial({"lr": 1e-6})  # then a rate that cannot learn
+    storage.engine.dispose()
+
+    run_study(spec, sqlite_url, "prune")
+
+    good, bad = _sweep(load_trials(sqlite_url, "prune", spec))
+    assert (good.state, bad.state) == ("COMPLETE", "PRUNED")
+    assert bad.outcome == "pruned" and len(bad.user_attrs["history"]) < 4
+    assert list(bad.intermediate_values) == list(range(1, len(bad.user_attrs["history"]) + 1))
+    assert list(good.intermediate_values) == [1, 2, 3, 4]
+
+
+def test_a_failing_trial_is_retried_up_to_the_limit_and_the_arm_still_ends(
+    ray_runtime: None, sqlite_url: str
+) -> None:
+    # 8192 examples per batch is more than the digits training split holds: run_trial raises.
+    spec = _spec(
+        data={"batch_size": 8192, "n_train": None},
+        budget={"trials_per_arm": 2},
+        resources={"max_retries": 1},
+    )
+    result = run_study(spec, sqlite_url, "fails")
+    trials = load_trials(sqlite_url, "fails", spec)
+    assert len(trials) == 4 and {t.state for t in trials} == {"FAIL"}  # 2 trials × 2 attempts
+    assert sorted(t.user_attrs["attempt"] for t in trials) == [1, 1, 2, 2]
+    assert all("data.batch_size" in t.user_attrs["error"] for t in trials)
+    (row,) = result.arms
+    assert (row.n_failed, row.n_seeds, row.best_lr) == (4, 0, None)
+
+
+@pytest.mark.slow
+def test_fresh_process_runs_every_trial_in_its_own_worker(
+    ray_runtime: None, sqlite_url: str
+) -> None:
+    spec = _spec(
+        budget={"trials_per_arm": 3}, resources={"fresh_process": True, "max_concurrent_trials": 1}
+    )
+    run_study(spec, sqlite_url, "fresh")
+    pids = [t.user_attrs["pid"] for t in load_trials(sqlite_url, "fresh", spec)]
+    assert len(pids) == 4 and len(set(pids)) == 4
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_trials_run_on_the_gpu_in_fresh_processes(ray_runtime: None, sqlite_url: str) -> None:
+    spec = _spec(
+        budget={"trials_per_arm": 3},
+        resources={"gpus_per_trial": 0.5, "device": "auto", "max_concurrent_trials": 2},
+    )
+    run_study(spec, sqlite_url, "gpu")
+    trials = load_trials(sqlite_url, "gpu", spec)
+    assert {t.user_attrs["device"] for t in trials} == {"cuda:0"}
+    assert len({t.user_attrs["pid"] for t in trials}) == len(trials)

@@ -1,0 +1,411 @@
+"""One arm's two Optuna studies and what is left to run in them.
+
+An arm owns a sweep study `<study key>/<label>` (`budget.trials_per_arm` trials over its search
+space) and, once the sweep has finished, a final study `<study key>/<label>/final` holding one
+trial per final seed with the sweep's best parameters (diverged trials excluded).
+
+Budget and retries, all recorded in the trials' user attributes so that a resumed driver
+derives the same state from storage:
+- a trial without `retry_of` is an *original*; the sweep hands out originals until there are
+  `trials_per_arm` of them, whatever became of them;
+- a failed trial is retried as a new trial with the same parameters (`retry_of` = its number,
+  `attempt` + 1) while `attempt <= resources.max_retries`; a trial the driver itself stopped
+  (`interrupted`) is retried without using up an attempt;
+- a trial found RUNNING when a driver starts is stale (the previous driver died): it is failed
+  and retried like any failure.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+import optim
+from worker._optuna import make_pruner, make_sampler, suggest
+from worker.runner import TrialConfig, TrialResult
+
+if TYPE_CHECKING:
+    from worker._hypergrad_run import ScheduleConfig
+    from worker.spec import StudySpec
+
+__all__ = [
+    "FINAL",
+    "SWEEP",
+    "ArmRun",
+    "Assignment",
+    "Counts",
+    "Job",
+    "best_trial",
+    "final_study_name",
+    "sweep_study_name",
+]
+
+SWEEP, FINAL = "sweep", "final"
+
+
+def sweep_study_name(study_key: str, label: str) -> str:
+    return f"{study_key}/{label}"
+
+
+def final_study_name(study_key: str, label: str) -> str:
+    return f"{study_key}/{label}/final"
+
+
+class Job(ABC):
+    """Work the driver hands to Ray for an arm, and where the news of it goes.
+
+    The driver (`worker.sweep`) knows only this contract: the job's `config` runs in a Ray task
+    (`worker._remote`) under `key`; messages from the task and its end are passed to the
+    `record_*` methods, which write to the arm's studies. `started` (monotonic seconds) is when
+    the trial timeout starts counting; `num_gpus` None means `resources.gpus_per_trial`.
+    """
+
+    config: Any
+    attempt: int
+    started: float
+    num_gpus: float | None = None
+
+    @property
+    @abstractmethod
+    def key(self) -> str: ...
+
+    @abstractmethod
+    def record_start(self, pid: int, host: str, at: float) -> None: ...
+
+    def record_report(self, epoch: int, value: float) -> bool:
+        """An epoch's objective; True stops the task (a job that expects none stops)."""
+        return True
+
+    def record_meta(self, index: int, record: dict[str, Any]) -> bool:
+        """A hypergradient meta-iteration; True stops the task (a job that expects none stops)."""
+        return True
+
+    @abstractmethod
+    def record_result(self, result: Any) -> None: ...
+
+    @abstractmethod
+    def record_failure(self, error: str, *, interrupted: bool = False) -> None: ...
+
+
+@dataclass
+class Assignment(Job):
+    """A trial handed to Ray: where it belongs and what it runs."""
+
+    arm: ArmRun
+    role: str
+    trial: optuna.Trial
+    config: TrialConfig | ScheduleConfig
+    params: dict[str, Any]
+    attempt: int
+    seed: int
+    started: float = field(default_factory=time.monotonic)
+    num_gpus: float | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.arm.label}/{self.role}/{self.trial.number}"
+
+    def record_start(self, pid: int, host: str, at: float) -> None:
+        self.arm.record_start(self, pid, host, at)
+
+    def record_report(self, epoch: int, value: float) -> bool:
+        return self.arm.record_report(self, epoch, value)
+
+    def record_result(self, result: TrialResult) -> None:
+        self.arm.record_result(self, result)
+
+    def record_failure(self, error: str, *, interrupted: bool = False) -> None:
+        self.arm.record_failure(self, error, interrupted=interrupted)
+
+
+@dataclass
+class Counts:
+    originals: int = 0
+    complete: int = 0  # finished, not diverged
+    diverged: int = 0
+    pruned: int = 0
+    failed: int = 0  # every failed attempt
+    exhausted: int = 0  # failed with no retry left
+    running: int = 0
+    waiting: int = 0  # retries (and final seeds) enqueued, not started
+
+    @property
+    def done(self) -> int:
+        return self.complete + self.diverged + self.pruned + self.exhausted
+
+    def start(self, popped: bool) -> None:
+        """Count a trial handed out: an enqueued one (`popped`: a retry or a final seed) or a
+        new original."""
+        self.running += 1
+        if popped:
+            self.waiting -= 1
+        else:
+            self.originals += 1
+
+
+def best_trial(trials: list[FrozenTrial], maximize: bool) -> FrozenTrial | None:
+    """The best finished trial that did not diverge (first of equals)."""
+    candidates = [
+        t
+        for t in trials
+        if t.state == TrialState.COMPLETE and t.user_attrs.get("outcome") != "diverged"
+    ]
+    if not candidates:
+        return None
+    key = (lambda t: -t.value) if maximize else (lambda t: t.value)
+    return min(candidates, key=lambda t: (key(t), t.number))
+
+
+class ArmRun:
+    """An Optuna-tuned arm (`tuner: "optuna"`); `worker._hypergrad_arm` holds the other kind."""
+
+    def __init__(self, spec: StudySpec, index: int, storage: Any, study_key: str) -> None:
+        self.spec, self.storage, self.study_key = spec, storage, study_key
+        self.arm = spec.arms[index]
+        self.label, self.scheme = str(self.arm.label), self.arm.optimizer
+        self.space = spec.arm_search_space(self.arm)
+        self.sweep = self._open(SWEEP)
+        self.sweep.sampler = self._sweep_sampler()
+        self.final: optuna.Study | None = None
+        self.no_final = False  # the sweep ended without a usable best trial
+        self.counts = {SWEEP: Counts(), FINAL: Counts()}
+        self.best: FrozenTrial | None = None
+        try:
+            storage.get_study_id_from_name(final_study_name(study_key, self.label))
+            self.final = self._open(FINAL)
+        except KeyError:
+            pass
+
+    def _sweep_sampler(self) -> optuna.samplers.BaseSampler:
+        """The spec's sampler, seeded past the trials the sweep already has (`worker._optuna`)."""
+        n_before = len(self.sweep.get_trials(deepcopy=False))
+        return make_sampler(self.spec, self.space, self.scheme, self.spec.seed + n_before)
+
+    def _open(self, role: str) -> optuna.Study:
+        name = (sweep_study_name if role == SWEEP else final_study_name)(self.study_key, self.label)
+        study = optuna.create_study(
+            storage=self.storage,
+            study_name=name,
+            direction=self.spec.objective.direction,
+            sampler=optuna.samplers.RandomSampler(seed=self.spec.seed),
+            pruner=make_pruner(self.spec) if role == SWEEP else optuna.pruners.NopPruner(),
+            load_if_exists=True,
+        )
+        if "arm" not in study.user_attrs:
+            attrs = {
+                "study_key": self.study_key,
+                "arm": self.label,
+                "scheme": self.scheme,
+                "tuner": self.arm.tuner,
+                "role": role,
+                "metric": self.spec.objective.metric,
+            }
+            for key, value in attrs.items():
+                study.set_user_attr(key, value)
+        return study
+
+    def _studies(self) -> list[tuple[str, optuna.Study]]:
+        return [(SWEEP, self.sweep)] + ([(FINAL, self.final)] if self.final else [])
+
+    # -- recovery and bookkeeping -------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Fail stale RUNNING trials, enqueue missing retries, count what storage holds."""
+        for role, study in self._studies():
+            self._recover_study(role, study)
+        if self.final is None and self.sweep_done:
+            self._start_final()
+
+    def _recover_study(self, role: str, study: optuna.Study) -> None:
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            trial = optuna.Trial(study, t._trial_id)
+            trial.set_user_attr("outcome", "failed")
+            trial.set_user_attr("error", "stale: its driver stopped before it finished")
+            study.tell(t.number, state=TrialState.FAIL)
+        trials = study.get_trials(deepcopy=False)
+        retried = {t.user_attrs.get("retry_of") for t in trials}
+        for t in trials:
+            if t.state == TrialState.FAIL and t.number not in retried and self._retry_ok(t):
+                self._enqueue_retry(study, t.params, t.user_attrs, t.number)
+        self._recount(role, study)
+
+    def _retry_ok(self, t: FrozenTrial) -> bool:
+        attempt = int(t.user_attrs.get("attempt", 1))
+        return bool(t.user_attrs.get("interrupted")) or attempt <= self.spec.resources.max_retries
+
+    def _enqueue_retry(
+        self, study: optuna.Study, params: dict[str, Any], attrs: dict[str, Any], number: int
+    ) -> None:
+        attempt = int(attrs.get("attempt", 1)) + (0 if attrs.get("interrupted") else 1)
+        retry = {"retry_of": number, "attempt": attempt}
+        if "seed" in attrs:
+            retry["seed"] = attrs["seed"]
+        study.enqueue_trial(params, user_attrs=retry)
+
+    def _recount(self, role: str, study: optuna.Study) -> None:
+        trials = study.get_trials(deepcopy=False)
+        retried = {t.user_attrs.get("retry_of") for t in trials}
+        c = Counts()
+        for t in trials:
+            c.originals += "retry_of" not in t.user_attrs
+            c.running += t.state == TrialState.RUNNING
+            c.waiting += t.state == TrialState.WAITING
+            c.pruned += t.state == TrialState.PRUNED
+            if t.state == TrialState.COMPLETE:
+                if t.user_attrs.get("outcome") == "diverged":
+                    c.diverged += 1
+                else:
+                    c.complete += 1
+            if t.state == TrialState.FAIL:
+                c.failed += 1
+                c.exhausted += t.number not in retried and not self._retry_ok(t)
+        self.counts[role] = c
+        if role == SWEEP:
+            self.best = best_trial(trials, self.spec.objective.maximize)
+
+    @property
+    def sweep_done(self) -> bool:
+        c = self.counts[SWEEP]
+        return c.originals >= self.spec.budget.trials_per_arm and c.waiting == 0 and c.running == 0
+
+    @property
+    def done(self) -> bool:
+        if not self.sweep_done:
+            return False
+        c = self.counts[FINAL]
+        return self.no_final or (self.final is not None and c.waiting == 0 and c.running == 0)
+
+    def _start_final(self) -> None:
+        if self.best is None:
+            self.no_final = True
+            return
+        self.final = self._open(FINAL)
+        self.final.set_user_attr("best_trial", self.best.number)
+        existing = {t.user_attrs.get("seed") for t in self.final.get_trials(deepcopy=False)}
+        for i in range(self.spec.budget.final_seeds):
+            seed = self.spec.seed + 1 + i
+            if seed not in existing:
+                self.final.enqueue_trial(self.best.params, user_attrs={"seed": seed, "attempt": 1})
+        self._recount(FINAL, self.final)
+
+    # -- handing out trials and recording their ends ------------------------------------------
+
+    def next_assignment(self) -> Job | None:
+        """The next trial to run, or None while this arm has nothing to start."""
+        if not self.sweep_done:
+            c = self.counts[SWEEP]
+            if c.waiting > 0 or c.originals < self.spec.budget.trials_per_arm:
+                return self._ask(SWEEP, self.sweep)
+            return None
+        if self.final is None and not self.no_final:
+            self._start_final()
+        if self.final is not None and self.counts[FINAL].waiting > 0:
+            return self._ask(FINAL, self.final)
+        return None
+
+    def _ask(self, role: str, study: optuna.Study) -> Assignment:
+        c = self.counts[role]
+        popped = c.waiting > 0  # Optuna hands out enqueued (waiting) trials first
+        trial = study.ask()
+        attrs = trial.user_attrs
+        params = suggest(trial, self.space, self.scheme)
+        hyperparameters = {**self.arm.fixed, **params}
+        lr = hyperparameters.get("lr", optim.SCHEMES[self.scheme].hyperparameter("lr").default)
+        seed = int(attrs.get("seed", self.spec.seed))
+        attempt = int(attrs.get("attempt", 1))
+        for key, value in {
+            "arm": self.label,
+            "scheme": self.scheme,
+            "role": role,
+            "lr": lr,
+            "seed": seed,
+            "attempt": attempt,
+        }.items():
+            trial.set_user_attr(key, value)
+        if self.arm.fixed:
+            trial.set_user_attr("fixed", dict(self.arm.fixed))
+        spec = self.spec
+        config = TrialConfig(
+            task=spec.task,
+            scheme=self.scheme,
+            hyperparameters=hyperparameters,
+            epochs=spec.budget.epochs,
+            data=spec.data.model_dump(),
+            model=spec.arm_model(self.arm).model_dump(),
+            steps_per_epoch=spec.budget.steps_per_epoch,
+            seed=seed,
+            device=spec.resources.device,
+            objective=spec.objective.metric,
+            divergence_factor=spec.objective.divergence_factor,
+            evaluate_test=role == FINAL,
+        )
+        c.start(popped)
+        return Assignment(
+            arm=self,
+            role=role,
+            trial=trial,
+            config=config,
+            params=params,
+            attempt=attempt,
+            seed=seed,
+        )
+
+    def _study(self, role: str) -> optuna.Study:
+        study = self.sweep if role == SWEEP else self.final
+        assert study is not None
+        return study
+
+    def record_report(self, a: Assignment, epoch: int, value: float) -> bool:
+        """Store an epoch's objective; True when the pruner stops the trial."""
+        a.trial.report(value, epoch)
+        return a.trial.should_prune()
+
+    def record_start(self, a: Assignment, pid: int, host: str, at: float) -> None:
+        a.trial.set_user_attr("pid", pid)
+        a.trial.set_user_attr("host", host)
+        a.trial.set_user_attr("started_at", at)
+
+    def record_result(self, a: Assignment, result: TrialResult) -> None:
+        for key, value in result.user_attrs().items():
+            a.trial.set_user_attr(key, value)
+        study, c = self._study(a.role), self.counts[a.role]
+        c.running -= 1
+        if result.outcome == "pruned":
+            study.tell(a.trial, state=TrialState.PRUNED)
+            c.pruned += 1
+            return
+        frozen = study.tell(a.trial, result.value)
+        if result.outcome == "diverged":
+            c.diverged += 1
+            return
+        c.complete += 1
+        if a.role == SWEEP and (
+            self.best is None
+            or best_trial([self.best, frozen], self.spec.objective.maximize) is frozen
+        ):
+            self.best = frozen
+
+    def record_failure(self, a: Assignment, error: str, *, interrupted: bool = False) -> None:
+        """Fail the trial and enqueue its retry when attempts remain."""
+        a.trial.set_user_attr("outcome", "failed")
+        a.trial.set_user_attr("error", error[:2000])
+        attrs: dict[str, Any] = {"attempt": a.attempt}
+        if interrupted:
+            a.trial.set_user_attr("interrupted", True)
+            attrs["interrupted"] = True
+        if a.role == FINAL:
+            attrs["seed"] = a.seed
+        study, c = self._study(a.role), self.counts[a.role]
+        study.tell(a.trial, state=TrialState.FAIL)
+        c.running -= 1
+        c.failed += 1
+        if interrupted or a.attempt <= self.spec.resources.max_retries:
+            self._enqueue_retry(study, a.params, attrs, a.trial.number)
+            c.waiting += 1
+        else:
+            c.exhausted += 1

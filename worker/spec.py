@@ -1,0 +1,443 @@
+"""The study spec: what a user submits (a JSON file for `ratebench run`, the body of
+`POST /api/v1/studies`), validated here and nowhere else.
+
+A study compares *arms* on one *task*. An arm is a scheme from `optim.SCHEMES` with fixed
+hyperparameters and model options (e.g. `transformed`); every arm gets the same budget: its own
+Optuna study of `budget.trials_per_arm` trials over the search space (learning rate by default),
+then `budget.final_seeds` re-runs of its best configuration on fresh seeds.
+
+Errors carry the field path in pydantic's `loc` and say what is wrong in words
+(`arms.1.optimizer: unknown scheme 'foo'; known: sgd, adam, adamw`); `format_errors` turns a
+`ValidationError` into those lines. Hard limits are the `MAX_*` constants below.
+
+Choices:
+- Arm labels name the arm's Optuna studies (`<study key>/<label>`), so they must be unique and
+  stable: the default is the scheme plus the model options the arm overrides
+  (`sgd+transformed`), made unique with `-2`, `-3`, … in spec order.
+- An arm's search space is the study's, with the arm's own `search_space` entries replacing
+  entries of the same name; a hyperparameter is either fixed or searched, never both.
+- The objective is measured on the validation split; `val_accuracy` is maximised and
+  `val_loss` minimised (the direction may be given, but must agree).
+- `tuner` is `optuna` (the sweep) or `hypergradient`: `optim.hypergrad` learns the arm's
+  per-block, per-tensor SGD-with-momentum schedule by exact hypergradients through reversible
+  training, one Optuna trial per meta-iteration (`budget.trials_per_arm` meta-iterations), then
+  the best schedule is retrained on the final seeds (`worker._hypergrad_arm`). It needs the
+  `sgd` scheme, the ReLU `mlp` model on vector features and the `val_loss` objective (what the
+  tuner minimises); its options are the arm's `hypergradient` object (`HypergradientOptions`),
+  bounded by the `MAX_HYPERGRAD_*` constants so that a run's memory stays bounded.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+__all__ = [
+    "MAX_ARMS",
+    "MAX_BATCH_SIZE",
+    "MAX_CONCURRENT_TRIALS",
+    "MAX_DEPTH",
+    "MAX_EPOCHS",
+    "MAX_FINAL_SEEDS",
+    "MAX_HYPERGRAD_BLOCKS",
+    "MAX_HYPERGRAD_DEPTH",
+    "MAX_HYPERGRAD_PARAMETERS",
+    "MAX_HYPERGRAD_STEPS",
+    "MAX_HYPERGRAD_WIDTH",
+    "MAX_PARAMETERS",
+    "MAX_RETRIES",
+    "MAX_STEPS_PER_EPOCH",
+    "MAX_TRIALS_PER_ARM",
+    "MAX_WIDTH",
+    "ArmSpec",
+    "Budget",
+    "DataOptions",
+    "HypergradientOptions",
+    "ModelOptions",
+    "ModelOverrides",
+    "Objective",
+    "PrunerSpec",
+    "Resources",
+    "SamplerSpec",
+    "SearchDimension",
+    "StudySpec",
+    "format_errors",
+]
+
+MAX_ARMS = 16
+MAX_TRIALS_PER_ARM = 1000
+MAX_EPOCHS = 1000
+MAX_STEPS_PER_EPOCH = 100_000
+MAX_FINAL_SEEDS = 20
+MAX_CONCURRENT_TRIALS = 256
+MAX_WIDTH = 4096
+MAX_DEPTH = 64
+MAX_PARAMETERS = 50_000_000
+MAX_BATCH_SIZE = 8192
+MAX_RETRIES = 5
+MAX_TRIAL_TIMEOUT_S = 86_400.0
+MAX_SYNTHETIC_VALUES = 200_000_000  # n_examples × input size of a synthetic dataset
+# The hypergradient tuner trains in exact fixed point on the CPU; its information buffer grows by
+# log2(1/momentum) bits per parameter per step (0.15 at momentum 0.9, at most 16), so at these
+# limits a run holds ~10 MB of buffer typically and 1 GB at worst (steps × parameters × 2 bytes).
+# Every meta-iteration's trial stores its schedule (2 × blocks × tensors values), hence the block
+# limit.
+MAX_HYPERGRAD_STEPS = 5000
+MAX_HYPERGRAD_BLOCKS = 100
+MAX_HYPERGRAD_WIDTH = 512
+MAX_HYPERGRAD_DEPTH = 4
+MAX_HYPERGRAD_PARAMETERS = 100_000
+
+LABEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+=-]{0,63}$"
+
+
+def spec_error(message: str) -> PydanticCustomError:
+    """A validation error whose message is shown unchanged (no "Value error, " prefix)."""
+    return PydanticCustomError("spec", "{message}", {"message": message})
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SearchDimension(_Strict):
+    """One searched hyperparameter: a range (`low`, `high`, `log`) or a list of `values`."""
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    values: list[bool | int | float] | None = Field(None, min_length=1, max_length=100)
+
+    @model_validator(mode="after")
+    def _range(self) -> SearchDimension:
+        if self.values is not None:
+            if self.low is not None or self.high is not None:
+                raise spec_error("give either values or low/high, not both")
+            return self
+        if self.low is None or self.high is None:
+            raise spec_error("give low and high (or a list of values)")
+        if not self.low < self.high:
+            raise spec_error(f"low must be < high, got low={self.low:g}, high={self.high:g}")
+        if self.log and self.low <= 0:
+            raise spec_error(f"a log scale needs low > 0, got {self.low:g}")
+        return self
+
+
+class DataOptions(_Strict):
+    """How the task's data are split and batched (the same for every arm)."""
+
+    batch_size: int = Field(128, ge=1, le=MAX_BATCH_SIZE)
+    split_seed: int = Field(0, ge=0, description="seed of the train/validation split")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="of the training pool")
+    n_train: int | None = Field(None, ge=1, description="cap on training examples")
+    n_val: int | None = Field(None, ge=1, description="validation examples (overrides fraction)")
+    n_test: int | None = Field(None, ge=1, description="cap on test examples")
+    data_dir: str | None = Field(None, description="cifar10/cifar100: the local directory")
+    input_shape: list[int] | None = Field(
+        None, min_length=1, max_length=3, description="synthetic: [features] or [C, H, W]"
+    )
+    n_classes: int | None = Field(None, ge=2, le=1000, description="synthetic: classes")
+    n_examples: int | None = Field(None, ge=10, le=1_000_000, description="synthetic: examples")
+
+    @field_validator("input_shape")
+    @classmethod
+    def _shape(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (len(value) == 2 or not all(1 <= v <= 4096 for v in value)):
+            raise spec_error(f"must be [features] or [channels, height, width], got {value}")
+        return value
+
+
+class ModelOptions(_Strict):
+    """The model of the task; `None` width/depth take the model's defaults."""
+
+    width: int | None = Field(None, ge=1, le=MAX_WIDTH, description="units or base channels")
+    depth: int | None = Field(None, ge=1, le=MAX_DEPTH, description="hidden layers or blocks")
+    activation: Literal["relu", "tanh"] = Field("relu", description="mlp only")
+    transformed: bool = Field(False, description="mlp only: transformed tanh units + shortcuts")
+    transform_every: int = Field(100, ge=1, le=1_000_000, description="steps between updates")
+
+
+class ModelOverrides(_Strict):
+    """An arm's changes to the study's model options (unset fields keep the study's)."""
+
+    width: int | None = Field(None, ge=1, le=MAX_WIDTH)
+    depth: int | None = Field(None, ge=1, le=MAX_DEPTH)
+    activation: Literal["relu", "tanh"] | None = None
+    transformed: bool | None = None
+    transform_every: int | None = Field(None, ge=1, le=1_000_000)
+
+
+Learnable = Literal["lr", "momentum", "init_scale", "l2"]
+
+
+def _learn_rates() -> list[Learnable]:
+    return ["lr"]
+
+
+class HypergradientOptions(_Strict):
+    """How a `tuner: "hypergradient"` arm trains and learns (Maclaurin, Duvenaud, Adams 2015).
+
+    Training is SGD with momentum in `optim.hypergrad`'s form, per parameter tensor and block:
+    `v ← γ·v − (1 − γ)·g`, `w ← w + α·v`; `lr` is α (torch.optim.SGD's `lr` with momentum γ is
+    α·(1 − γ)) and the starting values are constant schedules. `steps` (T) defaults to the
+    other arms' training length, `budget.epochs × budget.steps_per_epoch`, so that every arm
+    trains as long; without `budget.steps_per_epoch` it must be given.
+    """
+
+    steps: int | None = Field(
+        None, ge=1, le=MAX_HYPERGRAD_STEPS, description="T; default epochs × steps_per_epoch"
+    )
+    blocks: int = Field(10, ge=1, le=MAX_HYPERGRAD_BLOCKS, description="schedule resolution")
+    batch_size: int | None = Field(None, ge=1, le=MAX_BATCH_SIZE, description="default: data's")
+    meta_lr: float = Field(0.05, gt=0, le=1, description="Adam step on log rates, logit momenta")
+    learn: list[Learnable] = Field(default_factory=_learn_rates, min_length=1, max_length=4)
+    lr: float = Field(0.1, gt=0, le=100, description="starting α of every block and tensor")
+    momentum: float = Field(0.9, gt=0, lt=1, description="starting γ")
+    init_scale: float = Field(1.0, gt=0, le=100, description="× Gaussian N(0, 1/fan_in) init")
+    l2: float = Field(0.0, ge=0, le=100, description="starting L2 penalty (> 0 to learn it)")
+
+    @field_validator("learn")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise spec_error(f"each kind at most once, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> HypergradientOptions:
+        if self.steps is not None and self.blocks > self.steps:
+            message = f"blocks {self.blocks} > steps {self.steps}; at most one block per step"
+            raise spec_error(message)
+        if "l2" in self.learn and self.l2 <= 0:
+            raise spec_error("learning l2 needs a starting l2 > 0 (it is learned on a log scale)")
+        return self
+
+
+class ArmSpec(_Strict):
+    """One arm: a scheme, its fixed hyperparameters, its model options, its tuner.
+
+    `tuner: "optuna"` sweeps the search space; `tuner: "hypergradient"` learns a schedule with
+    `optim.hypergrad` (options in `hypergradient`; see the module docstring for what it needs).
+    """
+
+    optimizer: str = Field(description="a key of optim.SCHEMES (GET /api/v1/schemes)")
+    label: str | None = Field(None, pattern=LABEL_PATTERN, description="unique; default derived")
+    fixed: dict[str, bool | int | float] = Field(default_factory=dict)
+    search_space: dict[str, SearchDimension] | None = Field(
+        None, description="replaces the study's entries of the same name for this arm"
+    )
+    model: ModelOverrides = Field(default_factory=ModelOverrides)
+    tuner: Literal["optuna", "hypergradient"] = "optuna"
+    hypergradient: HypergradientOptions | None = Field(
+        None, description="tuner 'hypergradient' only; default options when omitted"
+    )
+
+    @field_validator("optimizer")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        import optim
+
+        if value not in optim.SCHEMES:
+            raise spec_error(f"unknown scheme {value!r}; known: {', '.join(optim.SCHEMES)}")
+        return value
+
+    @property
+    def hypergradient_options(self) -> HypergradientOptions:
+        """The hypergradient tuner's options, defaults filled in."""
+        return self.hypergradient or HypergradientOptions()
+
+
+class Budget(_Strict):
+    """The same for every arm."""
+
+    trials_per_arm: int = Field(16, ge=1, le=MAX_TRIALS_PER_ARM)
+    epochs: int = Field(10, ge=1, le=MAX_EPOCHS)
+    steps_per_epoch: int | None = Field(
+        None, ge=1, le=MAX_STEPS_PER_EPOCH, description="default: one pass over the train split"
+    )
+    final_seeds: int = Field(3, ge=1, le=MAX_FINAL_SEEDS)
+
+
+class _Named(_Strict):
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, data: Any) -> Any:
+        return {"name": data} if isinstance(data, str) else data
+
+
+class SamplerSpec(_Named):
+    """Optuna sampler: `"tpe"` or `{"name": "tpe", "n_startup_trials": 8}`."""
+
+    name: Literal["random", "grid", "tpe", "cmaes", "gp"] = "tpe"
+    n_startup_trials: int | None = Field(None, ge=0, le=MAX_TRIALS_PER_ARM)
+
+    @field_validator("name")
+    @classmethod
+    def _installed(cls, value: str) -> str:
+        import importlib.util
+
+        if value == "cmaes" and importlib.util.find_spec("cmaes") is None:
+            raise spec_error("'cmaes' needs the Python package cmaes, which is not installed")
+        return value
+
+
+class PrunerSpec(_Named):
+    """Optuna pruner over per-epoch validation values: `"median"` or an object."""
+
+    name: Literal["none", "median", "successive_halving", "hyperband"] = "median"
+    n_startup_trials: int = Field(4, ge=0, le=MAX_TRIALS_PER_ARM, description="median")
+    n_warmup_epochs: int = Field(1, ge=0, le=MAX_EPOCHS, description="median")
+    min_epochs: int = Field(1, ge=1, le=MAX_EPOCHS, description="successive_halving, hyperband")
+    reduction_factor: int = Field(3, ge=2, le=10, description="successive_halving, hyperband")
+
+
+class Objective(_Strict):
+    """What the sweep optimises, and how results are judged."""
+
+    metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
+    direction: Literal["maximize", "minimize"] | None = Field(None, description="from metric")
+    divergence_factor: float = Field(
+        10.0, gt=1, le=1e6, description="diverged when train loss > factor × ln(classes)"
+    )
+    target: float | None = Field(None, description="for steps/time to target; default relative")
+    target_fraction: float = Field(0.95, gt=0, le=1, description="default target vs best arm")
+    band_tolerance: float = Field(0.05, ge=0, lt=1, description="rate band: within this of best")
+
+    @model_validator(mode="after")
+    def _direction(self) -> Objective:
+        natural: Literal["maximize", "minimize"] = (
+            "maximize" if self.metric == "val_accuracy" else "minimize"
+        )
+        if self.direction is None:
+            self.direction = natural
+        elif self.direction != natural:
+            raise spec_error(f"{self.metric} is to {natural}, got direction {self.direction!r}")
+        return self
+
+    @property
+    def maximize(self) -> bool:
+        return self.direction == "maximize"
+
+
+class Resources(_Strict):
+    """Ray resources per trial and how many trials run at once."""
+
+    cpus_per_trial: float = Field(1.0, gt=0, le=256)
+    gpus_per_trial: float = Field(0.0, ge=0, le=16, description="fractions pack trials on a GPU")
+    max_concurrent_trials: int = Field(4, ge=1, le=MAX_CONCURRENT_TRIALS)
+    max_retries: int = Field(2, ge=0, le=MAX_RETRIES, description="per failed trial")
+    trial_timeout_s: float | None = Field(None, gt=0, le=MAX_TRIAL_TIMEOUT_S)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    fresh_process: bool | None = Field(
+        None, description="one process per trial (default: when trials use GPUs)"
+    )
+
+    @model_validator(mode="after")
+    def _gpus(self) -> Resources:
+        if self.gpus_per_trial > 1 and self.gpus_per_trial != int(self.gpus_per_trial):
+            raise spec_error(f"gpus_per_trial above 1 must be whole, got {self.gpus_per_trial}")
+        if self.gpus_per_trial > 0 and self.device == "cpu":
+            raise spec_error("device 'cpu' with gpus_per_trial > 0 reserves GPUs it never uses")
+        return self
+
+
+_EXAMPLE: dict[str, Any] = {
+    "name": "mnist1d-mlp-lr",
+    "task": "mnist1d-mlp",
+    "arms": [
+        {"optimizer": "sgd", "fixed": {"momentum": 0.9}},
+        {"optimizer": "adam"},
+        {"optimizer": "sgd", "model": {"transformed": True}},
+    ],
+    "search_space": {"lr": {"low": 1e-4, "high": 1.0, "log": True}},
+    "budget": {"trials_per_arm": 24, "epochs": 20, "final_seeds": 3},
+    "sampler": "tpe",
+    "pruner": "median",
+    "objective": {"metric": "val_accuracy", "direction": "maximize"},
+    "resources": {"gpus_per_trial": 0.25, "max_concurrent_trials": 8},
+}
+
+
+def _default_search_space() -> dict[str, SearchDimension]:
+    return {"lr": SearchDimension(low=1e-4, high=1.0, log=True)}
+
+
+class StudySpec(_Strict):
+    """A learning-rate scheme comparison on one task (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_EXAMPLE]})
+
+    name: str = Field(min_length=1, max_length=200)
+    task: str = Field(description="<dataset>-<model>, e.g. mnist1d-mlp (GET /api/v1/tasks)")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="sweep seed; final seeds follow it")
+    data: DataOptions = Field(default_factory=DataOptions)
+    model: ModelOptions = Field(default_factory=ModelOptions)
+    arms: list[ArmSpec] = Field(min_length=1, max_length=MAX_ARMS)
+    search_space: dict[str, SearchDimension] = Field(default_factory=_default_search_space)
+    budget: Budget = Field(default_factory=Budget)
+    sampler: SamplerSpec = Field(default_factory=SamplerSpec)
+    pruner: PrunerSpec = Field(default_factory=PrunerSpec)
+    objective: Objective = Field(default_factory=Objective)
+    resources: Resources = Field(default_factory=Resources)
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        from worker.tasks import TASKS
+
+        if value not in TASKS:
+            raise spec_error(f"unknown task {value!r}; known: {', '.join(TASKS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> StudySpec:
+        from worker._spec_checks import assign_labels, check_spec
+
+        problems = check_spec(self)
+        if problems:
+            raise ValidationError.from_exception_data(
+                "StudySpec",
+                [
+                    InitErrorDetails(type=spec_error(message), loc=loc, input=value)
+                    for loc, message, value in problems
+                ],
+            )
+        assign_labels(self)
+        return self
+
+    def arm_model(self, arm: ArmSpec) -> ModelOptions:
+        """The arm's effective model options: the study's, updated by the arm's overrides."""
+        return self.model.model_copy(update=arm.model.model_dump(exclude_none=True))
+
+    def arm_search_space(self, arm: ArmSpec) -> dict[str, SearchDimension]:
+        """The arm's effective search space: the study's, with the arm's entries replacing."""
+        return {**self.search_space, **(arm.search_space or {})}
+
+    def arm_hypergradient_steps(self, arm: ArmSpec) -> int | None:
+        """T of a hypergradient arm: its own `steps`, else as long as the other arms train
+        (`budget.epochs × budget.steps_per_epoch`); None when neither is given."""
+        options, budget = arm.hypergradient_options, self.budget
+        if options.steps is not None:
+            return options.steps
+        if budget.steps_per_epoch is None:
+            return None
+        return budget.epochs * budget.steps_per_epoch
+
+    @property
+    def labels(self) -> list[str]:
+        return [str(arm.label) for arm in self.arms]
+
+
+def format_errors(error: ValidationError) -> list[str]:
+    """One line per problem: `arms.1.optimizer: unknown scheme 'foo'; known: …`."""
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "spec"
+        message = item["msg"]
+        value = item.get("input")
+        if item["type"] not in {"spec", "missing"} and isinstance(value, int | float | str):
+            message = f"{message} (got {value!r})"
+        lines.append(f"{where}: {message}")
+    return lines

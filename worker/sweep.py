@@ -1,0 +1,358 @@
+"""Sweeps on Ray: a study spec → one Optuna study per arm → trials as Ray tasks → final seeds.
+
+`run_study(spec, storage_url, study_key)` runs every arm's sweep and final seeds, resumes a study
+interrupted earlier (same key), stops promptly when `should_stop()` says so, and returns the
+leaderboard rows (`worker.summary`).
+
+Storage under concurrency: driver-side ask/tell, not Optuna's gRPC storage proxy.
+  The driver (the process calling `run_study`) is the only process that touches the database:
+  it asks Optuna for each trial, runs the trial as a Ray task, and tells Optuna the result. Ray
+  tasks never open a connection; their per-epoch reports reach the driver through a small Ray
+  actor (`worker._remote.Mailbox`), and the driver answers each with the pruner's decision.
+  So however many trials run at once, SQLite sees one writer (no "database is locked") and
+  PostgreSQL sees one connection pool of at most two connections per running study. We chose
+  this over `optuna.storages.run_grpc_proxy_server` + `GrpcStorageProxy` because the proxy is
+  one more server to start, secure and keep reachable from every Ray node (a port on the driver
+  machine), while Ray already connects the driver to every task; and because with ask/tell the
+  driver knows each trial's fate from its Ray ObjectRef.
+  The price of ask/tell: Optuna's heartbeat (`heartbeat_interval`,
+  `RetryHeartbeatStaleTrialCallback`) only covers `study.optimize`, so we keep our own lease:
+  a trial whose worker process dies surfaces as an error on its ObjectRef (Ray monitors its
+  workers and nodes), `resources.trial_timeout_s` bounds a trial that hangs, and trials left
+  RUNNING by a driver that died are failed and retried when the study is resumed
+  (`worker._arms`). Retries are new Optuna trials with the same parameters, so they are
+  visible in the study; every other trial's result stays as it was.
+
+Arms share the trial slots (`resources.max_concurrent_trials`) round-robin, so they progress
+together; an arm's final seeds start as soon as its own sweep has finished.
+
+A hypergradient arm (`tuner: "hypergradient"`, `worker._hypergrad_arm`) fills one slot with a
+single Ray task that runs the whole tuning and reports every meta-iteration through the same
+mailbox; the driver stores each as a trial of the arm's sweep study. The driver only sees the
+`worker._arms.Job` contract, which trials and tuning runs both keep.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import ray
+
+from worker._arms import FINAL, SWEEP, ArmRun, Job
+from worker._hypergrad_arm import HypergradArmRun
+from worker._remote import Mailbox, trial_task
+from worker.storage import open_storage
+from worker.summary import ArmSummary, summarize_arms
+
+if TYPE_CHECKING:
+    from worker.spec import StudySpec
+
+__all__ = ["ArmProgress", "Progress", "StudyResult", "run_study"]
+
+log = logging.getLogger(__name__)
+
+_POLL_S = 0.5  # longest wait between checks of should_stop and trial timeouts
+
+
+@dataclass
+class ArmProgress:
+    arm: str
+    scheme: str
+    budget: int  # sweep trials
+    sweep_done: int  # sweep trials finished (retries of a failed trial count once)
+    complete: int
+    diverged: int
+    pruned: int
+    failed: int  # failed attempts, retried or not
+    running: int
+    final_seeds: int
+    final_done: int
+    best_value: float | None  # best sweep objective so far (diverged excluded)
+    best_lr: float | None
+
+    @property
+    def done(self) -> int:
+        return self.sweep_done + self.final_done
+
+
+@dataclass
+class Progress:
+    study_key: str
+    trials_done: int
+    trials_total: int
+    arms: list[ArmProgress] = field(default_factory=list)
+    finished: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "study_key": self.study_key,
+            "trials_done": self.trials_done,
+            "trials_total": self.trials_total,
+            "finished": self.finished,
+            "arms": {a.arm: asdict(a) for a in self.arms},
+        }
+
+
+@dataclass
+class StudyResult:
+    study_key: str
+    arms: list[ArmSummary]  # ranked, best first
+    stopped: bool  # should_stop() ended the run before every arm had finished
+    wall_time: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "study_key": self.study_key,
+            "stopped": self.stopped,
+            "wall_time": self.wall_time,
+            "arms": [a.to_dict() for a in self.arms],
+        }
+
+
+def _ensure_ray(address: str | None) -> None:
+    if not ray.is_initialized():
+        ray.init(
+            address=address, include_dashboard=False, log_to_driver=False, configure_logging=False
+        )
+
+
+def _check_resources(spec: StudySpec) -> None:
+    cluster = ray.cluster_resources()
+    res = spec.resources
+    if res.gpus_per_trial > cluster.get("GPU", 0):
+        raise ValueError(
+            f"resources.gpus_per_trial: {res.gpus_per_trial:g} but the Ray cluster has "
+            f"{cluster.get('GPU', 0):g} GPUs"
+        )
+    if res.cpus_per_trial > cluster.get("CPU", 0):
+        raise ValueError(
+            f"resources.cpus_per_trial: {res.cpus_per_trial:g} but the Ray cluster has "
+            f"{cluster.get('CPU', 0):g} CPUs"
+        )
+
+
+def run_study(
+    spec: StudySpec,
+    storage_url: str,
+    study_key: str,
+    *,
+    ray_address: str | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> StudyResult:
+    """Run (or resume) every arm of `spec` under `study_key` in the Optuna storage.
+
+    Initialises Ray (`ray_address`, or a local runtime when None) unless it already is.
+    `on_progress` is called whenever a trial starts or ends; `should_stop` is polled at least
+    every half second and, when it returns True, in-flight trials are cancelled (recorded as
+    failed and interrupted, to be re-run on resume) and the results so far are kept.
+    """
+    started = time.monotonic()
+    _ensure_ray(ray_address)
+    _check_resources(spec)
+    storage = open_storage(storage_url)
+    try:
+        arms = [_arm_run(spec, i, storage, study_key) for i in range(len(spec.arms))]
+        for arm in arms:
+            arm.recover()
+        stopped = _Driver(spec, study_key, arms, on_progress, should_stop).run()
+        summaries = summarize_arms(storage, study_key, spec)
+    finally:
+        storage.engine.dispose()
+    return StudyResult(study_key, summaries, stopped, time.monotonic() - started)
+
+
+def _arm_run(spec: StudySpec, index: int, storage: Any, study_key: str) -> ArmRun:
+    """The arm's runner: an Optuna sweep, or a hypergradient tuning (`worker._hypergrad_arm`)."""
+    if spec.arms[index].tuner == "hypergradient":
+        return HypergradArmRun(spec, index, storage, study_key)
+    return ArmRun(spec, index, storage, study_key)
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None:
+        return f"{type(exc.cause).__name__}: {exc.cause}"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: the trial's worker process ended: {first}"
+
+
+class _Driver:
+    """Hands trials to Ray, relays reports to Optuna, records results; one per run_study."""
+
+    def __init__(
+        self,
+        spec: StudySpec,
+        study_key: str,
+        arms: list[ArmRun],
+        on_progress: Callable[[Progress], None] | None,
+        should_stop: Callable[[], bool] | None,
+    ) -> None:
+        self.spec, self.study_key, self.arms = spec, study_key, arms
+        self.on_progress, self.should_stop = on_progress, should_stop
+        self.running: dict[ray.ObjectRef, Job] = {}
+        self.by_key: dict[str, Job] = {}
+        self._next_arm = 0
+        self._last_progress: dict[str, Any] | None = None
+        res = spec.resources
+        self.fresh = res.fresh_process if res.fresh_process is not None else res.gpus_per_trial > 0
+        self.mailbox: Any = None
+
+    def run(self) -> bool:
+        """Drive every arm to its end; True when stopped by should_stop."""
+        node = ray.get_runtime_context().get_node_id()
+        strategy = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(node, soft=True)
+        self.mailbox = Mailbox.options(scheduling_strategy=strategy).remote()  # type: ignore[attr-defined]
+        take = self.mailbox.take.remote(_POLL_S)
+        try:
+            while True:
+                if self.should_stop is not None and self.should_stop():
+                    self._harvest()  # keep results that are already in
+                    self._interrupt("stopped before it finished (study stopped or cancelled)")
+                    self._emit()
+                    return True
+                self._fill()
+                self._emit()
+                if not self.running:
+                    self._emit(finished=True)
+                    return False
+                ready, _ = ray.wait([take, *self.running], num_returns=1, timeout=_POLL_S)
+                if take in ready:
+                    self._handle(ray.get(take))
+                    take = self.mailbox.take.remote(_POLL_S)
+                self._harvest()
+                self._check_timeouts()
+        except BaseException:
+            try:
+                self._interrupt("stopped before it finished (the driver was interrupted)")
+            except Exception:  # keep the original error; a resume fails these trials as stale
+                log.exception("could not record the interrupted trials")
+            raise
+        finally:
+            ray.kill(self.mailbox)
+
+    def _harvest(self) -> None:
+        """Record every trial whose task has ended."""
+        if self.running:
+            done, _ = ray.wait(list(self.running), num_returns=len(self.running), timeout=0)
+            for ref in done:
+                self._finish(ref)
+
+    def _fill(self) -> None:
+        n = len(self.arms)
+        while len(self.running) < self.spec.resources.max_concurrent_trials:
+            for offset in range(n):
+                index = (self._next_arm + offset) % n
+                assignment = self.arms[index].next_assignment()
+                if assignment is not None:
+                    self._submit(assignment)
+                    self._next_arm = (index + 1) % n
+                    break
+            else:
+                return
+
+    def _submit(self, a: Job) -> None:
+        res = self.spec.resources
+        ref = trial_task(
+            a.config,
+            a.key,
+            self.mailbox,
+            num_cpus=res.cpus_per_trial,
+            num_gpus=res.gpus_per_trial if a.num_gpus is None else a.num_gpus,
+            fresh_process=self.fresh,
+        )
+        a.started = time.monotonic()
+        self.running[ref] = a
+        self.by_key[a.key] = a
+
+    def _handle(self, messages: list[tuple[Any, ...]]) -> None:
+        decisions: list[tuple[str, int, bool]] = []
+        for message in messages:
+            kind, key = message[0], message[1]
+            a = self.by_key.get(key)
+            if kind == "started" and a is not None:
+                a.record_start(*message[2:5])
+            elif kind == "report":
+                epoch, value = message[2], message[3]
+                prune = a.record_report(epoch, value) if a is not None else True
+                decisions.append((key, epoch, prune))
+            elif kind == "meta":  # a hypergradient meta-iteration
+                index, record = message[2], message[3]
+                stop = a.record_meta(index, record) if a is not None else True
+                decisions.append((key, index, stop))
+        if decisions:
+            self.mailbox.decide.remote(decisions)
+
+    def _release(self, ref: ray.ObjectRef) -> Job:
+        a = self.running.pop(ref)
+        self.by_key.pop(a.key, None)
+        self.mailbox.forget.remote(a.key)
+        return a
+
+    def _finish(self, ref: ray.ObjectRef) -> None:
+        a = self._release(ref)
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.RayError as exc:
+            error = _describe(exc)
+            log.warning("trial %s failed (attempt %d): %s", a.key, a.attempt, error)
+            a.record_failure(error)
+            return
+        a.record_result(result)
+
+    def _check_timeouts(self) -> None:
+        limit = self.spec.resources.trial_timeout_s
+        if limit is None:
+            return
+        now = time.monotonic()
+        for ref, a in list(self.running.items()):
+            if now - a.started > limit:
+                ray.cancel(ref, force=True)
+                self._release(ref)
+                log.warning("trial %s timed out after %g s", a.key, limit)
+                a.record_failure(f"timed out after {limit:g} s")
+
+    def _interrupt(self, reason: str) -> None:
+        for ref in list(self.running):
+            ray.cancel(ref, force=True)
+            a = self._release(ref)
+            a.record_failure(reason, interrupted=True)
+
+    def _emit(self, finished: bool = False) -> None:
+        if self.on_progress is None:
+            return
+        progress = self.progress(finished)
+        snapshot = progress.to_dict()
+        if snapshot != self._last_progress:
+            self._last_progress = snapshot
+            self.on_progress(progress)
+
+    def progress(self, finished: bool = False) -> Progress:
+        budget = self.spec.budget
+        arms = []
+        for arm in self.arms:
+            sweep, final = arm.counts[SWEEP], arm.counts[FINAL]
+            best = arm.best
+            arms.append(
+                ArmProgress(
+                    arm=arm.label,
+                    scheme=arm.scheme,
+                    budget=budget.trials_per_arm,
+                    sweep_done=min(sweep.done, budget.trials_per_arm),
+                    complete=sweep.complete,
+                    diverged=sweep.diverged,
+                    pruned=sweep.pruned,
+                    failed=sweep.failed + final.failed,
+                    running=sweep.running + final.running,
+                    final_seeds=budget.final_seeds,
+                    final_done=budget.final_seeds if arm.no_final else final.done,
+                    best_value=best.value if best is not None else None,
+                    best_lr=best.user_attrs.get("lr") if best is not None else None,
+                )
+            )
+        total = len(self.arms) * (budget.trials_per_arm + budget.final_seeds)
+        done = sum(a.done for a in arms)
+        return Progress(self.study_key, done, total, arms, finished)
