@@ -1,0 +1,35 @@
+"""`GET /tasks` and `GET /schemes`: what a client may put in a spec, from the registries."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from fastapi import APIRouter
+
+import optim
+from service.api.auth import ReadAccess
+from worker.tasks import describe_tasks
+
+router = APIRouter(tags=["catalog"])
+
+
+@router.get("/schemes")
+def list_schemes(_: ReadAccess) -> list[dict[str, Any]]:
+    """Every scheme with its hyperparameters: type, default, valid range, usual sweep scale."""
+    return [
+        {
+            "name": s.name,
+            "summary": s.summary,
+            "reference": s.reference,
+            "layerwise": s.layerwise,
+            "hyperparameters": [asdict(h) for h in s.hyperparameters],
+        }
+        for s in optim.SCHEMES.values()
+    ]
+
+
+@router.get("/tasks")
+def list_tasks(_: ReadAccess) -> list[dict[str, Any]]:
+    """Every task (dataset × model) with its options."""
+    return describe_tasks()

@@ -1,0 +1,113 @@
+"""ratebench's own tables (Optuna's sit beside them in the same database).
+
+- `ratebench_studies`: the durable queue. A row is a submitted study; its `status` moves
+  queued → running → completed | failed | cancelled. A scheduler owns a running row while its
+  lease (`lease_expires_at`) is fresh; an expired lease means the scheduler died and the study
+  may be claimed again, which resumes it from the Optuna storage.
+- `ratebench_arm_results`: one leaderboard row per arm of a finished study, written once, so
+  leaderboards are aggregates over these rows and their cost does not grow with trials.
+- `ratebench_api_keys`: API keys, stored as SHA-256 hashes (keys are 256-bit random tokens, so
+  a fast hash suffices), revocable.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+__all__ = ["ApiKey", "ArmResult", "Base", "StudyRecord", "StudyStatus", "utcnow"]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {  # noqa: RUF012 - SQLAlchemy reads this class attribute
+        dict[str, Any]: sa.JSON,
+        datetime: sa.DateTime(timezone=True),
+    }
+
+
+class StudyStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in {StudyStatus.COMPLETED, StudyStatus.FAILED, StudyStatus.CANCELLED}
+
+
+class ApiKey(Base):
+    __tablename__ = "ratebench_api_keys"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(100))
+    key_hash: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(sa.String(12))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class StudyRecord(Base):
+    __tablename__ = "ratebench_studies"
+    __table_args__ = (
+        sa.Index("ix_ratebench_studies_status_created", "status", "created_at"),
+        sa.Index("ix_ratebench_studies_task", "task"),
+    )
+
+    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(200))
+    task: Mapped[str] = mapped_column(sa.String(100))
+    spec: Mapped[dict[str, Any]]
+    status: Mapped[str] = mapped_column(sa.String(16), default=StudyStatus.QUEUED.value)
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+    idempotency_key: Mapped[str | None] = mapped_column(sa.String(200), unique=True, default=None)
+    api_key_id: Mapped[int | None] = mapped_column(
+        sa.ForeignKey("ratebench_api_keys.id"), default=None
+    )
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    claimed_by: Mapped[str | None] = mapped_column(sa.String(200), default=None)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    attempts: Mapped[int] = mapped_column(default=0)
+    progress: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON, default=None)
+    error: Mapped[str | None] = mapped_column(sa.Text, default=None)
+
+    arm_results: Mapped[list[ArmResult]] = relationship(
+        back_populates="study", cascade="all, delete-orphan", order_by="ArmResult.rank"
+    )
+
+
+class ArmResult(Base):
+    __tablename__ = "ratebench_arm_results"
+    __table_args__ = (
+        sa.UniqueConstraint("study_id", "arm", name="uq_ratebench_arm_results_study_arm"),
+        sa.Index("ix_ratebench_arm_results_task_scheme", "task", "scheme"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[str] = mapped_column(sa.ForeignKey("ratebench_studies.id", ondelete="CASCADE"))
+    task: Mapped[str] = mapped_column(sa.String(100))
+    arm: Mapped[str] = mapped_column(sa.String(100))
+    scheme: Mapped[str] = mapped_column(sa.String(50))
+    metric: Mapped[str] = mapped_column(sa.String(50))
+    direction: Mapped[str] = mapped_column(sa.String(10))
+    rank: Mapped[int] = mapped_column(default=0)
+    best_lr: Mapped[float | None] = mapped_column(sa.Float, default=None)
+    objective_mean: Mapped[float | None] = mapped_column(sa.Float, default=None)
+    objective_std: Mapped[float | None] = mapped_column(sa.Float, default=None)
+    test_mean: Mapped[float | None] = mapped_column(sa.Float, default=None)
+    n_trials: Mapped[int] = mapped_column(default=0)
+    n_diverged: Mapped[int] = mapped_column(default=0)
+    summary: Mapped[dict[str, Any]]
+
+    study: Mapped[StudyRecord] = relationship(back_populates="arm_results")

@@ -1,0 +1,1 @@
+"""Server-rendered leaderboard pages (Jinja2 templates, one stylesheet)."""

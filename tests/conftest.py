@@ -1,0 +1,79 @@
+"""Fixtures shared by every test package: real databases and a real local Ray runtime.
+
+PostgreSQL tests read the server from `RATEBENCH_TEST_POSTGRES_URL` (default: the local server
+at 127.0.0.1:5432 as user postgres). When it cannot be reached they skip with the reason, unless
+`RATEBENCH_REQUIRE_POSTGRES=1` (set by `.ci/run`), which turns the skip into a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+
+
+def _admin_url() -> str:
+    return os.environ.get("RATEBENCH_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL)
+
+
+def _postgres_unavailable(reason: str) -> None:
+    if os.environ.get("RATEBENCH_REQUIRE_POSTGRES") == "1":
+        pytest.fail(f"PostgreSQL is required (RATEBENCH_REQUIRE_POSTGRES=1) but {reason}")
+    pytest.skip(f"PostgreSQL unavailable: {reason}; set RATEBENCH_TEST_POSTGRES_URL")
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """URL of a fresh, empty PostgreSQL database, dropped after the test."""
+    import sqlalchemy as sa
+
+    admin = sa.create_engine(_admin_url(), isolation_level="AUTOCOMMIT")
+    name = f"ratebench_test_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    except sa.exc.OperationalError as exc:
+        admin.dispose()
+        _postgres_unavailable(f"{_admin_url()} did not answer ({exc.orig})")
+    url = admin.url.set(database=name).render_as_string(hide_password=False)
+    try:
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """URL of a fresh SQLite file in the test's temporary directory."""
+    return f"sqlite:///{tmp_path / 'ratebench.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest) -> str:
+    """Each test using this runs twice: on a SQLite file and on PostgreSQL."""
+    if request.param == "sqlite":
+        return str(request.getfixturevalue("sqlite_url"))
+    return str(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture(scope="session")
+def ray_runtime() -> Iterator[None]:
+    """One local Ray runtime for the whole test session (starting one costs seconds)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    yield
+    ray.shutdown()

@@ -1,0 +1,159 @@
+"""Helpers for end-to-end tests: the real `ratebench` CLI and a real `ratebench serve` process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def ratebench(*args: str, env: dict[str, str] | None = None, check: bool = True) -> str:
+    """Run the `ratebench` CLI as a user would; returns its standard output."""
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", *args],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    if check and result.returncode != 0:
+        raise AssertionError(f"ratebench {' '.join(args)} failed:\n{result.stderr}")
+    return result.stdout
+
+
+@dataclass
+class ServiceProcess:
+    data_dir: Path
+    env: dict[str, str]
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / f"serve-{self.starts}.log"
+
+    def log(self) -> str:
+        return self.log_path.read_text()[-4000:] if self.log_path.exists() else ""
+
+    def start(self, timeout: float = 90) -> dict[str, Any]:
+        """Start and wait until /health answers ok (Ray connected); returns the health body."""
+        self.starts += 1
+        with self.log_path.open("w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port)],
+                env=self.env, stdout=log, stderr=log, start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                body: dict[str, Any] = httpx.get(f"{self.url}/api/v1/health", timeout=2).json()
+                if body.get("status") == "ok":
+                    return body
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"service did not become healthy:\n{self.log()}")
+
+    def stop(self) -> int:
+        """SIGTERM and wait: the graceful path."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=60)
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: a crash, nothing runs on the way out."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+
+def embedded_service(data_dir: Path) -> Iterator[ServiceProcess]:
+    """A not-yet-started service on a fresh SQLite file in `data_dir`, killed afterwards."""
+    env = {
+        **os.environ,
+        "RATEBENCH_DATA_DIR": str(data_dir),
+        "RATEBENCH_LEASE_SECONDS": "4",
+        "RATEBENCH_ANONYMOUS_READS": "true",
+    }
+    for name in ("RATEBENCH_DATABASE_URL", "RAY_ADDRESS", "RATEBENCH_RAY_ADDRESS"):
+        env.pop(name, None)
+    data_dir.mkdir(parents=True)
+    process = ServiceProcess(data_dir, env)
+    yield process
+    if process.proc is not None and process.proc.poll() is None:
+        process.kill()
+
+
+def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.5) -> Any:
+    """Poll `predicate()` until it returns a truthy value (no sleeps as synchronisation)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def tiny_spec(name: str, trials: int = 3, epochs: int = 1) -> dict[str, Any]:
+    return {
+        "name": name,
+        "task": "mnist1d-mlp",
+        "data": {"batch_size": 100, "n_train": 1000},
+        "model": {"width": 32, "depth": 1},
+        "arms": [{"optimizer": "sgd", "fixed": {"momentum": 0.9}}, {"optimizer": "adam"}],
+        "search_space": {"lr": {"low": 1e-3, "high": 1.0, "log": True}},
+        "budget": {"trials_per_arm": trials, "epochs": epochs, "final_seeds": 2},
+        "sampler": "random",
+        "pruner": "none",
+        "resources": {"cpus_per_trial": 0.5, "max_concurrent_trials": 2},
+    }
+
+
+def cli_env(service: ServiceProcess, key: str | None = None) -> dict[str, str]:
+    env = {**service.env, "RATEBENCH_URL": service.url}
+    if key:
+        env["RATEBENCH_API_KEY"] = key
+    return env
+
+
+def get(service: ServiceProcess, path: str) -> Any:
+    response = httpx.get(f"{service.url}/api/v1{path}", timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
+def wait_until_finished(service: ServiceProcess, study_id: str, timeout: float = 300) -> Any:
+    """The study's JSON once it is completed, failed or cancelled."""
+
+    def finished() -> Any:
+        study = get(service, f"/studies/{study_id}")
+        return study if study["status"] in {"completed", "failed", "cancelled"} else None
+
+    return wait_for(finished, timeout, f"study {study_id} to finish")
+
+
+@dataclass
+class FinishedStudy:
+    service: ServiceProcess
+    study_id: str
+    env: dict[str, str]
+    study: dict[str, Any]

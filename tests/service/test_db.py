@@ -1,0 +1,46 @@
+"""Migrations and engine settings, on a real SQLite file and the real PostgreSQL server."""
+
+from __future__ import annotations
+
+import optuna
+import sqlalchemy as sa
+
+from service.db import SQLITE_BUSY_TIMEOUT_MS, VERSION_TABLE, get_engine, migrate
+
+OUR_TABLES = {"ratebench_studies", "ratebench_arm_results", "ratebench_api_keys"}
+
+
+def test_migrations_create_our_tables_and_are_idempotent(database_url: str) -> None:
+    migrate(database_url)
+    migrate(database_url)  # a second start must find nothing to do
+    engine = get_engine(database_url)
+    tables = set(sa.inspect(engine).get_table_names())
+    assert tables >= OUR_TABLES
+    with engine.connect() as conn:
+        versions = conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).all()
+    assert [v[0] for v in versions] == ["0001"]
+
+
+def test_our_migrations_and_optunas_share_one_database(database_url: str) -> None:
+    """Optuna's own Alembic history lives in `alembic_version`; ours must not collide."""
+    optuna.storages.RDBStorage(database_url)  # creates Optuna's schema first
+    migrate(database_url)
+    storage = optuna.storages.RDBStorage(database_url)  # and Optuna still accepts it
+    study = optuna.create_study(storage=storage, study_name="coexist")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    tables = set(sa.inspect(get_engine(database_url)).get_table_names())
+    assert {"studies", "trials", "alembic_version", VERSION_TABLE} <= tables
+    assert len(study.trials) == 2
+
+
+def test_sqlite_connections_use_wal_and_a_busy_timeout(sqlite_url: str) -> None:
+    engine = get_engine(sqlite_url)
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("PRAGMA journal_mode")).scalar() == "wal"
+        assert conn.execute(sa.text("PRAGMA busy_timeout")).scalar() == SQLITE_BUSY_TIMEOUT_MS
+        assert conn.execute(sa.text("PRAGMA foreign_keys")).scalar() == 1
+
+
+def test_postgres_engine_has_a_bounded_pool(postgres_url: str) -> None:
+    engine = get_engine(postgres_url, pool_size=3)
+    assert engine.pool.size() == 3  # type: ignore[attr-defined]

@@ -1,0 +1,30 @@
+"""The README's run command, for real: `ratebench serve` as a process, answering `/health`."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from tests.service.helpers import ServiceProcess, ratebench
+
+
+def test_cli_help_lists_the_commands() -> None:
+    out = ratebench("--help")
+    for command in ("serve", "scheduler", "run", "submit", "status", "leaderboard", "keys"):
+        assert command in out
+
+
+@pytest.mark.slow
+def test_serve_starts_with_embedded_defaults_and_stops_on_sigterm(
+    service: ServiceProcess,
+) -> None:
+    health = service.start()
+    assert health["ray"]["state"] == "connected"
+    assert health["ray"]["resources"]["CPU"] > 0
+    assert health["database"]["backend"] == "sqlite"
+    assert (service.data_dir / "ratebench.db").exists()
+    # uvicorn shuts down gracefully, then re-raises the signal it caught: exit by SIGTERM.
+    code = service.stop()
+    assert code in (0, -signal.SIGTERM), service.log()
+    assert "Application shutdown complete" in service.log()
