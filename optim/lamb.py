@@ -20,12 +20,12 @@ last step (1 for excluded ones).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 from torch.optim.optimizer import ParamsT
 
+from optim._checks import require, require_rate
 from optim.lars import norm_pairs, param_labels
 
 __all__ = ["LAMB"]
@@ -44,15 +44,11 @@ class LAMB(torch.optim.Optimizer):
         weight_decay: float = 0.01,
         exclude_bias_and_norm: bool = True,
     ) -> None:
-        for name, value, ok, rule in (
-            ("lr", lr, lr > 0 and math.isfinite(lr), "> 0"),
-            ("beta1", beta1, 0.0 <= beta1 < 1.0, "in [0, 1)"),
-            ("beta2", beta2, 0.0 <= beta2 < 1.0, "in [0, 1)"),
-            ("eps", eps, eps > 0.0, "> 0"),
-            ("weight_decay", weight_decay, weight_decay >= 0.0, ">= 0"),
-        ):
-            if not ok:
-                raise ValueError(f"lamb: {name}: must be {rule}, got {value!r}")
+        require_rate("lamb", lr)
+        require("lamb", "beta1", beta1, 0.0 <= beta1 < 1.0, "in [0, 1)")
+        require("lamb", "beta2", beta2, 0.0 <= beta2 < 1.0, "in [0, 1)")
+        require("lamb", "eps", eps, eps > 0.0, "> 0")
+        require("lamb", "weight_decay", weight_decay, weight_decay >= 0.0, ">= 0")
         defaults = {
             "lr": lr,
             "beta1": beta1,

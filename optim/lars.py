@@ -24,13 +24,14 @@ from plain parameters they are `"<group>.<index>"`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
+
+from optim._checks import require, require_rate
 
 __all__ = ["LARS", "norm_pairs", "param_labels"]
 
@@ -47,14 +48,10 @@ class LARS(torch.optim.Optimizer):
         trust_coefficient: float = 1e-3,
         exclude_bias_and_norm: bool = True,
     ) -> None:
-        for name, value, ok, rule in (
-            ("lr", lr, lr > 0 and math.isfinite(lr), "> 0"),
-            ("momentum", momentum, 0.0 <= momentum < 1.0, "in [0, 1)"),
-            ("weight_decay", weight_decay, weight_decay >= 0.0, ">= 0"),
-            ("trust_coefficient", trust_coefficient, trust_coefficient > 0.0, "> 0"),
-        ):
-            if not ok:
-                raise ValueError(f"lars: {name}: must be {rule}, got {value!r}")
+        require_rate("lars", lr)
+        require("lars", "momentum", momentum, 0.0 <= momentum < 1.0, "in [0, 1)")
+        require("lars", "weight_decay", weight_decay, weight_decay >= 0.0, ">= 0")
+        require("lars", "trust_coefficient", trust_coefficient, trust_coefficient > 0.0, "> 0")
         defaults = {
             "lr": lr,
             "momentum": momentum,

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from optim._checks import require, require_rate
 from optim.backmatching.activations import is_activation, slope
 from optim.backmatching.structure import Chain, Leaf, Node, describe, parse
 
@@ -76,16 +77,12 @@ class BackMatchingExact(torch.optim.Optimizer):
         momentum: float = 0.0,
         loss_reduction: str = "mean",
     ) -> None:
-        if not (lr > 0 and math.isfinite(lr)):
-            raise ValueError(f"bmp_exact: lr: must be > 0, got {lr!r}")
-        if not (damping >= 0 and math.isfinite(damping)):
-            raise ValueError(f"bmp_exact: damping: must be >= 0, got {damping!r}")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"bmp_exact: momentum: must be in [0, 1), got {momentum!r}")
-        if loss_reduction not in ("mean", "sum"):
-            raise ValueError(
-                f"bmp_exact: loss_reduction: must be 'mean' or 'sum', got {loss_reduction!r}"
-            )
+        require_rate("bmp_exact", lr)
+        ok_damping = damping >= 0 and math.isfinite(damping)
+        require("bmp_exact", "damping", damping, ok_damping, ">= 0")
+        require("bmp_exact", "momentum", momentum, 0.0 <= momentum < 1.0, "in [0, 1)")
+        ok_reduction = loss_reduction in ("mean", "sum")
+        require("bmp_exact", "loss_reduction", loss_reduction, ok_reduction, "'mean' or 'sum'")
         self._layers = _chain(parse(model, "bmp_exact", _supported, _ADVICE))
         names = {id(p): n for n, p in model.named_parameters()}
         named: list[tuple[str, nn.Parameter]] = []

@@ -27,21 +27,16 @@ The optimizer holds one parameter group (the model's trainable parameters, with 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from optim._checks import require, require_rate
 from optim.backmatching.plan import Plan
 
 __all__ = ["BackMatching"]
-
-
-def _check(name: str, value: float, ok: bool, rule: str) -> None:
-    if not ok:
-        raise ValueError(f"bmp: {name}: must be {rule}, got {value!r}")
 
 
 class BackMatching(torch.optim.Optimizer):
@@ -58,13 +53,21 @@ class BackMatching(torch.optim.Optimizer):
         clamp: float = 1e12,
         warmup_steps: int = 0,
     ) -> None:
-        _check("lr", lr, lr > 0 and math.isfinite(lr), "> 0")
-        _check("momentum", momentum, 0.0 <= momentum < 1.0, "in [0, 1)")
-        _check("nesterov", nesterov, not nesterov or momentum > 0, "false when momentum is 0")
-        _check("weight_decay", weight_decay, weight_decay >= 0.0, ">= 0")
-        _check("ema", ema, 0.0 <= ema < 1.0, "in [0, 1)")
-        _check("clamp", clamp, clamp >= 1.0, ">= 1")
-        _check("warmup_steps", warmup_steps, int(warmup_steps) == warmup_steps >= 0, "an int >= 0")
+        require_rate("bmp", lr)
+        require("bmp", "momentum", momentum, 0.0 <= momentum < 1.0, "in [0, 1)")
+        require(
+            "bmp", "nesterov", nesterov, not nesterov or momentum > 0, "false when momentum is 0"
+        )
+        require("bmp", "weight_decay", weight_decay, weight_decay >= 0.0, ">= 0")
+        require("bmp", "ema", ema, 0.0 <= ema < 1.0, "in [0, 1)")
+        require("bmp", "clamp", clamp, clamp >= 1.0, ">= 1")
+        require(
+            "bmp",
+            "warmup_steps",
+            warmup_steps,
+            int(warmup_steps) == warmup_steps >= 0,
+            "an int >= 0",
+        )
         self._plan = Plan(model, "bmp")
         defaults = {
             "lr": lr,
