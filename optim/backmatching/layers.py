@@ -43,8 +43,11 @@ Choices where DESIGN.md or the paper is silent, and why:
   step (gradient accumulation), as sums of squares over counts; BatchNorm's scalar is averaged
   over those passes. Forward passes without gradients (evaluation) are ignored.
 - Hooks reduce each layer's input once, on detached tensors, and keep a 0-d tensor (no extra
-  forward or backward pass, nothing kept alive past the step); weights' norms are taken at
-  step time in one multi-tensor reduction, and all scalars reach Python together.
+  forward or backward pass, nothing kept alive past the step). A Linear layer's input is not
+  reduced in the hook: it is kept (autograd keeps it for the weight's gradient anyway) and its
+  norm is taken at step time in the same multi-tensor reduction as the weights' norms, which
+  on a small network costs less than one reduction per layer and pass. All scalars reach
+  Python together.
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ class Block:
         self.module = module
         self.values: list[Tensor] = []  # 0-d tensors recorded since the last step
         self.counts: list[int] = []  # what each value is divided by; non-empty once seen
+        self.pending: Tensor | None = None  # a tensor whose norm is taken at step time
         self.n_params = len(self.params())
 
     def params(self) -> list[tuple[str, nn.Parameter]]:
@@ -101,6 +105,14 @@ class Block:
         """`(s_z, [s_W of each parameter])` from the recorded values and `‖weight‖²`."""
         raise NotImplementedError
 
+    def defer(self, x: Tensor) -> None:
+        """Record `‖x‖` with count `x.numel()`, the norm taken at step time together with every
+        other layer's (one multi-tensor reduction instead of one per layer and pass). At most
+        one tensor waits: an earlier one (gradient accumulation) is reduced now."""
+        if self.pending is not None:
+            self.add(torch.linalg.vector_norm(self.pending), self.pending.numel())
+        self.pending = x
+
     def add(self, value: Tensor, count: int) -> None:
         """Record one forward pass's value. A model copied with its hooks (an EMA or "best
         model" copy) records without ever stepping, so long histories are folded into one."""
@@ -117,6 +129,7 @@ class Block:
     def reset(self) -> None:
         self.values.clear()
         self.counts.clear()
+        self.pending = None
 
     def _mean_square(self, values: list[float]) -> float:
         if len(values) == 1 and len(self.counts) == 1:
@@ -155,8 +168,7 @@ class _Linear(Block):
 
     def pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if torch.is_grad_enabled():
-            x = args[0].detach()
-            self.add(torch.linalg.vector_norm(x), x.numel())
+            self.defer(args[0].detach())
 
     def scalars(self, values: list[float], weight_sq: float) -> tuple[float, list[float]]:
         m = self.module

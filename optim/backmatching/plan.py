@@ -73,29 +73,48 @@ class Plan:
         self.handles.clear()
 
     def scalars(self) -> list[float]:
-        """Every block's scalars from the statistics recorded since the last call."""
+        """Every block's scalars from the statistics recorded since the last call.
+
+        The weights and the layer inputs waiting for their norms are reduced in one
+        multi-tensor call, and every value reaches Python together: on a small network the
+        per-call overhead, not the arithmetic, is what this costs."""
+        hooked = self._hooked
+        waiting = [block.pending for block in hooked if block.pending is not None]
+        if len(waiting) < len(hooked):
+            self._require_records()
+        reduce = self._weights + waiting
+        tensors = list(torch._foreach_norm(reduce)) if reduce else []
+        for block in hooked:
+            tensors += block.values
+        values = _floats(tensors)
+        next_pending = len(self._weights)
+        position = next_pending + len(waiting)
+        s: list[float] = []
+        for block, w in zip(self.blocks, self._weight_index, strict=True):
+            own: list[float] = []
+            if block.hooked:
+                n = len(block.values)
+                own = values[position : position + n]
+                position += n
+                if block.pending is not None:
+                    own.append(values[next_pending])
+                    next_pending += 1
+                    block.counts.append(block.pending.numel())
+            norm = values[w] if w >= 0 else 0.0
+            s_z, s_w = block.scalars(own, norm * norm)
+            s.append(s_z)
+            s += s_w
+        for block in hooked:
+            block.reset()
+        return s
+
+    def _require_records(self) -> None:
         for block in self._hooked:
-            if not block.counts:
+            if block.pending is None and not block.counts:
                 raise RuntimeError(
                     f"{self.scheme}: {describe(block.path, block.module)}: no forward pass with "
                     "gradients enabled since the last step; run forward and backward before step()"
                 )
-        tensors = list(torch._foreach_norm(self._weights)) if self._weights else []
-        for block in self._hooked:
-            tensors += block.values
-        values = _floats(tensors)
-        position = len(self._weights)
-        s: list[float] = []
-        for block, w in zip(self.blocks, self._weight_index, strict=True):
-            n = len(block.values)
-            norm = values[w] if w >= 0 else 0.0
-            s_z, s_w = block.scalars(values[position : position + n], norm * norm)
-            position += n
-            s.append(s_z)
-            s += s_w
-        for block in self._hooked:
-            block.reset()
-        return s
 
     def factors(self, s: list[float]) -> list[float]:
         """The factor of each parameter in `params` order, for the flat scalar list `s`."""

@@ -117,6 +117,33 @@ def test_weight_decay_and_momentum_act_on_the_scaled_gradient(
         torch.testing.assert_close(model.weight.detach(), w, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize(("nesterov", "weight_decay"), [(False, 0.0), (False, 0.2), (True, 0.2)])
+def test_momentum_follows_the_factor_from_step_to_step(nesterov: bool, weight_decay: float) -> None:
+    """b ← μ·b + f·g + wd·w with a different factor at every step (the optimizer keeps b / f;
+    this pins that the rescaling between steps is right)."""
+    torch.manual_seed(11)
+    model = nn.Linear(4, 2, bias=False)
+    opt = BackMatching(model, lr=0.1, momentum=0.7, nesterov=nesterov, weight_decay=weight_decay)
+    w = model.weight.detach().clone()
+    buf = None
+    for scale in [1.0, 2.0, 0.5, 3.0, 0.25]:
+        x, y = scale * signs(5, 4), torch.randn(5, 2)  # factor 1/mean(x²) = 1/scale²
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        g = model.weight.grad
+        assert g is not None
+        d = g / scale**2 + weight_decay * w
+        buf = d if buf is None else 0.7 * buf + d
+        w = w - 0.1 * (d + 0.7 * buf if nesterov else buf)
+        opt.step()
+        assert opt.layer_factors()["weight"] == pytest.approx(1 / scale**2, rel=1e-12)
+        torch.testing.assert_close(model.weight.detach(), w, rtol=1e-12, atol=1e-14)
+        momentum = opt.state[model.weight]
+        torch.testing.assert_close(
+            momentum["momentum_factor"] * momentum["scaled_momentum"], buf, rtol=1e-12, atol=0
+        )
+
+
 def scaled_batches(scales: list[float]) -> list[tuple[Tensor, Tensor]]:
     return [(c * signs(4, 3), torch.randn(4, 1)) for c in scales]
 
@@ -281,6 +308,7 @@ def test_constructor_validates_each_option() -> None:
         ("weight_decay", -1.0),
         ("ema", 1.0),
         ("clamp", 0.5),
+        ("clamp", float("inf")),
         ("warmup_steps", -1),
     ]:
         with pytest.raises(ValueError, match=f"bmp: {field}: must be"):
