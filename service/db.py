@@ -24,6 +24,8 @@ from alembic.config import Config
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from worker.storage import make_sqlite_folder
+
 __all__ = [
     "SQLITE_BUSY_TIMEOUT_MS",
     "database_reachable",
@@ -55,8 +57,7 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
 def _create_engine(url: str, pool_size: int) -> sa.Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        make_sqlite_folder(url)
         engine = sa.create_engine(
             url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False}
         )

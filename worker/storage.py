@@ -11,6 +11,7 @@ service writing its own tables) instead of failing at once.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -18,7 +19,14 @@ import sqlalchemy as sa
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial
 
-__all__ = ["MAX_OVERFLOW", "POOL_SIZE", "SQLITE_TIMEOUT_S", "open_storage", "study_trials"]
+__all__ = [
+    "MAX_OVERFLOW",
+    "POOL_SIZE",
+    "SQLITE_TIMEOUT_S",
+    "make_sqlite_folder",
+    "open_storage",
+    "study_trials",
+]
 
 POOL_SIZE = 1
 MAX_OVERFLOW = 1
@@ -33,9 +41,19 @@ def _lost_creation_race(exc: sa.exc.DBAPIError) -> bool:
     return isinstance(exc, sa.exc.IntegrityError) or "already exists" in str(exc.orig)
 
 
+def make_sqlite_folder(url: str) -> None:
+    """Create the folder of a SQLite file URL when missing (SQLite creates the file, not its
+    folder), so that the default `sqlite:///data/ratebench.db` works from a fresh clone
+    whichever process opens it first. Other URLs are left alone."""
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+
+
 def open_storage(url: str) -> RDBStorage:
     """An Optuna RDB storage on `url` (tables created when missing); dispose its engine after."""
     kwargs: dict[str, Any]
+    make_sqlite_folder(url)
     if url.startswith("sqlite"):
         kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
     else:

@@ -52,9 +52,10 @@ def test_malformed_json_and_missing_files_exit_2(
 @pytest.mark.ray
 @pytest.mark.slow
 def test_run_prints_the_leaderboard_and_a_rerun_resumes_the_finished_study(
-    ray_runtime: None, tmp_path: Path, sqlite_url: str, capsys: pytest.CaptureFixture[str]
+    ray_runtime: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = _write(tmp_path, TINY)
+    sqlite_url = f"sqlite:///{tmp_path / 'data' / 'ratebench.db'}"  # a folder not made yet
     assert main(["run", str(path), "--database-url", sqlite_url, "--json"]) == 0
     first = json.loads(capsys.readouterr().out)
     assert [a["rank"] for a in first["arms"]] == [1, 2]
