@@ -26,12 +26,12 @@ import torch
 from torch.optim.optimizer import ParamsT
 
 from optim._checks import require, require_rate
-from optim.lars import norm_pairs, param_labels
+from optim._layerwise import TrustRatioOptimizer, evaluate_closure, norm_pairs, param_labels
 
 __all__ = ["LAMB"]
 
 
-class LAMB(torch.optim.Optimizer):
+class LAMB(TrustRatioOptimizer):
     """Layer-wise adaptive moments; formulas in the module docstring."""
 
     def __init__(
@@ -58,18 +58,10 @@ class LAMB(torch.optim.Optimizer):
             "exclude_bias_and_norm": exclude_bias_and_norm,
         }
         super().__init__(params, defaults)
-        self._factors: dict[str, float] = {}
-
-    def layer_factors(self) -> dict[str, float]:
-        """The trust ratio applied to each named parameter at the last step."""
-        return dict(self._factors)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         self._factors = {}
         for index, group in enumerate(self.param_groups):
             beta1, beta2 = group["beta1"], group["beta2"]
@@ -92,7 +84,7 @@ class LAMB(torch.optim.Optimizer):
                 v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
                 denom = v.div(1.0 - beta2**t).sqrt_().add_(eps)
                 r = m.div(1.0 - beta1**t).div_(denom)
-                adapted = not (group["exclude_bias_and_norm"] and p.dim() <= 1)
+                adapted = self.adapted(group, p)
                 if adapted and wd != 0.0:
                     r.add_(p, alpha=wd)
                 params.append(p)

@@ -25,18 +25,17 @@ from plain parameters they are `"<group>.<index>"`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
-from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from optim._checks import require, require_rate
+from optim._layerwise import TrustRatioOptimizer, evaluate_closure, norm_pairs, param_labels
 
-__all__ = ["LARS", "norm_pairs", "param_labels"]
+__all__ = ["LARS"]
 
 
-class LARS(torch.optim.Optimizer):
+class LARS(TrustRatioOptimizer):
     """Layer-wise adaptive rate scaling; formulas in the module docstring."""
 
     def __init__(
@@ -60,29 +59,24 @@ class LARS(torch.optim.Optimizer):
             "exclude_bias_and_norm": exclude_bias_and_norm,
         }
         super().__init__(params, defaults)
-        self._factors: dict[str, float] = {}
-
-    def layer_factors(self) -> dict[str, float]:
-        """The trust ratio applied to each named parameter at the last step."""
-        return dict(self._factors)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         self._factors = {}
         for index, group in enumerate(self.param_groups):
             labels = param_labels(group, index)
-            live = [(p, label) for p, label in zip(group["params"], labels, strict=True)]
-            live = [(p, label) for p, label in live if p.grad is not None]
+            live = [
+                (p, label)
+                for p, label in zip(group["params"], labels, strict=True)
+                if p.grad is not None
+            ]
             if not live:
                 continue
             params = [p for p, _ in live]
             grads = [p.grad for p in params]
             wd, eta = group["weight_decay"], group["trust_coefficient"]
-            adapt = [not (group["exclude_bias_and_norm"] and p.dim() <= 1) for p in params]
+            adapt = [self.adapted(group, p) for p in params]
             norms = norm_pairs(params, grads)
             for (p, label), g, (w_norm, g_norm), adapted in zip(
                 live, grads, norms, adapt, strict=True
@@ -101,18 +95,3 @@ class LARS(torch.optim.Optimizer):
                     buf.mul_(group["momentum"]).add_(d, alpha=rate)
                 p.sub_(buf)
         return loss
-
-
-def param_labels(group: dict[str, Any], index: int) -> list[str]:
-    """The group's parameter names, or `"<group>.<position>"` when it has none."""
-    names = group.get("param_names")
-    if names is not None:
-        return list(names)
-    return [f"{index}.{i}" for i in range(len(group["params"]))]
-
-
-def norm_pairs(weights: list[Tensor], updates: list[Tensor]) -> list[tuple[float, float]]:
-    """`(‖w‖, ‖u‖)` per tensor: two multi-tensor reductions, one device synchronisation."""
-    norms = torch.stack([*torch._foreach_norm(weights), *torch._foreach_norm(updates)]).tolist()
-    n = len(weights)
-    return list(zip(norms[:n], norms[n:], strict=True))

@@ -77,3 +77,15 @@ def ray_runtime() -> Iterator[None]:
         )
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread, as in a Ray task of one CPU: small networks run fastest so, and a
+    computation replayed later (reversal, resumption) uses the same reduction order."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -50,7 +50,7 @@ from optim.hypergrad import (
     mlp_param_names,
     tune,
 )
-from worker.runner import EpochRecord, Reporter, TrialResult, diverged_value
+from worker.runner import EpochRecord, Reporter, TrialResult, diverged_value, trial_objective
 from worker.tasks import MODELS, get_task, load_task_data
 
 __all__ = [
@@ -318,7 +318,9 @@ def train_schedule(config: ScheduleConfig, reporter: Reporter | None = None) -> 
             reporter.report(b + 1, metric)  # final seeds are not pruned: the answer is moot
     result = TrialResult(
         outcome=outcome,  # type: ignore[arg-type]
-        value=_objective(config, history, outcome, data.n_classes),
+        value=trial_objective(
+            config.objective, config.divergence_factor, history, outcome, data.n_classes
+        ),
         history=history,
         steps=diverged_at or config.steps,
         wall_time=time.perf_counter() - started,
@@ -330,12 +332,3 @@ def train_schedule(config: ScheduleConfig, reporter: Reporter | None = None) -> 
     if config.evaluate_test and outcome == "complete":
         result.test_loss, result.test_accuracy = _evaluate(w, data.x_test.double(), data.y_test)
     return result
-
-
-def _objective(
-    config: ScheduleConfig, history: list[EpochRecord], outcome: str, n_classes: int
-) -> float:
-    if outcome == "diverged" or not history:
-        return diverged_value(config.objective, n_classes, config.divergence_factor)
-    last = history[-1]
-    return last.val_accuracy if config.objective == "val_accuracy" else last.val_loss

@@ -47,6 +47,7 @@ __all__ = [
     "diverged_value",
     "resolve_device",
     "run_trial",
+    "trial_objective",
 ]
 
 CHECK_EVERY = 32
@@ -282,7 +283,9 @@ def run_trial(config: TrialConfig, reporter: Reporter | None = None) -> TrialRes
 
     result = TrialResult(
         outcome=outcome,  # type: ignore[arg-type]
-        value=_objective(config, history, outcome, data.n_classes),
+        value=trial_objective(
+            config.objective, config.divergence_factor, history, outcome, data.n_classes
+        ),
         history=history,
         steps=step,
         wall_time=time.perf_counter() - started,
@@ -297,10 +300,16 @@ def run_trial(config: TrialConfig, reporter: Reporter | None = None) -> TrialRes
     return result
 
 
-def _objective(
-    config: TrialConfig, history: list[EpochRecord], outcome: str, n_classes: int
+def trial_objective(
+    metric: str,
+    divergence_factor: float,
+    history: list[EpochRecord],
+    outcome: str,
+    n_classes: int,
 ) -> float:
+    """The value a trial reports: its last epoch's metric, or `diverged_value` when it
+    diverged or never finished an epoch."""
     if outcome == "diverged" or not history:
-        return diverged_value(config.objective, n_classes, config.divergence_factor)
+        return diverged_value(metric, n_classes, divergence_factor)
     last = history[-1]
-    return last.val_accuracy if config.objective == "val_accuracy" else last.val_loss
+    return last.val_accuracy if metric == "val_accuracy" else last.val_loss

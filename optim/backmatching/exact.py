@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from optim._checks import require, require_rate
+from optim._layerwise import evaluate_closure
 from optim.backmatching.activations import is_activation, slope
 from optim.backmatching.structure import Chain, Leaf, Node, describe, parse
 
@@ -126,10 +127,7 @@ class BackMatchingExact(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         if self._output_grad is None or len(self._inputs) != len(self._layers):
             raise RuntimeError(
                 "bmp_exact: no gradient of the loss with respect to the model's output since "

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from optim._checks import require, require_rate
+from optim._layerwise import evaluate_closure
 from optim.backmatching.plan import Plan
 
 __all__ = ["BackMatching"]
@@ -109,10 +110,7 @@ class BackMatching(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         group = self.param_groups[0]
         s = self._plan.scalars()
         self._steps += 1

@@ -8,7 +8,6 @@ inputs recomputed by hand — never from the optimizer's own statistics.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,14 +18,7 @@ from torch import Tensor, nn
 from optim import BackMatching, Residual
 from optim.backmatching.layers import tap_counts
 
-
-@pytest.fixture(autouse=True)
-def _float64() -> Iterator[None]:
-    """Every test here runs in float64, so hand computations agree to 1e-10."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def ms(t: Tensor) -> float:

@@ -4,7 +4,6 @@ damped least-squares solution equals a hand computation; unsupported models are 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -12,13 +11,7 @@ from torch import Tensor, nn
 
 from optim import BackMatchingExact, Residual
 
-
-@pytest.fixture(autouse=True)
-def _float64() -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def half_squared_error(out: Tensor, y: Tensor, reduction: str) -> Tensor:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -25,14 +24,7 @@ from optim.hypergrad import (
 from optim.hypergrad.fixedpoint import GAMMA_BITS
 from optim.hypergrad.reversible import init_state, reverse, train_forward, validation_gradient
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Small networks run fastest on one thread; forward and reverse must use the same."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_problem(steps: int, sizes: tuple[int, ...] = (6, 8, 3), seed: int = 0) -> Problem:

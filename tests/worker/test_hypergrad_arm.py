@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import torch
 from optuna.trial import TrialState
 from pydantic import ValidationError
 
@@ -163,15 +161,6 @@ def _tune_config(spec: StudySpec, **changes: Any) -> TuneConfig:
         "seed": 0,
     }
     return TuneConfig(**{**values, **changes})
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """As in a Ray task of one CPU: no thread oversubscription on a small machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.usefixtures("one_thread")
