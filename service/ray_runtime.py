@@ -13,6 +13,8 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any
 
+from worker import cluster
+
 __all__ = ["RayRuntime", "RayStatus"]
 
 log = logging.getLogger(__name__)
@@ -58,7 +60,7 @@ class RayRuntime:
         previous_sigterm = signal.getsignal(signal.SIGTERM)
         try:
             if not ray.is_initialized():
-                ray.init(address=self.address, include_dashboard=False, configure_logging=False)
+                cluster.connect(self.address)
                 self._started_here = True
             signal.signal(signal.SIGTERM, previous_sigterm)
             self._state = "connected"

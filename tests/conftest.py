@@ -68,13 +68,10 @@ def ray_runtime() -> Iterator[None]:
     """One local Ray runtime for the whole test session (starting one costs seconds)."""
     import ray
 
+    from worker import cluster
+
     if not ray.is_initialized():
-        ray.init(
-            num_cpus=2,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-        )
+        cluster.connect(None, num_cpus=2, log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -30,13 +30,14 @@ def _run(args: argparse.Namespace) -> int:
     from service.config import get_settings
     from service.db import get_engine, migrate
     from service.scheduler import Scheduler, SchedulerConfig
+    from worker import cluster
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     settings = get_settings()
     url = database_url(args)
     migrate(url)
     address = args.ray_address or settings.ray_address
-    ray.init(address=address, include_dashboard=False, configure_logging=False)
+    cluster.connect(address)
     scheduler = Scheduler(
         get_engine(url, settings.db_pool_size),
         SchedulerConfig(storage_url=url, ray_address=address, lease_seconds=settings.lease_seconds),
