@@ -47,6 +47,7 @@ class Hyperparameter:
     high: float | None = None
     log: bool = False
     help: str = ""
+    search: tuple[float, float] | None = None  # the usual sweep range (`"auto"` in a spec)
 
     def check(self, scheme: str, value: Any) -> float | int | bool:
         """Return `value` coerced to this hyperparameter's type, or raise a ValueError naming it."""
@@ -109,8 +110,12 @@ class Scheme:
         return {h.name: h.default for h in self.hyperparameters}
 
 
-def _lr(default: float = 0.01) -> Hyperparameter:
-    return Hyperparameter("lr", "float", default, 1e-7, 100.0, log=True, help="base learning rate")
+def _lr(default: float, search: tuple[float, float]) -> Hyperparameter:
+    """`search`: where the scheme's useful rates lie, about four decades around its default
+    (a spec's `"lr": "auto"`); the valid range is far wider."""
+    return Hyperparameter(
+        "lr", "float", default, 1e-7, 100.0, log=True, help="base learning rate", search=search
+    )
 
 
 def _momentum(default: float = 0.0) -> Hyperparameter:
@@ -154,20 +159,20 @@ _TORCH_SCHEMES = (
         "sgd",
         "stochastic gradient descent (torch.optim.SGD)",
         _sgd,
-        (_lr(0.05), _momentum(), _weight_decay(), _NESTEROV),
+        (_lr(0.05, (1e-4, 1.0)), _momentum(), _weight_decay(), _NESTEROV),
     ),
     Scheme(
         "adam",
         "Adam (torch.optim.Adam)",
         _adam,
-        (_lr(1e-3), _BETA1, _BETA2, _EPS, _weight_decay()),
+        (_lr(1e-3, (1e-5, 1e-1)), _BETA1, _BETA2, _EPS, _weight_decay()),
         reference="Kingma, Ba 2014, arXiv 1412.6980",
     ),
     Scheme(
         "adamw",
         "Adam with decoupled weight decay (torch.optim.AdamW)",
         _adamw,
-        (_lr(1e-3), _BETA1, _BETA2, _EPS, _weight_decay(0.01)),
+        (_lr(1e-3, (1e-5, 1e-1)), _BETA1, _BETA2, _EPS, _weight_decay(0.01)),
         reference="Loshchilov, Hutter 2017, arXiv 1711.05101",
     ),
 )
@@ -185,7 +190,7 @@ _OUR_SCHEMES = (
         "layer-wise adaptive rate scaling: SGD with momentum, trust ratio η‖w‖/(‖g‖+β‖w‖)",
         LARS,
         (
-            _lr(1.0),
+            _lr(1.0, (1e-2, 1e2)),  # the trust ratio scales it by η = 1e-3
             _momentum(0.9),
             _weight_decay(5e-4),
             Hyperparameter(
@@ -201,7 +206,7 @@ _OUR_SCHEMES = (
         "layer-wise adaptive moments: Adam step scaled by the trust ratio ‖w‖/‖r‖",
         LAMB,
         (
-            _lr(1e-3),
+            _lr(1e-3, (1e-5, 1e-1)),
             _BETA1,
             _BETA2,
             Hyperparameter("eps", "float", 1e-6, 1e-12, 1e-2, log=True, help="denominator ε"),
@@ -213,10 +218,11 @@ _OUR_SCHEMES = (
     ),
     Scheme(
         "bmp",
-        "back-matching layer-wise rates: SGD with lr·(1/s_W)·Π(1/s_z above) per layer",
+        "back-matching layer-wise rates: SGD with lr·(1/s_W)·Π(1/s_z above) per layer "
+        "(propagate=false: lr·(1/s_W)); BatchNorm folded into the Linear/Conv before it",
         BackMatching,
         (
-            _lr(0.05),
+            _lr(0.05, (1e-4, 1.0)),
             _momentum(),
             _weight_decay(),
             _NESTEROV,
@@ -229,6 +235,13 @@ _OUR_SCHEMES = (
             Hyperparameter(
                 "warmup_steps", "int", 0, 0, 1e6, help="steps of the geometric ramp 1 → factor"
             ),
+            Hyperparameter(
+                "propagate",
+                "bool",
+                True,
+                help="multiply in 1/s_z of every block above (the back-matching recursion); "
+                "false: each block's own 1/s_W only (arm label bmp-local)",
+            ),
         ),
         needs_model=True,
         layerwise=True,
@@ -239,7 +252,7 @@ _OUR_SCHEMES = (
         "exact back-matching: per-block damped least squares (Linear + activation chains)",
         BackMatchingExact,
         (
-            _lr(0.1),
+            _lr(0.1, (1e-3, 1.0)),  # 1: the exact least-squares step
             Hyperparameter(
                 "damping",
                 "float",
@@ -249,6 +262,14 @@ _OUR_SCHEMES = (
                 help="relative damping: λ = damping × the block's mean Hessian eigenvalue",
             ),
             _momentum(),
+            Hyperparameter(
+                "split",
+                "bool",
+                True,
+                help="each of the K Linear layers of a chain matches 1/K of the output target "
+                "(first order only: with little damping one step can still raise the loss); "
+                "false: each matches its whole target (a chain then overshoots about K-fold)",
+            ),
         ),
         needs_model=True,
         reference="Zhang, Chen, Liu 2018, arXiv 1802.09750",

@@ -9,12 +9,14 @@ local Hessians `H_W = J_WᵀJ_W` and `H_z = J_zᵀJ_z`.
 
 - `bmp` (`BackMatching`): replace each batch-averaged local Hessian by a scalar, the mean of its
   spectrum over the directions the block can move (`trace / min dimension`); the algorithm
-  becomes SGD with the per-layer rate `lr · (1/s_W(l)) · Π_{blocks k above l} (1/s_z(k))`.
-  Scalars per layer type: `optim.backmatching.layers`; the factor walk: `.plan`; options and
-  the update: `.optimizer`. How a model is read (chains, sums of paths, declared slopes):
-  `.structure`.
+  becomes SGD with the per-layer rate `lr · (1/s_W(l)) · Π_{blocks k above l} (1/s_z(k))`
+  (`propagate=False`: `lr · 1/s_W(l)`). Revision 2: a BatchNorm is part of the Linear/Conv
+  block before it and padding taps are not input (`.affine`). Scalars per layer type:
+  `.layers`; the block contract: `.block`; the factor walk: `.plan`; options and the update:
+  `.optimizer`. How a model is read (chains, sums of paths, declared slopes): `.structure`.
 - `bmp_exact` (`BackMatchingExact`): solve the damped least-squares problems of each block
-  directly, for chains of Linear layers and elementwise activations: `.exact`.
+  directly, for chains of Linear layers and elementwise activations, a chain's target split
+  into equal shares (first order): `.exact`.
 
 Both register forward hooks on the model they are built for; `remove_hooks()` detaches them.
 """

@@ -3,10 +3,16 @@
 The factor is the scalar back-matching rate of DESIGN.md (Zhang, Chen, Liu 2018, arXiv
 1802.09750, "On the Local Hessian in Back-propagation"):
 
-    factor(l) = (1 / s_W(l)) · Π_{blocks k above l} (1 / s_z(k))
+    propagate=True (default):  factor(l) = (1 / s_W(l)) · Π_{blocks k above l} (1 / s_z(k))
+    propagate=False:           factor(l) = 1 / s_W(l)
 
-with the per-layer scalars of `optim.backmatching.layers`, recomputed every step from the
-statistics the forward hooks recorded and the current weights. Then, in this order:
+with the per-layer scalars of `optim.backmatching.layers` (revision 2: a BatchNorm is folded
+into the Linear/Conv block before it, padding taps are not input), recomputed every step from
+the statistics the forward hooks recorded and the current weights. `propagate=True` is the
+scalar approximation of the back-matching recursion; `propagate=False` keeps each block's own
+weight curvature only, the form in which a normalised network's blocks are treated as already
+well-conditioned (the product over upper blocks is what spreads the factors over many decades
+on deep networks). Then, in this order:
 
 1. EMA (`ema = β > 0`): each scalar is replaced by its running average
    `ŝ_t = β·ŝ_{t−1} + (1 − β)·s_t`, started at `ŝ_1 = s_1` (so no bias correction is needed);
@@ -61,6 +67,7 @@ class BackMatching(torch.optim.Optimizer):
         ema: float = 0.0,
         clamp: float = 1e12,
         warmup_steps: int = 0,
+        propagate: bool = True,
     ) -> None:
         require_rate("bmp", lr)
         require("bmp", "momentum", momentum, 0.0 <= momentum < 1.0, "in [0, 1)")
@@ -77,6 +84,7 @@ class BackMatching(torch.optim.Optimizer):
             int(warmup_steps) == warmup_steps >= 0,
             "an int >= 0",
         )
+        require("bmp", "propagate", propagate, isinstance(propagate, bool), "true or false")
         self._plan = Plan(model, "bmp")
         defaults = {
             "lr": lr,
@@ -86,6 +94,7 @@ class BackMatching(torch.optim.Optimizer):
             "ema": ema,
             "clamp": clamp,
             "warmup_steps": int(warmup_steps),
+            "propagate": propagate,
         }
         named = list(zip(self._plan.names, self._plan.params, strict=True))
         super().__init__([{"params": named}], defaults)
@@ -118,7 +127,7 @@ class BackMatching(torch.optim.Optimizer):
         if beta > 0.0 and self._scalars is not None:
             s = [beta * old + (1.0 - beta) * new for old, new in zip(self._scalars, s, strict=True)]
         self._scalars = s
-        factors = self._plan.factors(s)
+        factors = self._plan.factors(s, group["propagate"])
         lo, hi = 1.0 / group["clamp"], group["clamp"]
         factors = [min(max(f, lo), hi) for f in factors]
         warmup = group["warmup_steps"]

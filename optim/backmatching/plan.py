@@ -1,9 +1,13 @@
 """A model read for `bmp`: its blocks, hooks, and the per-parameter factor of each step.
 
-`Plan.scalars()` gathers every block's scalars into one flat list (per block: `s_z`, then the
-`s_W` of each of its parameters); `Plan.factors(s)` walks the tree from the output down:
+The parsed tree (`.structure`) is first *fused*: in every chain, a Linear or Conv followed
+directly by a BatchNorm becomes one leaf (revision 2: a normalisation belongs to the block
+before it, `.affine`). `Plan.scalars()` gathers every block's scalars into one flat list (per
+block: `s_z`, then the `s_W` of each of its parameters); `Plan.factors(s, propagate)` walks the
+tree from the output down:
 
-    factor(parameter of block l) = (1 / s_W) · Π_{blocks k above l} (1 / s_z(k))
+    propagate=True:  factor(parameter of block l) = (1 / s_W) · Π_{blocks k above l} (1 / s_z(k))
+    propagate=False: factor(parameter of block l) = 1 / s_W
 
 where a chain multiplies its blocks' `s_z`, a sum of paths adds its paths' `s_z`, and a
 parameter inside a path sees the path's blocks above it times everything above the sum.
@@ -18,8 +22,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from optim.backmatching.layers import Block, make_block, supported
-from optim.backmatching.structure import Chain, Leaf, Node, describe, leaves, parse
+from optim.backmatching.layers import AFFINE, NORMS, Block, make_block, supported
+from optim.backmatching.structure import Chain, Leaf, Node, Paths, describe, leaves, parse
 
 __all__ = ["Plan"]
 
@@ -31,9 +35,9 @@ class Plan:
 
     def __init__(self, model: nn.Module, scheme: str = "bmp") -> None:
         self.scheme = scheme
-        self.tree: Node = parse(model, scheme, supported)
+        self.tree: Node = fuse(parse(model, scheme, supported))
         tree_leaves = leaves(self.tree)
-        self.blocks: list[Block] = [make_block(leaf.path, leaf.module) for leaf in tree_leaves]
+        self.blocks: list[Block] = [make_block(leaf) for leaf in tree_leaves]
         self._index = {id(leaf): i for i, leaf in enumerate(tree_leaves)}
         self._check_reuse()
         self.params: list[nn.Parameter] = []
@@ -62,10 +66,7 @@ class Plan:
         self._hooked = [b for b in self.blocks if b.hooked]
         self.handles: list[RemovableHandle] = []
         for b in self._hooked:
-            if b.pre_hook is not None:
-                self.handles.append(b.module.register_forward_pre_hook(b.pre_hook))
-            if b.post:
-                self.handles.append(b.module.register_forward_hook(b.hook))
+            self.handles += b.register()
 
     def remove_hooks(self) -> None:
         for handle in self.handles:
@@ -79,29 +80,33 @@ class Plan:
         multi-tensor call, and every value reaches Python together: on a small network the
         per-call overhead, not the arithmetic, is what this costs."""
         hooked = self._hooked
+        self._require_records()
         waiting = [block.pending for block in hooked if block.pending is not None]
-        if len(waiting) < len(hooked):
-            self._require_records()
         reduce = self._weights + waiting
         tensors = list(torch._foreach_norm(reduce)) if reduce else []
-        for block in hooked:
+        finished = [block.finish() for block in hooked]
+        for block, step_values in zip(hooked, finished, strict=True):
             tensors += block.values
+            tensors += step_values
         values = _floats(tensors)
         next_pending = len(self._weights)
         position = next_pending + len(waiting)
         s: list[float] = []
+        extras = iter(finished)
         for block, w in zip(self.blocks, self._weight_index, strict=True):
             own: list[float] = []
+            extra: list[float] = []
             if block.hooked:
-                n = len(block.values)
+                n, k = len(block.values), len(next(extras))
                 own = values[position : position + n]
-                position += n
+                extra = values[position + n : position + n + k]
+                position += n + k
                 if block.pending is not None:
                     own.append(values[next_pending])
                     next_pending += 1
                     block.counts.append(block.pending.numel())
             norm = values[w] if w >= 0 else 0.0
-            s_z, s_w = block.scalars(own, norm * norm)
+            s_z, s_w = block.scalars(own, extra, norm * norm)
             s.append(s_z)
             s += s_w
         for block in hooked:
@@ -110,16 +115,23 @@ class Plan:
 
     def _require_records(self) -> None:
         for block in self._hooked:
-            if block.pending is None and not block.counts:
+            missing = block.missing()
+            if missing is not None:
                 raise RuntimeError(
-                    f"{self.scheme}: {describe(block.path, block.module)}: no forward pass with "
-                    "gradients enabled since the last step; run forward and backward before step()"
+                    f"{self.scheme}: {missing}: no forward pass with gradients enabled since "
+                    "the last step; run forward and backward before step()"
                 )
 
-    def factors(self, s: list[float]) -> list[float]:
-        """The factor of each parameter in `params` order, for the flat scalar list `s`."""
+    def factors(self, s: list[float], propagate: bool = True) -> list[float]:
+        """The factor of each parameter in `params` order, for the flat scalar list `s`;
+        `propagate=False`: each block's own `1/s_W` only."""
         out = [1.0] * len(self.params)
-        self._assign(self._program, 1.0, s, out)
+        if propagate:
+            self._assign(self._program, 1.0, s, out)
+            return out
+        for targets in self._targets:
+            for slot, k in targets:
+                out[slot] = 1.0 / s[k] if s[k] != 0.0 else math.inf
         return out
 
     def _compile(self, node: Node) -> _Program:
@@ -154,12 +166,13 @@ class Plan:
     def _check_reuse(self) -> None:
         owners: dict[int, Block] = {}
         for block in self.blocks:
-            first = owners.setdefault(id(block.module), block)
-            if first is not block and block.hooked:
-                raise ValueError(
-                    f"{self.scheme}: {describe(block.path, block.module)}: the same module is "
-                    f"also used as {first.path}; back-matching needs each layer once"
-                )
+            for module in block.modules():
+                first = owners.setdefault(id(module), block)
+                if first is not block and block.hooked:
+                    raise ValueError(
+                        f"{self.scheme}: {describe(block.path, block.module)}: the same module "
+                        f"is also used as {first.path}; back-matching needs each layer once"
+                    )
 
     def _collect_parameters(self, model: nn.Module) -> None:
         names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
@@ -186,6 +199,32 @@ class Plan:
                 )
         if not self.params:
             raise ValueError(f"{self.scheme}: the model has no trainable parameters")
+
+
+def fuse(node: Node) -> Node:
+    """The tree with every `Linear/Conv → BatchNorm` pair of a chain read as one leaf (the
+    BatchNorm must normalise the layer's output channels)."""
+    if isinstance(node, Leaf):
+        return node
+    if isinstance(node, Paths):
+        return Paths(node.path, tuple(fuse(p) for p in node.paths))
+    steps: list[Node] = []
+    for child in (fuse(c) for c in node.nodes):
+        before = steps[-1] if steps else None
+        if isinstance(child, Leaf) and isinstance(before, Leaf) and _fusable(before, child):
+            steps[-1] = Leaf(before.path, before.module, child.module, child.path)
+        else:
+            steps.append(child)
+    return Chain(tuple(steps))
+
+
+def _fusable(layer: Leaf, norm: Leaf) -> bool:
+    if layer.norm is not None or type(layer.module) not in AFFINE:
+        return False
+    if type(norm.module) not in NORMS or hasattr(norm.module, "backmatching_slope"):
+        return False
+    out = getattr(layer.module, "out_features", None) or layer.module.out_channels
+    return bool(norm.module.num_features == out)
 
 
 def _floats(tensors: list[Tensor]) -> list[float]:

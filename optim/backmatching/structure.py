@@ -26,10 +26,15 @@ __all__ = ["Chain", "Leaf", "Node", "Paths", "leaves", "parse"]
 
 @dataclass(frozen=True)
 class Leaf:
-    """One layer whose scalars the optimizer computes; `path` is its name in the model."""
+    """One layer whose scalars the optimizer computes; `path` is its name in the model.
+
+    `norm` is a normalisation layer applied right after `module` and read as part of the same
+    block (`bmp` folds `Linear/Conv → BatchNorm` into one block; `norm_path` names it)."""
 
     path: str
     module: nn.Module
+    norm: nn.Module | None = None
+    norm_path: str = ""
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from optim import BackMatching, Residual
-from optim.backmatching.layers import tap_counts
+from optim.backmatching.layers import conv_counts
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
@@ -44,6 +44,11 @@ def one_step(model: nn.Module, x: Tensor, lr: float = 0.1, **options: float) -> 
     (out.square().sum() / out.shape[0]).backward()
     opt.step()
     return opt
+
+
+def jacobian_sq(f: Any, x: Tensor) -> float:
+    """trace(JᵀJ) = ‖J‖_F² of `f` at one example `x` (a linear map: any x will do)."""
+    return float(torch.autograd.functional.jacobian(f, x).square().sum())
 
 
 def assert_factors(opt: BackMatching, expected: dict[str, float]) -> None:
@@ -83,6 +88,7 @@ def test_mlp_factors_and_update_match_hand_computation() -> None:
 
 
 def test_conv_batchnorm_pooling_factors_with_padding_and_stride() -> None:
+    """Conv → BatchNorm is one block (revision 2); padding taps do not count in s_z."""
     torch.manual_seed(1)
     c1 = nn.Conv2d(3, 4, 3, stride=2, padding=1)
     bn = nn.BatchNorm2d(4)
@@ -109,10 +115,11 @@ def test_conv_batchnorm_pooling_factors_with_padding_and_stride() -> None:
 
     head_sz = fro2(head.weight) / 3
     pool_sz = (2 * 1) * (4 / 16) / (2 * 1)  # P_out·(k²/d²)/min(P_in, P_out): 5×2 → 2×1
-    c2_sz = 10 * fro2(c2.weight) / min(4 * 20, 6 * 10)
-    bn_sz = float((bn.weight.detach().square() / (var + bn.eps)).mean())
+    c2_sz = jacobian_sq(lambda t: c2(t), h[:1]) / min(4 * 20, 6 * 10)
+    assert c2_sz < 10 * fro2(c2.weight) / min(4 * 20, 6 * 10)  # padding taps left out
+    gain = (bn.weight.detach().square() / (var + bn.eps)).mean()
     above_c2 = 1 / (head_sz * pool_sz)
-    above_bn = above_c2 / c2_sz
+    above_block = above_c2 / c2_sz  # the BatchNorm has no s_z of its own any more
     opt = one_step(model, x)
     assert_factors(
         opt,
@@ -120,10 +127,10 @@ def test_conv_batchnorm_pooling_factors_with_padding_and_stride() -> None:
             "6.weight": 1 / ms(flat),
             "6.bias": 1.0,
             "3.weight": above_c2 / s_w_conv(h, c2),
-            "1.weight": above_bn / 20,  # P = 5·4 positions
-            "1.bias": above_bn / 20,
-            "0.weight": above_bn / bn_sz / s_w_conv(x, c1),
-            "0.bias": above_bn / bn_sz / 20,
+            "1.weight": above_block / 20,  # P = 5·4 positions
+            "1.bias": above_block / 20,
+            "0.weight": above_block / (float(gain) * s_w_conv(x, c1)),
+            "0.bias": above_block / (float(gain) * 20),
         },
     )
 
@@ -138,12 +145,15 @@ def test_grouped_and_same_padded_conv_weight_scalar() -> None:
     per_group = [F.unfold(x[:, 2 * g : 2 * g + 2], 3, padding=1).square().sum() for g in (0, 1)]
     s_w = float(sum(per_group) / 2) / (3 * 2 * 9)
     head_sz = fro2(head.weight) / 2
-    c_sz = 25 * fro2(conv.weight) / min(4 * 25, 6 * 25)
+    assert conv.bias is not None
+    bias = conv.bias.detach()[:, None, None]
+    c_sz = jacobian_sq(lambda t: conv(t) - bias, x[:1]) / min(100, 150)
     opt = one_step(model, x)
     factors = opt.layer_factors()
     assert factors["0.weight"] == pytest.approx(1 / (head_sz * s_w), rel=1e-10)
     assert factors["0.bias"] == pytest.approx(1 / (head_sz * 25), rel=1e-10)
-    assert c_sz > 0  # the first layer's s_z multiplies nothing below it
+    assert opt._scalars is not None
+    assert opt._scalars[0] == pytest.approx(c_sz, rel=1e-10)  # groups: Σ_taps count·‖W_tap‖²
 
 
 @pytest.mark.parametrize(
@@ -177,12 +187,18 @@ def test_batchnorm1d_uses_the_variance_it_normalised_with(
             assert bn.running_var is not None
             var = bn.running_var.clone()
             v = bn(u)
-    bn_sz = float((bn.weight.detach().square() / (var + bn.eps)).mean())
-    above_bn = 1 / (fro2(out.weight) / 2 * slope_sq(nn.Tanh(), v))
+    gains = bn.weight.detach().square() / (var + bn.eps)
+    above = 1 / (fro2(out.weight) / 2 * slope_sq(nn.Tanh(), v))
+    rows = lin.weight.detach().square().sum(1)  # before the step moves them
     opt = one_step(model, x)
     factors = opt.layer_factors()
-    assert factors["1.weight"] == pytest.approx(above_bn, rel=1e-10)  # P = 1
-    assert factors["0.weight"] == pytest.approx(above_bn / bn_sz / ms(x), rel=1e-10)
+    assert factors["1.weight"] == pytest.approx(above, rel=1e-10)  # P = 1
+    # Linear → BatchNorm1d is one block: s_W(W) = mean_c g_c · mean(x²), s_W(b) = mean_c g_c
+    assert factors["0.weight"] == pytest.approx(above / float(gains.mean()) / ms(x), rel=1e-10)
+    assert factors["0.bias"] == pytest.approx(above / float(gains.mean()), rel=1e-10)
+    assert opt._scalars is not None  # s_z = Σ_c g_c ‖W_c‖² / min(n_in, n_out)
+    s_z = float((gains * rows).sum()) / 5
+    assert opt._scalars[0] == pytest.approx(s_z, rel=1e-10)
 
 
 def test_residual_blocks_sum_their_paths() -> None:
@@ -375,7 +391,7 @@ class Wrapper(nn.Module):
     [
         (nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2)), r"bmp: 1 \(LayerNorm\): unsupported"),
         (nn.Sequential(nn.Linear(2, 2), TwoChildren()), r"bmp: 1 \(TwoChildren\): unsupported"),
-        (nn.Sequential(nn.Conv1d(2, 2, 1)), r"bmp: 0 \(Conv1d\): unsupported"),
+        (nn.Sequential(nn.Conv3d(2, 2, 1)), r"bmp: 0 \(Conv3d\): unsupported"),
         (nn.Sequential(nn.Conv2d(2, 2, 3, padding_mode="reflect")), r"padding_mode 'reflect'"),
     ],
 )
@@ -421,10 +437,17 @@ def test_frozen_parameters_are_skipped_but_their_layer_still_counts() -> None:
 )
 def test_tap_counts_give_the_patch_energy(conv: nn.Conv2d, size: tuple[int, int]) -> None:
     torch.manual_seed(12)
+    conv = conv.to(torch.float64)
     x = torch.randn(4, 3, *size)
     # Σ_p ‖patch_p‖²: every tap at every output position reads one x², summed over channels
     energy = x.square().sum(1, keepdim=True)
     ones = torch.ones(1, 1, *conv.kernel_size)
     want = float(F.conv2d(energy, ones, None, conv.stride, conv.padding, conv.dilation).sum())
-    got = float((x.square() * tap_counts(conv, *size, x)).sum())
+    inputs, taps = conv_counts(conv, size, x)
+    got = float((x.square() * inputs).sum())
     assert got == pytest.approx(want, rel=1e-12)
+    # Σ_t count(t)·‖W[:, :, t]‖² is the squared Frobenius norm of the convolution's Jacobian
+    trace = float((conv.weight.detach().square() * taps).sum())
+    assert conv.bias is not None
+    bias = conv.bias.detach()[:, None, None]
+    assert trace == pytest.approx(jacobian_sq(lambda t: conv(t) - bias, x[:1]))

@@ -42,9 +42,12 @@ def damped(a: Tensor, b: Tensor, lam: float) -> Tensor:
     return torch.linalg.solve(a.T @ a + lam * torch.eye(a.shape[1]), a.T @ b)
 
 
+@pytest.mark.parametrize("split", [True, False])
 @pytest.mark.parametrize("act", [nn.Tanh(), nn.ReLU()])
 @pytest.mark.parametrize("damping", [0.0, 0.3])
-def test_two_layer_step_equals_hand_written_back_matching(act: nn.Module, damping: float) -> None:
+def test_two_layer_step_equals_hand_written_back_matching(
+    act: nn.Module, damping: float, split: bool
+) -> None:
     torch.manual_seed(1)
     l1, l2 = nn.Linear(4, 6), nn.Linear(6, 3)
     model = nn.Sequential(l1, act, l2)
@@ -60,6 +63,8 @@ def test_two_layer_step_equals_hand_written_back_matching(act: nn.Module, dampin
     h1 = torch.cat([h, torch.ones(20, 1)], 1)
     d2 = damped(h1, target, damping * float(h1.square().sum()) / 7)
     dh = damped(w2, target.T, damping * float(w2.square().sum()) / 3).T
+    if split:  # two parametrised blocks: the top one takes half, passes the other half down
+        d2, dh = d2 / 2, dh / 2
     # activation: Δu = f'·Δh / (f'² + λ)
     u_ = u.clone().requires_grad_(True)
     (fp,) = torch.autograd.grad(act(u_).sum(), u_)
@@ -70,7 +75,7 @@ def test_two_layer_step_equals_hand_written_back_matching(act: nn.Module, dampin
     x1 = torch.cat([x, torch.ones(20, 1)], 1)
     d1 = damped(x1, du, damping * float(x1.square().sum()) / 5)
 
-    opt = BackMatchingExact(model, lr=lr, damping=damping)
+    opt = BackMatchingExact(model, lr=lr, damping=damping, split=split)
     half_squared_error(model(x), y, "mean").backward()
     opt.step()
     for got, want in [
@@ -80,6 +85,32 @@ def test_two_layer_step_equals_hand_written_back_matching(act: nn.Module, dampin
         (l1.bias, b1 + d1[4]),
     ]:
         torch.testing.assert_close(got.detach(), want, rtol=1e-9, atol=1e-11)
+
+
+def test_one_step_on_a_two_layer_chain_splits_the_target() -> None:
+    """Width-16 chain of two Linear layers, one step at lr = 1. Every block matching the whole
+    target moves the output about twice as far as asked (to first order) and the loss rises;
+    equal shares make it fall at damping 0.1. The split is first-order only: without damping the
+    minimum-norm input shift through a small W is large, the second-order term ΔW₂·Δh dominates
+    and both variants raise the loss, the split one far less (the limitation `bmp_exact`'s help
+    states)."""
+    losses = {}
+    for damping in (0.1, 0.0):
+        for split in (False, True):
+            torch.manual_seed(3)
+            model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+            x, y = torch.randn(64, 16), torch.randn(64, 16)
+            opt = BackMatchingExact(model, lr=1.0, damping=damping, split=split)
+            before = half_squared_error(model(x), y, "mean")
+            before.backward()
+            opt.step()
+            with torch.no_grad():
+                after = half_squared_error(model(x), y, "mean")
+            losses[damping, split] = (float(before.detach()), float(after))
+    print(f"width-16 two-layer chain, mean loss before, after one step: {losses}")
+    assert losses[0.1, False][1] > losses[0.1, False][0]  # overshoot
+    assert losses[0.1, True][1] < 0.8 * losses[0.1, True][0]
+    assert losses[0.0, True][1] < losses[0.0, False][1] / 10
 
 
 def test_momentum_accumulates_the_solved_changes() -> None:
