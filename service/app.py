@@ -2,6 +2,10 @@
 
 At start-up: migrate the database, connect to Ray in the background, and (unless disabled)
 start the study scheduler. Routes live in `service/api/`, one router per resource.
+
+While the database cannot be reached (server down or restarting, no free connection within
+`db_pool_timeout`, SQLite lock not granted), every endpoint answers 503 with `Retry-After`,
+never a 500: the client should retry, and nothing it sent was half stored.
 """
 
 from __future__ import annotations
@@ -10,22 +14,51 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+import sqlalchemy as sa
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from optuna.exceptions import StorageInternalError
 
 from service import __version__
 from service.api import catalog, health, leaderboard, plots, studies
+from service.api.deps import set_up_limiters
 from service.config import Settings, get_settings
-from service.db import get_engine, migrate
-from service.limits import BodySizeLimit
+from service.db import get_engine, is_unavailable, migrate
+from service.errors import install_error_handlers
+from service.limits import BodySizeLimit, NoNulInUrl
 from service.ray_runtime import RayRuntime
 from service.scheduler import Scheduler, SchedulerConfig
 from service.web import pages
 
-__all__ = ["create_app"]
+__all__ = ["RETRY_AFTER_SECONDS", "create_app"]
 
 log = logging.getLogger(__name__)
 API_PREFIX = "/api/v1"
+RETRY_AFTER_SECONDS = 5
+# Errors that may mean "the database is unavailable"; `is_unavailable` decides for each one.
+_MAYBE_UNAVAILABLE = (
+    sa.exc.OperationalError,
+    sa.exc.InterfaceError,
+    sa.exc.TimeoutError,
+    sa.exc.DBAPIError,
+    StorageInternalError,
+)
+
+
+async def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+    """503 for an unreachable database; any other database error stays a logged 500."""
+    if not is_unavailable(exc):
+        raise exc
+    log.warning("database unavailable: %s", str(exc).splitlines()[0])
+    return JSONResponse(
+        status_code=503,
+        content={
+            "detail": "the database is unavailable (down, restarting or overloaded); "
+            f"nothing was changed: retry in {RETRY_AFTER_SECONDS} s"
+        },
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
 
 
 def create_app(settings: Settings | None = None, *, start_ray: bool = True) -> FastAPI:
@@ -37,6 +70,7 @@ def create_app(settings: Settings | None = None, *, start_ray: bool = True) -> F
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         migrate(url)
+        set_up_limiters(app, settings)
         app.state.ray.start()  # on the main thread: Ray must not be initialised elsewhere
         scheduler = None
         if settings.run_scheduler and app.state.ray.connected:
@@ -46,6 +80,7 @@ def create_app(settings: Settings | None = None, *, start_ray: bool = True) -> F
                     storage_url=url,
                     ray_address=settings.ray_address,
                     lease_seconds=settings.lease_seconds,
+                    max_running_per_key=settings.max_running_per_key,
                 ),
             )
             scheduler.start_in_thread()
@@ -61,7 +96,7 @@ def create_app(settings: Settings | None = None, *, start_ray: bool = True) -> F
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.engine = get_engine(url, settings.db_pool_size)
+    app.state.engine = get_engine(url, settings.resolved_pool_size(), settings.db_pool_timeout)
     # Ray is needed to run studies; an API that only serves (the scheduler runs elsewhere)
     # connects only when given a cluster address, to report its state on /health.
     needs_ray = settings.run_scheduler or settings.ray_address is not None
@@ -70,5 +105,9 @@ def create_app(settings: Settings | None = None, *, start_ray: bool = True) -> F
         app.include_router(module.router, prefix=API_PREFIX)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=pages.STATIC_DIR), name="static")
+    app.add_middleware(NoNulInUrl)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    install_error_handlers(app)
+    for error in _MAYBE_UNAVAILABLE:
+        app.add_exception_handler(error, _database_unavailable)
     return app

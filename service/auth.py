@@ -3,6 +3,10 @@
 A key is `rb_` + 43 URL-safe characters (256 random bits). Only its SHA-256 hash is stored: with
 that much entropy a slow password hash adds nothing, and lookups stay one indexed equality.
 Revoked keys stay in the table so that studies keep their submitter.
+
+Every active key may submit studies and cancel the studies it submitted. An admin key
+(`ratebench keys create --admin`) may also cancel anyone's studies; admin keys are made only
+from the command line, by whoever can reach the database, never through the API.
 """
 
 from __future__ import annotations
@@ -30,17 +34,19 @@ class CreatedKey:
     id: int
     name: str
     key: str  # shown once, never stored
+    admin: bool = False
 
 
-def create_key(session: Session, name: str) -> CreatedKey:
+def create_key(session: Session, name: str, *, admin: bool = False) -> CreatedKey:
+    """A new key; `admin` keys may cancel any study, not only their own."""
     name = name.strip()
     if not name or len(name) > 100:
         raise ValueError("name: must be 1 to 100 characters")
     key = KEY_PREFIX + secrets.token_urlsafe(32)
-    row = ApiKey(name=name, key_hash=hash_key(key), prefix=key[:10])
+    row = ApiKey(name=name, key_hash=hash_key(key), prefix=key[:10], is_admin=admin)
     session.add(row)
     session.flush()
-    return CreatedKey(row.id, name, key)
+    return CreatedKey(row.id, name, key, admin)
 
 
 def verify_key(session: Session, key: str) -> ApiKey | None:

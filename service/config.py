@@ -9,9 +9,13 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from worker.tasks import DataRoots
 
 __all__ = ["Settings", "get_settings"]
 
@@ -42,13 +46,62 @@ class Settings(BaseSettings):
     )
     anonymous_reads: bool = Field(True, description="allow GET endpoints without an API key")
     max_body_bytes: int = Field(64_000, ge=1024, description="largest accepted request body")
-    db_pool_size: int = Field(5, ge=1, le=100, description="PostgreSQL connection pool size")
+    max_study_steps: int = Field(
+        10_000_000,
+        ge=1,
+        description="most estimated optimizer steps per study: arms × (trials + final seeds) "
+        "× epochs × steps per epoch",
+    )
+    max_queued_per_key: int = Field(
+        20, ge=1, le=100_000, description="studies one API key may have waiting in the queue"
+    )
+    max_running_per_key: int = Field(
+        4, ge=1, le=10_000, description="studies of one API key the scheduler runs at once"
+    )
+    api_threads: int = Field(
+        32, ge=1, le=512, description="threads that run the API's database work (one per request)"
+    )
+    db_pool_size: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="database connections per process; default api_threads + 8 (the "
+        "scheduler, its lease heartbeat and /health); at least api_threads",
+    )
+    db_pool_timeout: float = Field(
+        10.0, gt=0, le=300, description="seconds to wait for a free connection before a 503"
+    )
     cifar_dir: Path | None = Field(
         None, description="directory holding cifar-10-batches-py / cifar-100-python"
+    )
+    data_roots: str | None = Field(
+        None,
+        description="folders (separated by os.pathsep, ':' on POSIX) that a spec's data.data_dir "
+        "may name; default data_dir plus cifar_dir. A relative data_dir starts at the first",
     )
 
     url: str = Field("http://127.0.0.1:8000", description="the API the CLI client talks to")
     api_key: str | None = Field(None, description="the key the CLI client sends")
+
+    @model_validator(mode="after")
+    def _pool_fits_threads(self) -> Settings:
+        if self.db_pool_size is not None and self.db_pool_size < self.api_threads:
+            raise ValueError(
+                f"db_pool_size: {self.db_pool_size} is less than api_threads "
+                f"({self.api_threads}); each API thread needs a connection"
+            )
+        return self
+
+    def resolved_pool_size(self) -> int:
+        """Connections per process: one per API thread, plus the scheduler's and /health's."""
+        return self.db_pool_size if self.db_pool_size is not None else self.api_threads + 8
+
+    def allowed_data_roots(self) -> DataRoots:
+        """The folders spec paths may name (the worker computes the same from the environment,
+        `worker.tasks.DataRoots.from_env`)."""
+        from worker.tasks import DataRoots
+
+        return DataRoots.configure(self.data_roots, self.data_dir, self.cifar_dir)
 
     def resolved_database_url(self) -> str:
         """The database URL to use, defaulting to a SQLite file in `data_dir`."""

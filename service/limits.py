@@ -1,10 +1,24 @@
-"""A request-body size limit, enforced before the body is parsed."""
+"""Limits on what a request may carry, enforced before any endpoint sees it.
+
+- `BodySizeLimit`: a body over `max_bytes` gets 413, whether its size is declared
+  (`Content-Length`) or it arrives in chunks (`Transfer-Encoding: chunked`), without the rest
+  being read. A chunked body is only measured while the endpoint reads it, so the refusal is
+  raised from inside the read as an `HTTPException(413)`: FastAPI passes HTTP exceptions raised
+  while it reads a body through (anything else becomes a 400).
+- `NoNulInUrl`: a NUL byte in the path or a query parameter gets 422 naming the parameter.
+  PostgreSQL refuses NUL in text (`DataError`, a 500 if it reached a query), so it is refused
+  at the edge for every endpoint at once.
+"""
 
 from __future__ import annotations
 
+import json
+from urllib.parse import parse_qsl
+
+from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["BodySizeLimit"]
+__all__ = ["BodySizeLimit", "NoNulInUrl"]
 
 
 class BodySizeLimit:
@@ -19,38 +33,70 @@ class BodySizeLimit:
             return
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(send)
+            await _answer(send, 413, {"detail": _too_large(self.max_bytes)})
             return
         received = 0
-        too_large = False
+        started = False
 
         async def limited_receive() -> Message:
-            nonlocal received, too_large
+            nonlocal received
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    too_large = True
-                    raise _BodyTooLargeError
+                    raise _BodyTooLargeError(self.max_bytes)
             return message
 
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
         try:
-            await self.app(scope, limited_receive, send)
-        except _BodyTooLargeError:
-            if too_large:
-                await self._refuse(send)
-
-    async def _refuse(self, send: Send) -> None:
-        body = b'{"detail":"request body too large: at most %d bytes"}' % self.max_bytes
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json")],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLargeError:  # read outside FastAPI's body parsing (e.g. a plain route)
+            if not started:
+                await _answer(send, 413, {"detail": _too_large(self.max_bytes)})
 
 
-class _BodyTooLargeError(Exception):
-    pass
+class NoNulInUrl:
+    """Answer 422 to a request whose path or a query parameter contains a NUL byte."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            problem = _nul_problem(scope)
+            if problem is not None:
+                await _answer(send, 422, {"detail": [problem]})
+                return
+        await self.app(scope, receive, send)
+
+
+def _nul_problem(scope: Scope) -> dict[str, object] | None:
+    message = "must not contain a NUL byte (\\u0000)"
+    if "\x00" in scope.get("path", ""):
+        return {"loc": ["path"], "msg": message, "type": "nul_byte"}
+    query = scope.get("query_string", b"").decode("latin-1")
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if "\x00" in name or "\x00" in value:
+            shown = name.replace("\x00", "\\u0000").encode("utf-8", "backslashreplace").decode()
+            return {"loc": ["query", shown], "msg": message, "type": "nul_byte"}
+    return None
+
+
+def _too_large(max_bytes: int) -> str:
+    return f"request body too large: at most {max_bytes} bytes"
+
+
+async def _answer(send: Send, status: int, content: object) -> None:
+    body = json.dumps(content).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _BodyTooLargeError(HTTPException):
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, detail=_too_large(max_bytes))

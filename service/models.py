@@ -1,13 +1,16 @@
 """ratebench's own tables (Optuna's sit beside them in the same database).
 
 - `ratebench_studies`: the durable queue. A row is a submitted study; its `status` moves
-  queued → running → completed | failed | cancelled. A scheduler owns a running row while its
-  lease (`lease_expires_at`) is fresh; an expired lease means the scheduler died and the study
-  may be claimed again, which resumes it from the Optuna storage.
+  queued → running → completed | completed_with_errors | failed | cancelled. A scheduler owns
+  a running row while its lease (`lease_expires_at`) is fresh; an expired lease means the
+  scheduler died and the study may be claimed again, which resumes it from the Optuna storage.
 - `ratebench_arm_results`: one leaderboard row per arm of a finished study, written once, so
   leaderboards are aggregates over these rows and their cost does not grow with trials.
 - `ratebench_api_keys`: API keys, stored as SHA-256 hashes (keys are 256-bit random tokens, so
-  a fast hash suffices), revocable.
+  a fast hash suffices), revocable. An admin key may cancel any study; any other key only the
+  studies it submitted (`ratebench_studies.api_key_id`).
+- Idempotency keys are scoped per API key (unique on `(api_key_id, idempotency_key)`), and
+  `spec_hash` (SHA-256 of the canonical body) tells a true retry from a conflicting one.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from service.db import UtcDateTime
+
 __all__ = ["ApiKey", "ArmResult", "Base", "StudyRecord", "StudyStatus", "utcnow"]
 
 
@@ -29,7 +34,7 @@ def utcnow() -> datetime:
 class Base(DeclarativeBase):
     type_annotation_map = {  # noqa: RUF012 - SQLAlchemy reads this class attribute
         dict[str, Any]: sa.JSON,
-        datetime: sa.DateTime(timezone=True),
+        datetime: UtcDateTime(),  # aware (UTC) on SQLite as on PostgreSQL
     }
 
 
@@ -37,12 +42,13 @@ class StudyStatus(enum.StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     COMPLETED = "completed"
-    FAILED = "failed"
+    COMPLETED_WITH_ERRORS = "completed_with_errors"  # some arms failed, others have results
+    FAILED = "failed"  # every arm failed, or the study could not run
     CANCELLED = "cancelled"
 
     @property
     def finished(self) -> bool:
-        return self in {StudyStatus.COMPLETED, StudyStatus.FAILED, StudyStatus.CANCELLED}
+        return self not in {StudyStatus.QUEUED, StudyStatus.RUNNING}
 
 
 class ApiKey(Base):
@@ -54,6 +60,7 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(sa.String(12))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    is_admin: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
 
 
 class StudyRecord(Base):
@@ -61,15 +68,20 @@ class StudyRecord(Base):
     __table_args__ = (
         sa.Index("ix_ratebench_studies_status_created", "status", "created_at"),
         sa.Index("ix_ratebench_studies_task", "task"),
+        sa.Index("ix_ratebench_studies_key_status", "api_key_id", "status"),
+        sa.UniqueConstraint(
+            "api_key_id", "idempotency_key", name="uq_ratebench_studies_key_idempotency"
+        ),
     )
 
     id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
     name: Mapped[str] = mapped_column(sa.String(200))
     task: Mapped[str] = mapped_column(sa.String(100))
     spec: Mapped[dict[str, Any]]
-    status: Mapped[str] = mapped_column(sa.String(16), default=StudyStatus.QUEUED.value)
+    status: Mapped[str] = mapped_column(sa.String(32), default=StudyStatus.QUEUED.value)
     cancel_requested: Mapped[bool] = mapped_column(default=False)
-    idempotency_key: Mapped[str | None] = mapped_column(sa.String(200), unique=True, default=None)
+    idempotency_key: Mapped[str | None] = mapped_column(sa.String(200), default=None)
+    spec_hash: Mapped[str | None] = mapped_column(sa.String(64), default=None)
     api_key_id: Mapped[int | None] = mapped_column(
         sa.ForeignKey("ratebench_api_keys.id"), default=None
     )

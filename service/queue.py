@@ -10,27 +10,143 @@ concurrent schedulers pick different rows instead of queueing on one. A claim ho
 that the scheduler renews while it works; a scheduler that dies stops renewing, the lease
 expires, and the next claim resumes the study from its Optuna storage. Every transition after
 the claim is conditional on `claimed_by`, so a scheduler that lost its lease can write nothing.
+
+Submitting and cancelling are a key's acts, and the queue enforces who may do what:
+- a study belongs to the API key that submitted it; only that key or an admin key may cancel
+  it (`NotOwnerError` otherwise);
+- an idempotency key is scoped to the API key that sent it: a retry with the same body returns
+  the first study, a different body under the same key is an `IdempotencyConflictError` (bodies are
+  compared by the SHA-256 of their canonical JSON, stored as `spec_hash`);
+- a key may have at most `KeyLimits.max_queued` studies waiting (`TooManyStudiesError` beyond), and
+  `claim_next` starts none of a key's queued studies while it has `max_running` running;
+- a study's estimated optimizer steps must fit the operator's maximum (`check_budget`).
+The refusals are plain exceptions; `service.errors` gives each its HTTP status.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from service.models import StudyRecord, StudyStatus, utcnow
+from service.models import ApiKey, StudyRecord, StudyStatus, utcnow
 
 __all__ = [
+    "BudgetExceededError",
+    "IdempotencyConflictError",
+    "KeyLimits",
+    "NotOwnerError",
+    "QueueRefusalError",
+    "TooManyStudiesError",
+    "check_budget",
+    "check_owner",
     "claim_next",
     "finish",
     "release",
     "renew_lease",
     "request_cancel",
+    "spec_hash",
     "submit",
 ]
+
+
+class QueueRefusalError(Exception):
+    """A request the queue refuses; the message says why, for the client."""
+
+
+class NotOwnerError(QueueRefusalError):
+    """The key is neither the study's submitter nor an admin key."""
+
+
+class IdempotencyConflictError(QueueRefusalError):
+    """The idempotency key was used before, by the same API key, with a different body."""
+
+
+class BudgetExceededError(QueueRefusalError):
+    """The study's estimated optimizer steps exceed the configured maximum."""
+
+    loc = ("budget",)
+
+
+class TooManyStudiesError(QueueRefusalError):
+    """The key already has as many queued studies as it may."""
+
+
+@dataclass(frozen=True)
+class KeyLimits:
+    """Per-key limits: studies waiting in the queue, and studies running at once."""
+
+    max_queued: int
+    max_running: int
+
+
+def spec_hash(spec: dict[str, Any]) -> str:
+    """SHA-256 of the spec's canonical JSON (sorted keys, no spaces): equal bodies, equal hash."""
+    canonical = json.dumps(spec, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def check_budget(estimated_steps: int, max_steps: int) -> None:
+    """Refuse a study whose estimated optimizer steps exceed `max_steps`."""
+    if estimated_steps > max_steps:
+        raise BudgetExceededError(
+            f"the study needs an estimated {estimated_steps:,} optimizer steps (arms × (trials "
+            f"+ final seeds) × epochs × steps per epoch); this service allows at most "
+            f"{max_steps:,} per study: lower budget.trials_per_arm, budget.epochs, "
+            "budget.steps_per_epoch or the number of arms"
+        )
+
+
+def check_owner(study: StudyRecord, key: ApiKey) -> None:
+    """Only the submitting key, or an admin key, may act on a study."""
+    if not key.is_admin and study.api_key_id != key.id:
+        raise NotOwnerError(
+            f"study {study.id} belongs to another API key; only the key that submitted it or "
+            "an admin key (`ratebench keys create --admin`) may cancel it"
+        )
+
+
+def _by_idempotency_key(api_key_id: int | None, idempotency_key: str) -> sa.Select[Any]:
+    owner = (
+        StudyRecord.api_key_id.is_(None)
+        if api_key_id is None
+        else StudyRecord.api_key_id == api_key_id
+    )
+    return sa.select(StudyRecord).where(owner, StudyRecord.idempotency_key == idempotency_key)
+
+
+def _the_same_study(existing: StudyRecord, digest: str) -> StudyRecord:
+    if existing.spec_hash is not None and existing.spec_hash != digest:
+        raise IdempotencyConflictError(
+            f"Idempotency-Key {existing.idempotency_key!r} was already used by this API key "
+            f"for study {existing.id} with a different body; send a new Idempotency-Key for a "
+            "new study"
+        )
+    return existing
+
+
+def _check_queued(session: Session, api_key_id: int, limits: KeyLimits) -> None:
+    """Called after the new row is flushed: SQLite's write lock (taken by the flush) and
+    PostgreSQL's lock on the key's row make concurrent submits of one key count in turn."""
+    queued = session.scalar(
+        sa.select(sa.func.count())
+        .select_from(StudyRecord)
+        .where(
+            StudyRecord.api_key_id == api_key_id,
+            StudyRecord.status == StudyStatus.QUEUED.value,
+        )
+    )
+    if (queued or 0) > limits.max_queued:
+        raise TooManyStudiesError(
+            f"this API key already has {limits.max_queued} queued studies, the most it may "
+            "have waiting; submit again when one has started, or cancel one"
+        )
 
 
 def submit(
@@ -41,20 +157,25 @@ def submit(
     task: str,
     idempotency_key: str | None = None,
     api_key_id: int | None = None,
+    limits: KeyLimits | None = None,
 ) -> tuple[StudyRecord, bool]:
-    """Queue a validated spec; returns (study, created). A known idempotency key returns the
-    study it created before, without writing anything."""
+    """Queue a validated spec; returns (study, created). An idempotency key this API key used
+    before returns the study it created, without writing anything, if the body is the same
+    (`IdempotencyConflictError` if not). With `limits`, a key over its queued limit gets
+    `TooManyStudiesError` and nothing is written (the caller's transaction is rolled back)."""
+    digest = spec_hash(spec)
     if idempotency_key is not None:
-        existing = session.scalars(
-            sa.select(StudyRecord).where(StudyRecord.idempotency_key == idempotency_key)
-        ).first()
+        existing = session.scalars(_by_idempotency_key(api_key_id, idempotency_key)).first()
         if existing is not None:
-            return existing, False
+            return _the_same_study(existing, digest), False
+    if limits is not None and api_key_id is not None:  # serialise this key's submits
+        session.execute(sa.select(ApiKey.id).where(ApiKey.id == api_key_id).with_for_update())
     study = StudyRecord(
         id=uuid.uuid4().hex,
         name=name,
         task=task,
         spec=spec,
+        spec_hash=digest,
         idempotency_key=idempotency_key,
         api_key_id=api_key_id,
     )
@@ -63,10 +184,16 @@ def submit(
         session.flush()
     except sa.exc.IntegrityError:  # a concurrent retry with the same key won the race
         session.rollback()
-        existing = session.scalars(
-            sa.select(StudyRecord).where(StudyRecord.idempotency_key == idempotency_key)
-        ).one()
-        return existing, False
+        if idempotency_key is None:
+            raise
+        existing = session.scalars(_by_idempotency_key(api_key_id, idempotency_key)).one()
+        return _the_same_study(existing, digest), False
+    if limits is not None and api_key_id is not None:
+        try:
+            _check_queued(session, api_key_id, limits)
+        except TooManyStudiesError:
+            session.rollback()
+            raise
     return study, True
 
 
@@ -80,13 +207,46 @@ def _claimable(now: datetime) -> sa.ColumnElement[bool]:
     )
 
 
-def claim_next(engine: sa.Engine, scheduler_id: str, lease: timedelta) -> StudyRecord | None:
-    """Claim the oldest claimable study for `scheduler_id`, or return None."""
+def _key_not_busy(now: datetime, max_running: int | None) -> sa.ColumnElement[bool]:
+    """A queued study may start unless its key already runs `max_running` studies (a running
+    study whose lease expired is resumed regardless: it already counted when it started)."""
+    if max_running is None:
+        return sa.true()
+    busy = (
+        sa.select(StudyRecord.api_key_id)
+        .where(
+            StudyRecord.status == StudyStatus.RUNNING.value,
+            StudyRecord.lease_expires_at >= now,
+            StudyRecord.api_key_id.is_not(None),
+        )
+        .group_by(StudyRecord.api_key_id)
+        .having(sa.func.count() >= max_running)
+    )
+    return sa.or_(
+        StudyRecord.status != StudyStatus.QUEUED.value,
+        StudyRecord.api_key_id.is_(None),
+        StudyRecord.api_key_id.not_in(busy.scalar_subquery()),
+    )
+
+
+def claim_next(
+    engine: sa.Engine,
+    scheduler_id: str,
+    lease: timedelta,
+    *,
+    max_running_per_key: int | None = None,
+) -> StudyRecord | None:
+    """Claim the oldest claimable study for `scheduler_id`, or return None; with
+    `max_running_per_key`, a key's queued studies wait while it runs that many."""
     now = utcnow()
     with engine.begin() as conn:
         candidate = conn.execute(
             sa.select(StudyRecord.id)
-            .where(_claimable(now), StudyRecord.cancel_requested.is_(False))
+            .where(
+                _claimable(now),
+                StudyRecord.cancel_requested.is_(False),
+                _key_not_busy(now, max_running_per_key),
+            )
             .order_by(StudyRecord.created_at)
             .limit(1)
             .with_for_update(skip_locked=True)

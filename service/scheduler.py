@@ -14,19 +14,24 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
 from service import queue
-from service.db import session_scope
+from service.db import is_unavailable, retry_while_unavailable, session_scope
 from service.models import ArmResult, StudyRecord, StudyStatus
 
 __all__ = ["Scheduler", "SchedulerConfig"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_MAX_BACKOFF_S = 5.0  # longest wait between two tries while the database is down
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,7 @@ class SchedulerConfig:
     ray_address: str | None = None
     poll_seconds: float = 1.0
     lease_seconds: float = 30.0
+    max_running_per_key: int | None = None  # a key's queued studies wait while it runs this many
     scheduler_id: str = f"{socket.gethostname()}:{os.getpid()}"
 
     @property
@@ -78,8 +84,9 @@ class _StudyDriver:
                     self.config.lease,
                     self.progress,
                 )
-            except sa.exc.SQLAlchemyError:  # a database hiccup: try again at the next beat
-                log.warning("study %s: lease renewal failed", self.study_id, exc_info=True)
+            except sa.exc.SQLAlchemyError as exc:  # a database hiccup: try at the next beat
+                log.warning("study %s: lease renewal failed (%s)", self.study_id,
+                            str(exc).splitlines()[0], exc_info=not is_unavailable(exc))  # fmt: skip
                 continue
             self.lost, self.cancelled = not owned, cancel
             if self.lost:
@@ -113,18 +120,29 @@ class Scheduler:
 
     def run_forever(self) -> None:
         log.info("scheduler %s polling for studies", self.config.scheduler_id)
+        idle = self.config.poll_seconds
         while not self._stopping.is_set():
             try:
                 ran = self.run_once()
-            except Exception:  # keep serving other studies; the failure is logged and stored
-                log.exception("scheduler iteration failed")
+                idle = self.config.poll_seconds
+            except Exception as exc:  # keep serving other studies; the failure is logged
+                if not is_unavailable(exc):
+                    log.exception("scheduler iteration failed")
+                else:  # the database is down: poll it less often until it is back
+                    log.warning("scheduler: database unavailable (%s)", str(exc).splitlines()[0])
+                    idle = min(2 * idle, _MAX_BACKOFF_S)
                 ran = False
             if not ran:
-                self._stopping.wait(self.config.poll_seconds)
+                self._stopping.wait(idle)
 
     def run_once(self) -> bool:
         """Claim one study and drive it to an end (or to shutdown); False when none waited."""
-        study = queue.claim_next(self.engine, self.config.scheduler_id, self.config.lease)
+        study = queue.claim_next(
+            self.engine,
+            self.config.scheduler_id,
+            self.config.lease,
+            max_running_per_key=self.config.max_running_per_key,
+        )
         if study is None:
             return False
         log.info("running study %s (%s), attempt %d", study.id, study.name, study.attempts)
@@ -143,41 +161,101 @@ class Scheduler:
         from worker.summary import summarize_study
         from worker.sweep import run_study
 
-        try:
-            run_study(
-                spec,
-                self.config.storage_url,
-                study.id,
-                ray_address=self.config.ray_address,
-                on_progress=driver.on_progress,
-                should_stop=lambda: driver.should_stop(self._stopping),
-            )
-        except Exception as exc:  # a failed study is recorded, and the scheduler goes on
-            log.exception("study %s failed", study.id)
-            with session_scope(self.engine) as session:
-                queue.finish(
-                    session,
+        while True:
+            try:
+                run_study(
+                    spec,
+                    self.config.storage_url,
                     study.id,
-                    self.config.scheduler_id,
-                    StudyStatus.FAILED,
-                    error=f"{type(exc).__name__}: {exc}",
-                    progress=driver.progress,
+                    ray_address=self.config.ray_address,
+                    on_progress=driver.on_progress,
+                    should_stop=lambda: driver.should_stop(self._stopping),
                 )
-            return
+                break
+            except Exception as exc:  # a failed study is recorded, and the scheduler goes on
+                if is_unavailable(exc) and not driver.should_stop(self._stopping):
+                    self._wait_for_database(study.id, exc)
+                    continue  # resume: finished trials are kept, interrupted ones re-run
+                log.exception("study %s failed", study.id)
+                self._retry(
+                    f"study {study.id}: recording the failure",
+                    partial(self._finish, study.id, StudyStatus.FAILED, driver, exc=exc),
+                )
+                return
         if driver.lost:
             log.warning("study %s: lease lost to another scheduler; stopping", study.id)
             return
         if self._stopping.is_set() and not driver.cancelled:
-            queue.release(self.engine, study.id, self.config.scheduler_id)
+            self._retry(
+                f"study {study.id}: release",
+                lambda: queue.release(self.engine, study.id, self.config.scheduler_id),
+            )
             return
-        status = StudyStatus.CANCELLED if driver.cancelled else StudyStatus.COMPLETED
-        summaries = summarize_study(self.config.storage_url, study.id, spec)
-        with session_scope(self.engine) as session:
-            if queue.finish(
-                session, study.id, self.config.scheduler_id, status, progress=driver.progress
-            ):
-                _store_arm_results(session, study, spec, summaries)
+        summaries = self._retry(
+            f"study {study.id}: summary",
+            lambda: summarize_study(self.config.storage_url, study.id, spec),
+        )
+        status, error = _final_status(driver.cancelled, summaries)
+        self._retry(
+            f"study {study.id}: recording the result",
+            lambda: self._finish(
+                study.id, status, driver, error=error, store=(study, spec, summaries)
+            ),
+        )
         log.info("study %s %s", study.id, status.value)
+
+    def _finish(
+        self,
+        study_id: str,
+        status: StudyStatus,
+        driver: _StudyDriver,
+        *,
+        exc: Exception | None = None,
+        error: str | None = None,
+        store: tuple[StudyRecord, Any, list[Any]] | None = None,
+    ) -> None:
+        """One transaction: the final status (and the leaderboard rows), so a retry after a
+        lost connection writes everything or nothing."""
+        if exc is not None:  # readers see it: no server path outside the data roots
+            from worker.tasks import DataRoots, redact_paths
+
+            error = redact_paths(f"{type(exc).__name__}: {exc}", DataRoots.from_env())
+        with session_scope(self.engine) as session:
+            finished = queue.finish(
+                session, study_id, self.config.scheduler_id, status,
+                error=error, progress=driver.progress,
+            )  # fmt: skip
+            if finished and store is not None:
+                _store_arm_results(session, *store)
+
+    def _retry(self, what: str, action: Callable[[], T]) -> T:
+        """`action()`, retried with backoff while the database is unavailable: an outage
+        delays a study's bookkeeping, it never fails the study. A scheduler stopping meanwhile
+        gives up: the lease expires and the next claim resumes the study."""
+        return retry_while_unavailable(action, what, self._stopping, max_delay=_MAX_BACKOFF_S)
+
+    def _wait_for_database(self, study_id: str, exc: Exception) -> None:
+        """Block (with backoff) until the database answers again, or the scheduler stops."""
+        log.warning("study %s: database unavailable during the sweep (%s); resuming once it "
+                    "is back", study_id, str(exc).splitlines()[0])  # fmt: skip
+        retry_while_unavailable(
+            lambda: _ping(self.engine), f"study {study_id}: waiting for the database",
+            self._stopping, max_delay=_MAX_BACKOFF_S,
+        )  # fmt: skip
+
+
+def _final_status(cancelled: bool, summaries: list[Any]) -> tuple[StudyStatus, str | None]:
+    """A finished study's status and error: cancelled, or what its arms' rows say
+    (`worker.summary.study_outcome`: completed, completed_with_errors or failed)."""
+    from worker.summary import study_outcome
+
+    status, error = study_outcome(summaries)
+    return (StudyStatus.CANCELLED if cancelled else StudyStatus(status)), error
+
+
+def _ping(engine: sa.Engine) -> None:
+    with engine.connect() as conn:
+        conn.execute(sa.text("SELECT 1"))
 
 
 def _store_arm_results(session: Any, study: StudyRecord, spec: Any, summaries: list[Any]) -> None:

@@ -7,6 +7,8 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from worker.report.stats import MIN_SEEDS_TO_TELL
+
 T = TypeVar("T")
 
 
@@ -36,6 +38,10 @@ class StudyOut(BaseModel):
         "budget, best so far",
     )
     spec: dict[str, Any]
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="e.g. an arm whose best rate lies at an edge of its searched range",
+    )
 
 
 class SubmittedStudy(BaseModel):
@@ -43,6 +49,10 @@ class SubmittedStudy(BaseModel):
     status: str
     created: bool = Field(description="false when an Idempotency-Key matched an earlier study")
     location: str
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="what the study will run but not be able to tell, e.g. too few final seeds",
+    )
 
 
 class TrialOut(BaseModel):
@@ -70,6 +80,26 @@ class ArmRow(BaseModel):
     test_mean: float | None
     n_trials: int
     n_diverged: int
+    n_seeds: int = Field(0, description="final seeds with a value")
+    confidence: float = Field(0.95, description="level of the interval and of Welch's test")
+    interval_low: float | None = Field(
+        None, description="Student-t interval of the seeds' mean, clipped to the metric's range"
+    )
+    interval_high: float | None = None
+    ties: list[str] = Field(
+        default_factory=list,
+        description="arms Welch's test cannot separate from this one, each side with enough "
+        "seeds for the test to have power",
+    )
+    too_few_seeds_to_tell: list[str] = Field(
+        default_factory=list,
+        description="arms the test cannot separate from this one because either has fewer "
+        f"than {MIN_SEEDS_TO_TELL} final seeds: no evidence either way",
+    )
+    status: str = Field(
+        "ok", description="'failed': every sweep trial or every final seed failed; no result"
+    )
+    error: str | None = Field(None, description="a failed arm's first error")
     summary: dict[str, Any]
 
 

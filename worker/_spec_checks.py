@@ -1,5 +1,6 @@
 """The checks of a study spec that span fields: arms against their schemes' hyperparameters,
-the data and model options against the task, model sizes against the limits; arm labels.
+the data and model options against the task, model sizes against the limits, each scheme
+against the model it trains (built on the meta device, as a trial would build it); arm labels.
 
 Each check returns `(loc, message, value)` problems so that `StudySpec` reports them all at once,
 each under its own field path.
@@ -7,13 +8,14 @@ each under its own field path.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 from typing import TYPE_CHECKING, Any
 
 import optim
 from worker.tasks import get_task
-from worker.tasks.models import count_parameters
+from worker.tasks.models import build_model, count_parameters
 
 if TYPE_CHECKING:
     from worker.spec import ArmSpec, ModelOptions, SearchDimension, StudySpec
@@ -229,6 +231,71 @@ def _check_model(spec: StudySpec, options: ModelOptions) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=512)
+def _build_error(
+    scheme: str,
+    hyperparameters: tuple[tuple[str, Any], ...],
+    model: str,
+    input_shape: tuple[int, ...],
+    n_classes: int,
+    options: tuple[int | None, int | None, str, bool],
+) -> str | None:
+    """Why `optim.build` refuses this scheme on this model, or None. The model is the one a
+    trial builds (same shape and sizes), made on the meta device: nothing is allocated."""
+    import torch
+
+    width, depth, activation, transformed = options
+    with torch.device("meta"):
+        net = build_model(
+            model,
+            input_shape,
+            n_classes,
+            width=width,
+            depth=depth,
+            activation=activation,
+            transformed=transformed,
+        )
+        try:
+            optim.build(scheme, net, **dict(hyperparameters))
+        except ValueError as exc:  # optim's errors: "<scheme>: <what>"
+            return _strip(scheme, "", str(exc))
+    return None
+
+
+def _probe_values(arm: ArmSpec, space: dict[str, SearchDimension]) -> dict[str, Any]:
+    """The arm's fixed values, and each searched hyperparameter at its top (a range's high,
+    a list's last value), where a combination like nesterov without momentum shows."""
+    values: dict[str, Any] = dict(arm.fixed)
+    for name, dim in space.items():
+        if name not in values:
+            values[name] = dim.values[-1] if dim.values is not None else dim.high
+    return values
+
+
+def _check_build(spec: StudySpec, index: int, arm: ArmSpec) -> Problem | None:
+    """An optuna arm whose scheme cannot be built on the task's model (bmp_exact on a
+    convolutional or residual network), or not with its fixed values: refused now rather
+    than failing every trial."""
+    task, options = get_task(spec.task), spec.arm_model(arm)
+    data = spec.data.model_dump()
+    model = (
+        task.model.name,
+        task.input_shape(data),
+        task.n_classes(data),
+        (options.width, options.depth, options.activation, options.transformed),
+    )
+    reason = _build_error(arm.optimizer, (), *model)
+    if reason is not None:
+        kind = f"transformed {task.model.name}" if options.transformed else task.model.name
+        message = f"{arm.optimizer} cannot train the {kind} of {spec.task}: {reason}"
+        return (("arms", index, "optimizer"), message, arm.optimizer)
+    values = _probe_values(arm, spec.arm_search_space(arm))
+    reason = _build_error(arm.optimizer, tuple(sorted(values.items())), *model)
+    if reason is not None:
+        return (("arms", index, "fixed" if arm.fixed else "search_space"), reason, None)
+    return None
+
+
 def _check_data(spec: StudySpec) -> list[Problem]:
     from worker.spec import MAX_SYNTHETIC_VALUES
 
@@ -272,6 +339,10 @@ def check_spec(spec: StudySpec) -> list[Problem]:
             problem = _check_model(spec, spec.arm_model(arm))
             if problem and problem not in seen:
                 problems.append((("arms", index, "model"), problem, None))
+    if not problems:  # the scheme on the model, once the arms and the models are valid
+        for index, arm in enumerate(spec.arms):
+            if arm.tuner == "optuna" and (refused := _check_build(spec, index, arm)):
+                problems.append(refused)
     labels: dict[str, int] = {}
     for index, arm in enumerate(spec.arms):
         if arm.label is not None:
@@ -286,6 +357,8 @@ def check_spec(spec: StudySpec) -> list[Problem]:
 
 def _derived_label(spec: StudySpec, arm: ArmSpec) -> str:
     parts = [arm.optimizer]
+    if arm.optimizer == "bmp" and arm.fixed.get("propagate") is False:
+        parts = ["bmp-local"]  # its own leaderboard row: never pooled with propagating bmp
     for name, value in arm.model.model_dump(exclude_none=True).items():
         if getattr(spec.model, name) == value:
             continue

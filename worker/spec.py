@@ -25,10 +25,20 @@ Choices:
   `sgd` scheme, the ReLU `mlp` model on vector features and the `val_loss` objective (what the
   tuner minimises); its options are the arm's `hypergradient` object (`HypergradientOptions`),
   bounded by the `MAX_HYPERGRAD_*` constants so that a run's memory stays bounded.
+- Types are strict: a number given as a string (`"epochs": "3"`) or a boolean (`true`) is
+  refused rather than coerced, and NaN, ±Infinity (and numbers that overflow to it, `1e400`)
+  are refused wherever a number may appear. Every string, and every key, is checked for NUL
+  bytes and lone surrogates before anything else: neither can be stored in PostgreSQL's JSON
+  nor encoded as UTF-8, so they are refused at the edge with their field path.
+- `StudySpec.estimated_steps` is the study's cost in optimizer steps, arms × (trials + final
+  seeds) × epochs × steps per epoch (one pass over the training split when
+  `budget.steps_per_epoch` is unset); the service refuses a spec whose estimate exceeds its
+  configured maximum. The spec itself only bounds each factor (the `MAX_*` constants).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -64,6 +74,7 @@ __all__ = [
     "SearchDimension",
     "StudySpec",
     "format_errors",
+    "raw_input_problems",
 ]
 
 MAX_ARMS = 16
@@ -93,25 +104,53 @@ MAX_HYPERGRAD_PARAMETERS = 100_000
 LABEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+=-]{0,63}$"
 
 
+def _enum(schema: dict[str, Any], kind: Literal["schemes", "tasks"]) -> None:
+    """List the known names in the JSON schema (the OpenAPI document), so that clients and
+    generated requests see them. Called only when a schema is built: importing the registries
+    costs torch's import, which validating a spec does not need until it names a scheme."""
+    if kind == "schemes":
+        import optim
+
+        schema["enum"] = list(optim.SCHEMES)
+    else:
+        from worker.tasks import TASKS
+
+        schema["enum"] = list(TASKS)
+
+
 def spec_error(message: str) -> PydanticCustomError:
     """A validation error whose message is shown unchanged (no "Value error, " prefix)."""
     return PydanticCustomError("spec", "{message}", {"message": message})
 
 
+_MODEL_CONFIG = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _MODEL_CONFIG
 
 
 class SearchDimension(_Strict):
-    """One searched hyperparameter: a range (`low`, `high`, `log`) or a list of `values`."""
+    """One searched hyperparameter: a range (`low`, `high`, `log`), a list of `values`, or the
+    string `"auto"`: each arm's scheme's registered sweep range (`optim.SCHEMES`)."""
 
     low: float | None = None
     high: float | None = None
     log: bool = False
     values: list[bool | int | float] | None = Field(None, min_length=1, max_length=100)
+    auto: bool = Field(False, description='"auto": the range registered for the arm\'s scheme')
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_auto(cls, data: Any) -> Any:
+        return {"auto": True} if data == "auto" else data
 
     @model_validator(mode="after")
     def _range(self) -> SearchDimension:
+        if self.auto:
+            if self.low is not None or self.high is not None or self.values is not None:
+                raise spec_error('"auto" takes the scheme\'s range; give no low/high/values')
+            return self
         if self.values is not None:
             if self.low is not None or self.high is not None:
                 raise spec_error("give either values or low/high, not both")
@@ -123,6 +162,21 @@ class SearchDimension(_Strict):
         if self.log and self.low <= 0:
             raise spec_error(f"a log scale needs low > 0, got {self.low:g}")
         return self
+
+    def for_scheme(self, scheme: str, name: str) -> SearchDimension:
+        """This dimension for an arm of `scheme`: `"auto"` becomes the scheme's registered
+        range for `name` (its valid range when none is registered; both values of a flag)."""
+        import optim
+
+        if not self.auto or name not in {h.name for h in optim.SCHEMES[scheme].hyperparameters}:
+            return self
+        hp = optim.SCHEMES[scheme].hyperparameter(name)
+        if hp.type == "bool":
+            return SearchDimension(values=[False, True])
+        low, high = hp.search or (hp.low, hp.high)
+        if low is None or high is None:
+            return self
+        return SearchDimension(low=low, high=high, log=hp.log)
 
 
 class DataOptions(_Strict):
@@ -222,7 +276,10 @@ class ArmSpec(_Strict):
     `optim.hypergrad` (options in `hypergradient`; see the module docstring for what it needs).
     """
 
-    optimizer: str = Field(description="a key of optim.SCHEMES (GET /api/v1/schemes)")
+    optimizer: str = Field(
+        description="a key of optim.SCHEMES (GET /api/v1/schemes)",
+        json_schema_extra=lambda schema: _enum(schema, "schemes"),
+    )
     label: str | None = Field(None, pattern=LABEL_PATTERN, description="unique; default derived")
     fixed: dict[str, bool | int | float] = Field(default_factory=dict)
     search_space: dict[str, SearchDimension] | None = Field(
@@ -257,7 +314,7 @@ class Budget(_Strict):
     steps_per_epoch: int | None = Field(
         None, ge=1, le=MAX_STEPS_PER_EPOCH, description="default: one pass over the train split"
     )
-    final_seeds: int = Field(3, ge=1, le=MAX_FINAL_SEEDS)
+    final_seeds: int = Field(5, ge=1, le=MAX_FINAL_SEEDS)
 
 
 class _Named(_Strict):
@@ -367,10 +424,13 @@ def _default_search_space() -> dict[str, SearchDimension]:
 class StudySpec(_Strict):
     """A learning-rate scheme comparison on one task (see the module docstring)."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_EXAMPLE]})
+    model_config = ConfigDict(**_MODEL_CONFIG, json_schema_extra={"examples": [_EXAMPLE]})
 
     name: str = Field(min_length=1, max_length=200)
-    task: str = Field(description="<dataset>-<model>, e.g. mnist1d-mlp (GET /api/v1/tasks)")
+    task: str = Field(
+        description="<dataset>-<model>, e.g. mnist1d-mlp (GET /api/v1/tasks)",
+        json_schema_extra=lambda schema: _enum(schema, "tasks"),
+    )
     seed: int = Field(0, ge=0, le=2**31 - 1, description="sweep seed; final seeds follow it")
     data: DataOptions = Field(default_factory=DataOptions)
     model: ModelOptions = Field(default_factory=ModelOptions)
@@ -381,6 +441,20 @@ class StudySpec(_Strict):
     pruner: PrunerSpec = Field(default_factory=PrunerSpec)
     objective: Objective = Field(default_factory=Objective)
     resources: Resources = Field(default_factory=Resources)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _storable(cls, data: Any) -> Any:
+        problems = raw_input_problems(data)
+        if problems:
+            raise ValidationError.from_exception_data(
+                "StudySpec",
+                [
+                    InitErrorDetails(type=spec_error(message), loc=loc, input=None)
+                    for loc, message in problems
+                ],
+            )
+        return data
 
     @field_validator("task")
     @classmethod
@@ -412,8 +486,10 @@ class StudySpec(_Strict):
         return self.model.model_copy(update=arm.model.model_dump(exclude_none=True))
 
     def arm_search_space(self, arm: ArmSpec) -> dict[str, SearchDimension]:
-        """The arm's effective search space: the study's, with the arm's entries replacing."""
-        return {**self.search_space, **(arm.search_space or {})}
+        """The arm's effective search space: the study's, with the arm's entries replacing, and
+        `"auto"` ranges resolved for the arm's scheme."""
+        space = {**self.search_space, **(arm.search_space or {})}
+        return {name: dim.for_scheme(arm.optimizer, name) for name, dim in space.items()}
 
     def arm_hypergradient_steps(self, arm: ArmSpec) -> int | None:
         """T of a hypergradient arm: its own `steps`, else as long as the other arms train
@@ -428,6 +504,80 @@ class StudySpec(_Strict):
     @property
     def labels(self) -> list[str]:
         return [str(arm.label) for arm in self.arms]
+
+    def steps_per_epoch(self) -> int:
+        """`budget.steps_per_epoch`, else one pass over the training split (as the runner)."""
+        if self.budget.steps_per_epoch is not None:
+            return self.budget.steps_per_epoch
+        return max(1, _train_examples(self.task, self.data) // self.data.batch_size)
+
+    def estimated_steps(self) -> int:
+        """Optimizer steps the whole study may take: per arm, (trials + final seeds) runs of
+        epochs × steps per epoch (a hypergradient arm's runs are its `steps` long)."""
+        runs = self.budget.trials_per_arm + self.budget.final_seeds
+        default = self.budget.epochs * self.steps_per_epoch()
+        total = 0
+        for arm in self.arms:
+            steps = self.arm_hypergradient_steps(arm) if arm.tuner == "hypergradient" else None
+            total += runs * (steps or default)
+        return total
+
+
+# Training pools before the validation split (worker/tasks/datasets.py describes each dataset).
+_TRAIN_POOL = {"mnist1d": 4000, "digits": 1797 - 1797 // 5, "cifar10": 50_000, "cifar100": 50_000}
+
+
+def _train_examples(task: str, data: DataOptions) -> int:
+    """Examples in the training split, as `worker.tasks` will cut it."""
+    from worker.tasks import get_task
+    from worker.tasks.datasets import SYNTHETIC_EXAMPLES
+
+    dataset = get_task(task).dataset.name
+    if dataset == "synthetic":
+        n = data.n_examples or SYNTHETIC_EXAMPLES
+        pool = n - n // 5
+    else:
+        pool = _TRAIN_POOL.get(dataset, max(_TRAIN_POOL.values()))  # a new dataset: the largest
+    n_val = data.n_val or max(1, round(data.val_fraction * pool))
+    train = max(1, pool - n_val)
+    return min(train, data.n_train) if data.n_train else train
+
+
+def _string_problem(text: str) -> str | None:
+    if "\x00" in text:
+        return "must not contain a NUL byte (\\u0000)"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "must be valid Unicode: it contains a lone surrogate (\\ud800-\\udfff)"
+    return None
+
+
+def raw_input_problems(
+    data: Any, loc: tuple[str | int, ...] = ()
+) -> list[tuple[tuple[str | int, ...], str]]:
+    """`(loc, message)` for every string or key in parsed JSON that no database can store (NUL
+    bytes, lone surrogates) and every non-finite number; a key's own problem is reported at
+    the key's location, written with its bad characters escaped."""
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    if isinstance(data, str):
+        if (problem := _string_problem(data)) is not None:
+            problems.append((loc, problem))
+    elif isinstance(data, float):
+        if not math.isfinite(data):
+            problems.append((loc, f"must be a finite number, got {data!r}"))
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            name = str(key)
+            if (problem := _string_problem(name)) is not None:
+                escaped = name.encode("utf-8", "backslashreplace").decode().replace("\x00", "\\x00")
+                problems.append(((*loc, escaped), f"key {problem}"))
+                continue
+            problems.extend(raw_input_problems(value, (*loc, name)))
+    elif isinstance(data, list | tuple):
+        for index, value in enumerate(data):
+            problems.extend(raw_input_problems(value, (*loc, index)))
+    return problems
 
 
 def format_errors(error: ValidationError) -> list[str]:

@@ -8,15 +8,16 @@ from typing import Any
 from fastapi import APIRouter
 
 import optim
-from service.api.auth import ReadAccess
+from service.api.deps import ReadDb
 from worker.tasks import describe_tasks
 
 router = APIRouter(tags=["catalog"])
 
 
 @router.get("/schemes")
-def list_schemes(_: ReadAccess) -> list[dict[str, Any]]:
+async def list_schemes(db: ReadDb) -> list[dict[str, Any]]:
     """Every scheme with its hyperparameters: type, default, valid range, usual sweep scale."""
+    await db.authorize()
     return [
         {
             "name": s.name,
@@ -30,6 +31,7 @@ def list_schemes(_: ReadAccess) -> list[dict[str, Any]]:
 
 
 @router.get("/tasks")
-def list_tasks(_: ReadAccess) -> list[dict[str, Any]]:
+async def list_tasks(db: ReadDb) -> list[dict[str, Any]]:
     """Every task (dataset × model) with its options."""
+    await db.authorize()
     return describe_tasks()

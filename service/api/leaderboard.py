@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, HTTPException, Query, Response, status
-from pydantic import BaseModel
+from fastapi import APIRouter, HTTPException, Query, Request, Response, status
+from pydantic import BaseModel, Field
 
-from service.api.auth import ReadAccess
-from service.api.deps import SessionDep
+from service.api.deps import ReadDb, Tx, in_thread
 from service.leaderboards import task_board, task_scores
 from service.schemas import TaskLeaderboard
 from worker.report import plots
@@ -21,9 +20,8 @@ TAUS = [1.0 + 0.01 * i for i in range(0, 51)]
 
 
 @router.get("/leaderboard", response_model=TaskLeaderboard, responses={404: {}})
-def task_leaderboard(
-    session: SessionDep,
-    _: ReadAccess,
+async def task_leaderboard(
+    db: ReadDb,
     task: Annotated[str, Query(description="task name, e.g. mnist1d-mlp")],
     metric: Annotated[
         str | None, Query(description="objective metric (default: most used)")
@@ -31,7 +29,7 @@ def task_leaderboard(
 ) -> TaskLeaderboard:
     """Per arm: mean over studies of the final-seed mean, the best study's value and rate,
     trial and divergence counts. Cost grows with studies, not trials."""
-    board = task_board(session, task, metric)
+    board = await db.run(lambda tx: task_board(tx.session, task, metric))
     if board is None:
         detail = f"no completed study on task {task!r}" + (f" with {metric!r}" if metric else "")
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=detail)
@@ -39,27 +37,37 @@ def task_leaderboard(
 
 
 class Profile(BaseModel):
-    taus: list[float]
-    tasks: dict[str, str]  # task -> metric used
-    schemes: dict[str, list[float]]  # arm -> fraction of tasks within τ of the best
+    taus: list[float] = Field(description="τ = 1 + relative gap to the task's best arm")
+    tasks: dict[str, str] = Field(description="task -> the metric its scores are on")
+    schemes: dict[str, list[float]] = Field(
+        description="arm -> per τ, the fraction of the tasks it was run on where it is within τ"
+    )
+    ran: dict[str, list[str]] = Field(description="arm -> the tasks it was run on")
+    not_run: dict[str, list[str]] = Field(
+        description="arm -> the tasks it was not run on (left out of its fractions, not 0)"
+    )
 
 
-def _profile(session: SessionDep) -> Profile:
-    scores = task_scores(session)
+def _profile(tx: Tx) -> Profile:
+    scores = task_scores(tx.session)
     results = {task: s.arms for task, s in scores.items()}
     maximize = {task: s.maximize for task, s in scores.items()}
+    profile = performance_profile(results, maximize, TAUS)
     return Profile(
-        taus=TAUS,
+        taus=profile.taus,
         tasks={task: s.metric for task, s in scores.items()},
-        schemes=performance_profile(results, maximize, TAUS),
+        schemes=profile.rho,
+        ran=profile.ran,
+        not_run=profile.not_run,
     )
 
 
 @router.get("/leaderboard/profile", response_model=Profile)
-def profile_data(session: SessionDep, _: ReadAccess) -> Profile:
-    """Performance profile (Dolan & Moré): for each arm, the fraction of tasks on which its
-    mean objective is within a factor τ of the best arm's."""
-    return _profile(session)
+async def profile_data(db: ReadDb) -> Profile:
+    """Performance profile (after Dolan & Moré) on the relative gap to each task's best arm:
+    for each arm, the fraction of the tasks it was run on where its mean objective is within
+    τ = 1 + gap of the best (defined for scores of 0 and below; see `worker.report.stats`)."""
+    return await db.run(_profile)
 
 
 @router.get(
@@ -68,7 +76,8 @@ def profile_data(session: SessionDep, _: ReadAccess) -> Profile:
     responses={200: {"content": {"image/png": {}, "image/svg+xml": {}}}},
     name="profile_plot",
 )
-def profile_plot(fmt: Literal["png", "svg"], session: SessionDep, _: ReadAccess) -> Response:
-    data = _profile(session)
-    content = plots.profile(data.schemes, data.taus, fmt)
+async def profile_plot(fmt: Literal["png", "svg"], db: ReadDb, request: Request) -> Response:
+    data = await db.run(_profile)
+    content = await in_thread(request, "heavy", plots.profile, data.schemes, data.taus, fmt,
+                              ran=data.ran, n_tasks=len(data.tasks))  # fmt: skip
     return Response(content, media_type=plots.FORMATS[fmt])

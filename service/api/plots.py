@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import APIRouter, HTTPException, Response, status
+from fastapi import APIRouter, HTTPException, Request, Response, status
 
-from service.api.auth import ReadAccess
-from service.api.deps import SessionDep, SettingsDep
-from service.models import StudyRecord
-from service.plots import FORMATS, study_plot
+from service.api.deps import ReadDb, Tx, in_thread
+from service.plots import FORMATS, PlotSource, plot_source, study_plot
 
 router = APIRouter(prefix="/studies", tags=["plots"])
 
@@ -22,18 +20,23 @@ PlotFormat = Literal["png", "svg"]
     response_class=Response,
     responses={200: {"content": {"image/png": {}, "image/svg+xml": {}}}, 404: {}},
 )
-def get_plot(
-    study_id: str,
-    kind: PlotKind,
-    fmt: PlotFormat,
-    session: SessionDep,
-    settings: SettingsDep,
-    _: ReadAccess,
+async def get_plot(
+    study_id: str, kind: PlotKind, fmt: PlotFormat, db: ReadDb, request: Request
 ) -> Response:
     """`sensitivity`: objective vs rate per arm (diverged ×, pruned ○, final seeds ◆);
     `curves`: learning curves of the final seeds; `factors`: per-layer factors over training."""
-    study = session.get(StudyRecord, study_id)
-    if study is None:
+    source = await db.run(_source, study_id)
+    # Rendering reads Optuna's storage apart from the request's session, in few threads.
+    settings = db.settings
+    plot = await in_thread(request, "heavy", study_plot, source, kind, fmt,
+                           settings.resolved_database_url(), settings.data_dir)  # fmt: skip
+    # X-Cache: "miss" when this request drew the plot, "hit" when it came from a cache.
+    headers = {"Cache-Control": "max-age=5", "X-Cache": "miss" if plot.rendered else "hit"}
+    return Response(plot.content, media_type=FORMATS[fmt], headers=headers)
+
+
+def _source(tx: Tx, study_id: str) -> PlotSource:
+    source = plot_source(tx.session, study_id)
+    if source is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no study {study_id!r}")
-    content = study_plot(study, kind, fmt, settings.resolved_database_url(), settings.data_dir)
-    return Response(content, media_type=FORMATS[fmt], headers={"Cache-Control": "max-age=5"})
+    return source

@@ -1,27 +1,37 @@
-"""`/studies`: submit, list, follow, cancel, and read a study's trials and leaderboard."""
+"""`/studies`: submit, list, follow, cancel, and read a study's trials and leaderboard.
+
+Each endpoint is `async def` and does all its database work in one function (`_submit`,
+`_list`, …) that `Db.run` calls in a database thread with its own session, the API-key check
+included, committed before the endpoint answers: a client that was told a study exists can
+read it at once.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+from datetime import datetime
+from typing import Annotated, Any
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
+from fastapi.exceptions import RequestValidationError
 
 from service import queue
-from service.api.auth import ReadAccess, WriteKey
-from service.api.deps import SessionDep, SettingsDep
+from service.api.deps import ReadDb, Tx, WriteDb, in_thread
+from service.leaderboards import study_arms
 from service.models import ArmResult, StudyRecord, StudyStatus
-from service.schemas import ArmRow, Page, StudyLeaderboard, StudyOut, SubmittedStudy, TrialOut
+from service.schemas import Page, StudyLeaderboard, StudyOut, SubmittedStudy, TrialOut
+from worker.report.stats import seed_warning
 from worker.spec import StudySpec
+from worker.tasks import DataRoots, check_data_source
 
 router = APIRouter(prefix="/studies", tags=["studies"])
 
 Limit = Annotated[int, Query(ge=1, le=200, description="page size")]
-Offset = Annotated[int, Query(ge=0, description="items to skip")]
+Offset = Annotated[int, Query(ge=0, le=2**63 - 1, description="items to skip")]
 
 
-def _get_study(session: SessionDep, study_id: str) -> StudyRecord:
-    study = session.get(StudyRecord, study_id)
+def _get_study(tx: Tx, study_id: str) -> StudyRecord:
+    study = tx.session.get(StudyRecord, study_id)
     if study is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no study {study_id!r}")
     return study
@@ -33,14 +43,19 @@ def _get_study(session: SessionDep, study_id: str) -> StudyRecord:
     response_model=SubmittedStudy,
     responses={
         401: {"description": "missing or invalid API key"},
+        409: {"description": "the Idempotency-Key was used by this key with another body"},
         413: {"description": "body too large"},
-        422: {"description": "invalid spec; `detail` gives each field path and the problem"},
+        422: {
+            "description": "invalid spec, or over the compute budget; `detail` gives each "
+            "field path and the problem"
+        },
+        429: {"description": "this key has as many queued studies as it may"},
+        503: {"description": "the database is unavailable; retry after `Retry-After` seconds"},
     },
 )
-def submit_study(
+async def submit_study(
     spec: StudySpec,
-    key: WriteKey,
-    session: SessionDep,
+    db: WriteDb,
     request: Request,
     response: Response,
     idempotency_key: Annotated[
@@ -52,39 +67,64 @@ def submit_study(
         ),
     ] = None,
 ) -> SubmittedStudy:
-    """Queue a study. Returns 202 with its id; `Location` points at the study."""
+    """Queue a study. Returns 202 with its id once it is stored; `Location` points at it."""
+    queue.check_budget(spec.estimated_steps(), db.settings.max_study_steps)
+    _check_data_source(spec, db.settings.allowed_data_roots())
+    study_id, study_status, created = await db.run(_submit, spec, idempotency_key)
+    location = str(request.url_for("get_study", study_id=study_id).path)
+    response.headers["Location"] = location
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    warnings = [w for w in (seed_warning(spec.budget.final_seeds),) if w]
+    return SubmittedStudy(
+        id=study_id, status=study_status, created=created, location=location, warnings=warnings
+    )
+
+
+def _check_data_source(spec: StudySpec, roots: DataRoots) -> None:
+    """A 422 at `data.data_dir` unless the task's files are under the data roots (the same
+    refusal whether a path outside them exists or not)."""
+    problem = check_data_source(spec.task, spec.data.data_dir, roots)
+    if problem is not None:
+        error = {"type": "spec", "loc": ("body", "data", "data_dir"), "msg": problem}
+        raise RequestValidationError([error])
+
+
+def _submit(tx: Tx, spec: StudySpec, idempotency_key: str | None) -> tuple[str, str, bool]:
     study, created = queue.submit(
-        session,
+        tx.session,
         spec.model_dump(mode="json"),
         name=spec.name,
         task=spec.task,
         idempotency_key=idempotency_key,
-        api_key_id=key.id,
+        api_key_id=tx.caller.id,
+        limits=queue.KeyLimits(tx.settings.max_queued_per_key, tx.settings.max_running_per_key),
     )
-    location = str(request.url_for("get_study", study_id=study.id).path)
-    response.headers["Location"] = location
-    if not created:
-        response.status_code = status.HTTP_200_OK
-    return SubmittedStudy(id=study.id, status=study.status, created=created, location=location)
+    return study.id, study.status, created
 
 
 @router.get("", response_model=Page[StudyOut])
-def list_studies(
-    session: SessionDep,
-    _: ReadAccess,
+async def list_studies(
+    db: ReadDb,
     limit: Limit = 50,
     offset: Offset = 0,
     status_filter: Annotated[StudyStatus | None, Query(alias="status")] = None,
     task: str | None = None,
 ) -> Page[StudyOut]:
     """Newest first; filter by `status` and `task`."""
+    return await db.run(_list, limit, offset, status_filter, task)
+
+
+def _list(
+    tx: Tx, limit: int, offset: int, status_filter: StudyStatus | None, task: str | None
+) -> Page[StudyOut]:
     query = sa.select(StudyRecord)
     if status_filter is not None:
         query = query.where(StudyRecord.status == status_filter.value)
     if task is not None:
         query = query.where(StudyRecord.task == task)
-    total = session.scalar(sa.select(sa.func.count()).select_from(query.subquery())) or 0
-    rows = session.scalars(
+    total = tx.session.scalar(sa.select(sa.func.count()).select_from(query.subquery())) or 0
+    rows = tx.session.scalars(
         query.order_by(StudyRecord.created_at.desc()).limit(limit).offset(offset)
     )
     items = [StudyOut.model_validate(row) for row in rows]
@@ -92,52 +132,93 @@ def list_studies(
 
 
 @router.get("/{study_id}", response_model=StudyOut, responses={404: {}})
-def get_study(study_id: str, session: SessionDep, _: ReadAccess) -> StudyOut:
+async def get_study(study_id: str, db: ReadDb) -> StudyOut:
     """Status, per-arm progress, timestamps and errors."""
-    return StudyOut.model_validate(_get_study(session, study_id))
+    return await db.run(_get, study_id)
 
 
-@router.post("/{study_id}/cancel", response_model=StudyOut, responses={404: {}, 409: {}})
-def cancel_study(study_id: str, session: SessionDep, _: WriteKey) -> StudyOut:
+def _get(tx: Tx, study_id: str) -> StudyOut:
+    from worker.summary import edge_warnings
+
+    study = StudyOut.model_validate(_get_study(tx, study_id))
+    rows = tx.session.scalars(sa.select(ArmResult.summary).where(ArmResult.study_id == study_id))
+    study.warnings = edge_warnings(list(rows))
+    return study
+
+
+@router.post("/{study_id}/cancel", response_model=StudyOut, responses={403: {}, 404: {}, 409: {}})
+async def cancel_study(study_id: str, db: WriteDb) -> StudyOut:
     """Cancel: a queued study at once; a running one stops its trials promptly and keeps the
-    results so far. Cancelling a finished study is a 409."""
-    study = _get_study(session, study_id)
+    results so far. Only the key that submitted the study, or an admin key, may cancel it
+    (403 otherwise). Cancelling a finished study is a 409."""
+    return await db.run(_cancel, study_id)
+
+
+def _cancel(tx: Tx, study_id: str) -> StudyOut:
+    study = _get_study(tx, study_id)
+    queue.check_owner(study, tx.caller)
     if StudyStatus(study.status).finished:
         raise HTTPException(
             status.HTTP_409_CONFLICT, detail=f"study {study_id} already {study.status}"
         )
-    queue.request_cancel(session, study)
+    queue.request_cancel(tx.session, study)
     return StudyOut.model_validate(study)
 
 
 @router.get("/{study_id}/trials", response_model=Page[TrialOut], responses={404: {}})
-def list_trials(
+async def list_trials(
     study_id: str,
-    session: SessionDep,
-    settings: SettingsDep,
-    _: ReadAccess,
+    db: ReadDb,
+    request: Request,
     limit: Limit = 50,
     offset: Offset = 0,
     arm: str | None = None,
 ) -> Page[TrialOut]:
     """Every trial of every arm (sweep and final seeds), with params, per-epoch metrics and
     state, ordered by arm then trial number."""
+    spec = await db.run(_study_spec, study_id)
+    # Optuna's storage is opened apart from the request's session, in a few threads of its own.
+    return await in_thread(request, "heavy", _trials, db.settings.resolved_database_url(),
+                           study_id, spec, arm, limit, offset)  # fmt: skip
+
+
+def _study_spec(tx: Tx, study_id: str) -> StudySpec:
+    return StudySpec.model_validate(_get_study(tx, study_id).spec)
+
+
+def _trials(
+    url: str, study_id: str, spec: StudySpec, arm: str | None, limit: int, offset: int
+) -> Page[TrialOut]:
     from worker.results import load_trials
 
-    study = _get_study(session, study_id)
-    spec = StudySpec.model_validate(study.spec)
-    trials = load_trials(settings.resolved_database_url(), study.id, spec, arm=arm)
-    items = [TrialOut.model_validate(t.to_dict()) for t in trials[offset : offset + limit]]
+    trials = load_trials(url, study_id, spec, arm=arm)
+    items = [
+        TrialOut.model_validate(_with_offsets(t.to_dict())) for t in trials[offset : offset + limit]
+    ]
     return Page[TrialOut](items=items, total=len(trials), limit=limit, offset=offset)
 
 
+def _with_offsets(trial: dict[str, Any]) -> dict[str, Any]:
+    """Optuna stores naive local times; give them this machine's offset, as the API's
+    other timestamps have theirs."""
+    for field in ("datetime_start", "datetime_complete"):
+        value = trial.get(field)
+        if isinstance(value, datetime) and value.tzinfo is None:
+            trial[field] = value.astimezone()
+    return trial
+
+
 @router.get("/{study_id}/leaderboard", response_model=StudyLeaderboard, responses={404: {}})
-def study_leaderboard(study_id: str, session: SessionDep, _: ReadAccess) -> StudyLeaderboard:
+async def study_leaderboard(study_id: str, db: ReadDb) -> StudyLeaderboard:
     """The study's arms ranked by the mean objective over the final seeds (stored when the
     study ends; empty while it runs)."""
-    study = _get_study(session, study_id)
-    rows = session.scalars(
+    return await db.run(_leaderboard, study_id)
+
+
+def _leaderboard(tx: Tx, study_id: str) -> StudyLeaderboard:
+    study = _get_study(tx, study_id)
+    rows = tx.session.scalars(
         sa.select(ArmResult).where(ArmResult.study_id == study.id).order_by(ArmResult.rank)
     )
-    arms = [ArmRow.model_validate(row, from_attributes=True) for row in rows]
+    arms = study_arms(list(rows))
     return StudyLeaderboard(study_id=study.id, status=study.status, arms=arms)

@@ -12,6 +12,11 @@ def register(subparsers: SubParsers) -> None:
     actions = keys.add_subparsers(dest="action", metavar="ACTION", required=True)
     create = actions.add_parser("create", help="create a key (printed once; only its hash is kept)")
     create.add_argument("--name", required=True, help="who or what the key is for")
+    create.add_argument(
+        "--admin",
+        action="store_true",
+        help="the key may also cancel other keys' studies (default: only its own)",
+    )
     add_database_option(create)
     create.set_defaults(handler=_create)
     listing = actions.add_parser("list", help="list keys (ids, names, prefixes, state)")
@@ -28,7 +33,7 @@ def _create(args: argparse.Namespace) -> int:
 
     with open_database(args) as session:
         try:
-            created = create_key(session, args.name)
+            created = create_key(session, args.name, admin=args.admin)
         except ValueError as exc:
             raise CliError(str(exc)) from None
     print(created.key)
@@ -41,7 +46,8 @@ def _list(args: argparse.Namespace) -> int:
     with open_database(args) as session:
         for row in list_keys(session):
             state = f"revoked {row.revoked_at:%Y-%m-%d}" if row.revoked_at else "active"
-            print(f"{row.id}\t{row.prefix}…\t{row.name}\t{state}")
+            role = "admin" if row.is_admin else "key"
+            print(f"{row.id}\t{row.prefix}…\t{row.name}\t{role}\t{state}")
     return 0
 
 

@@ -39,8 +39,13 @@ def _run(args: argparse.Namespace) -> int:
     address = args.ray_address or settings.ray_address
     cluster.connect(address)
     scheduler = Scheduler(
-        get_engine(url, settings.db_pool_size),
-        SchedulerConfig(storage_url=url, ray_address=address, lease_seconds=settings.lease_seconds),
+        get_engine(url, settings.resolved_pool_size(), settings.db_pool_timeout),
+        SchedulerConfig(
+            storage_url=url,
+            ray_address=address,
+            lease_seconds=settings.lease_seconds,
+            max_running_per_key=settings.max_running_per_key,
+        ),
     )
 
     def stop(_signum: int, _frame: FrameType | None) -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import optuna
 import sqlalchemy as sa
+from alembic.script import ScriptDirectory
 
-from service.db import SQLITE_BUSY_TIMEOUT_MS, VERSION_TABLE, get_engine, migrate
+from service.db import SQLITE_BUSY_TIMEOUT_MS, VERSION_TABLE, _alembic_config, get_engine, migrate
 
 OUR_TABLES = {"ratebench_studies", "ratebench_arm_results", "ratebench_api_keys"}
 
@@ -18,7 +19,8 @@ def test_migrations_create_our_tables_and_are_idempotent(database_url: str) -> N
     assert tables >= OUR_TABLES
     with engine.connect() as conn:
         versions = conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).all()
-    assert [v[0] for v in versions] == ["0001"]
+    head = ScriptDirectory.from_config(_alembic_config(database_url)).get_current_head()
+    assert [v[0] for v in versions] == [head]
 
 
 def test_our_migrations_and_optunas_share_one_database(database_url: str) -> None:

@@ -1,4 +1,5 @@
-"""Fixtures of the worker tests: tiny CIFAR file sets in the real python-pickle layout."""
+"""Fixtures of the worker tests: tiny CIFAR file sets in the real python-pickle layout, in the
+test's temporary folder, which each fixture makes the data root (`RATEBENCH_DATA_ROOTS`)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ def _write_pickle(path: Path, data: dict[bytes, object]) -> None:
 
 
 @pytest.fixture
-def cifar10_dir(tmp_path: Path) -> Path:
+def cifar10_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """`<tmp>/cifar-10-batches-py` as in cifar-10-python.tar.gz: five data batches of 4 images,
     a test batch of 6, and batches.meta."""
+    monkeypatch.setenv("RATEBENCH_DATA_ROOTS", str(tmp_path))
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
     rng = np.random.default_rng(0)
@@ -48,8 +50,9 @@ def cifar10_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def cifar100_dir(tmp_path: Path) -> Path:
+def cifar100_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """`<tmp>/cifar-100-python` as in cifar-100-python.tar.gz: train (10), test (5), meta."""
+    monkeypatch.setenv("RATEBENCH_DATA_ROOTS", str(tmp_path))
     folder = tmp_path / "cifar-100-python"
     folder.mkdir()
     rng = np.random.default_rng(1)

@@ -54,8 +54,8 @@ def test_unknown_scheme_names_the_arm_and_lists_known_schemes() -> None:
 
 
 def test_unknown_task_lists_known_tasks() -> None:
-    errors = _errors(_spec(task="mnist1d-cnn"))
-    assert "unknown task 'mnist1d-cnn'" in errors["task"]
+    errors = _errors(_spec(task="mnist1d-vgg"))
+    assert "unknown task 'mnist1d-vgg'" in errors["task"]
     assert "mnist1d-mlp" in errors["task"]
 
 

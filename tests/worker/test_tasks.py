@@ -16,7 +16,8 @@ from worker.tasks.datasets import load_arrays
 
 def test_registry_pairs_convolutional_models_with_image_datasets_only() -> None:
     assert "mnist1d-mlp" in TASKS and "mnist1d-resnet" in TASKS
-    assert "mnist1d-cnn" not in TASKS and "mnist1d-vgg" not in TASKS
+    assert "mnist1d-vgg" not in TASKS and "mnist1d-cnn1d" not in TASKS
+    assert TASKS["mnist1d-cnn"].model.name == "cnn1d"  # the one 1-D network, mnist1d only
     assert {"digits-cnn", "cifar10-vgg", "cifar100-resnet", "synthetic-cnn"} <= set(TASKS)
     described = {t["name"]: t for t in describe_tasks()}
     assert described["mnist1d-mlp"]["input_shape"] == [40]
@@ -85,9 +86,10 @@ def test_missing_cifar_directory_says_how_to_set_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("RATEBENCH_CIFAR_DIR", raising=False)
+    monkeypatch.setenv("RATEBENCH_DATA_ROOTS", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="RATEBENCH_CIFAR_DIR"):
         load_arrays("cifar10", {})
-    with pytest.raises(FileNotFoundError, match=r"no batches\.meta"):
+    with pytest.raises(FileNotFoundError, match=r"cifar-10-batches-py/batches\.meta"):
         load_arrays("cifar10", {"data_dir": str(tmp_path)})
 
 

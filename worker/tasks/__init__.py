@@ -10,7 +10,6 @@ its `data.input_shape` decides (three dimensions make images).
 from __future__ import annotations
 
 import json
-import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -18,22 +17,34 @@ from typing import Any
 import numpy as np
 import torch
 
-from worker.tasks.datasets import DATASETS, Arrays, DatasetInfo, load_arrays
-from worker.tasks.models import MODELS, ModelInfo, build_model, count_parameters
+from worker.tasks._paths import DataPathError, DataRoots, redact_paths
+from worker.tasks.datasets import (
+    DATASETS,
+    Arrays,
+    DatasetInfo,
+    cifar_folder,
+    load_arrays,
+    locate_cifar,
+)
+from worker.tasks.models import CNN1D, MODELS, ModelInfo, build_model, count_parameters
 
 __all__ = [
     "DATASETS",
     "MODELS",
     "TASKS",
+    "DataPathError",
+    "DataRoots",
     "DatasetInfo",
     "ModelInfo",
     "TaskData",
     "TaskInfo",
     "build_model",
+    "check_data_source",
     "count_parameters",
     "describe_tasks",
     "get_task",
     "load_task_data",
+    "redact_paths",
 ]
 
 
@@ -60,6 +71,8 @@ TASKS: dict[str, TaskInfo] = {
     for m in MODELS.values()
     if d.image or not m.needs_image or d.name == "synthetic"
 }
+# mnist1d's convolutional task: a 1-D network (models.CNN1D) that no other dataset takes
+TASKS["mnist1d-cnn"] = TaskInfo("mnist1d-cnn", DATASETS["mnist1d"], CNN1D)
 
 
 def get_task(name: str) -> TaskInfo:
@@ -68,6 +81,20 @@ def get_task(name: str) -> TaskInfo:
         return TASKS[name]
     except KeyError:
         raise ValueError(f"unknown task {name!r}; known: {', '.join(TASKS)}") from None
+
+
+def check_data_source(task: str, data_dir: str | None, roots: DataRoots) -> str | None:
+    """Why `task` cannot read its data, as a message for `data.data_dir`, or None: for the
+    local-file datasets, a path outside `roots` or missing files (checked when a study is
+    submitted; nothing else is read then)."""
+    dataset = get_task(task).dataset.name
+    if dataset not in ("cifar10", "cifar100"):
+        return None
+    try:
+        locate_cifar(dataset, data_dir, roots)
+    except (DataPathError, FileNotFoundError) as exc:
+        return str(exc)
+    return None
 
 
 def describe_tasks() -> list[dict[str, Any]]:
@@ -156,11 +183,12 @@ def load_task_data(task: str, data: dict[str, Any], device: torch.device | str =
     """The task's splits on `device`, flattened for vector models; cached per process."""
     info = get_task(task)
     source = {k: data.get(k) for k in _SOURCE_KEYS}
-    if info.dataset.name.startswith("cifar"):  # the directory the loader will read, for the key
-        source["data_dir"] = data.get("data_dir") or os.environ.get("RATEBENCH_CIFAR_DIR")
+    keyed = dict(source)
+    if info.dataset.name.startswith("cifar"):  # the folder the loader will read, for the key;
+        keyed["data_dir"] = str(cifar_folder(info.dataset.name, data))  # checked on every call
     split = {k: data.get(k) for k in _SPLIT_KEYS}
     flat = info.flat_input(data)
-    array_key = json.dumps([info.dataset.name, source], sort_keys=True, default=str)
+    array_key = json.dumps([info.dataset.name, keyed], sort_keys=True, default=str)
     tensor_key = json.dumps([array_key, split, flat, str(device)], sort_keys=True, default=str)
 
     def make() -> TaskData:

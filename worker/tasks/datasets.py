@@ -15,10 +15,12 @@ split's statistics (one mean/std for vectors, one per channel for images).
   20% test split (permutation seed 0), pixels scaled to [0, 1] before standardising.
 - `cifar10` / `cifar100`: the python-pickle layout of Krizhevsky's CIFAR archives
   (`data_batch_1..5`, `test_batch`, `batches.meta` with b'data'/b'labels';
-  `train`, `test`, `meta` with b'fine_labels'), read from `data.data_dir` or the environment
-  variable `RATEBENCH_CIFAR_DIR` (the directory itself or its parent holding
-  `cifar-10-batches-py` / `cifar-100-python`). The files are pickles: point this only at files
-  you trust.
+  `train`, `test`, `meta` with b'fine_labels'), read from `data.data_dir` (a folder under the
+  data roots, `worker.tasks._paths`) or else the operator's `RATEBENCH_CIFAR_DIR`: the folder
+  itself or its parent holding `cifar-10-batches-py` / `cifar-100-python`. The files are
+  pickles, written by Python 2's cPickle; they are read with `_CifarUnpickler`, which builds
+  numpy arrays, lists, dicts, strings and numbers and refuses every other global, so a planted
+  file cannot run code.
 - `synthetic`: Gaussian inputs of a chosen shape labelled by a random linear teacher
   (argmax of `x·W`, W Gaussian, seed fixed), for throughput measurements.
 """
@@ -26,6 +28,7 @@ split's statistics (one mean/std for vectors, one per channel for images).
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.metadata
 import json
 import logging
@@ -39,7 +42,17 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DATASETS", "Arrays", "DatasetInfo", "cache_dir", "load_arrays"]
+from worker.tasks._paths import DataPathError, DataRoots
+
+__all__ = [
+    "DATASETS",
+    "Arrays",
+    "DatasetInfo",
+    "cache_dir",
+    "cifar_folder",
+    "load_arrays",
+    "locate_cifar",
+]
 
 log = logging.getLogger(__name__)
 
@@ -119,22 +132,105 @@ def _digits(options: dict[str, Any]) -> Arrays:
     return Arrays(x[train], y[train], x[test], y[test])
 
 
-def _find_cifar_dir(options: dict[str, Any], folder: str, marker: str) -> Path:
-    root = options.get("data_dir") or os.environ.get("RATEBENCH_CIFAR_DIR")
-    if not root:
+@dataclass(frozen=True)
+class _CifarLayout:
+    folder: str  # the archive's folder name
+    files: tuple[str, ...]  # the first one marks the folder
+
+
+_CIFAR = {
+    "cifar10": _CifarLayout(
+        "cifar-10-batches-py",
+        ("batches.meta", *(f"data_batch_{i}" for i in range(1, 6)), "test_batch"),
+    ),
+    "cifar100": _CifarLayout("cifar-100-python", ("meta", "train", "test")),
+}
+
+
+def locate_cifar(dataset: str, data_dir: str | None, roots: DataRoots) -> Path:
+    """The folder holding `dataset`'s files: `data_dir` (checked against `roots`) or the
+    operator's CIFAR folder, itself or its archive subfolder. Raises DataPathError for a path
+    outside the roots and FileNotFoundError (naming the folder, inside the roots) for missing
+    files; messages leave the field (`data.data_dir`) to the caller."""
+    layout = _CIFAR[dataset]
+    if data_dir is not None:
+        base = roots.resolve(data_dir)
+    elif roots.cifar_dir is not None:
+        base = roots.cifar_dir
+    else:
         raise FileNotFoundError(
-            f"data.data_dir: {folder} needs a local copy; set data.data_dir or "
-            "RATEBENCH_CIFAR_DIR to the directory holding it"
+            f"{dataset} needs a local copy of {layout.folder}: set data.data_dir to a folder "
+            f"under the data roots ({roots.describe()}), or the operator sets RATEBENCH_CIFAR_DIR"
         )
-    for candidate in (Path(root), Path(root) / folder):
-        if (candidate / marker).exists():
+    marker = layout.files[0]
+    for candidate in (base, base / layout.folder):
+        if (candidate / marker).is_file():
+            missing = [f for f in layout.files if not (candidate / f).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{candidate} lacks {', '.join(missing)} of {dataset}")
             return candidate
-    raise FileNotFoundError(f"data.data_dir: no {marker} in {root} or {Path(root) / folder}")
+    raise FileNotFoundError(f"no {dataset} ({layout.folder}/{marker}) in {base}")
+
+
+def cifar_folder(dataset: str, options: dict[str, Any]) -> Path:
+    """`locate_cifar` with the roots of this process's environment: the worker checks again,
+    just before reading, whatever the service checked."""
+    try:
+        return locate_cifar(dataset, options.get("data_dir"), DataRoots.from_env())
+    except (DataPathError, FileNotFoundError) as exc:
+        raise type(exc)(f"data.data_dir: {exc}") from None
+
+
+def _checked_dtype(*args: Any) -> np.dtype[Any]:
+    dtype = np.dtype(*args)
+    if dtype.hasobject:  # an object array would unpickle arbitrary objects as its items
+        raise pickle.UnpicklingError(f"refusing a numpy object dtype ({dtype})")
+    return dtype
+
+
+def _numpy_globals() -> dict[tuple[str, str], Any]:
+    # numpy 2's pickles name numpy._core; numpy 1's (and Python 2's, CIFAR's) name numpy.core.
+    try:
+        core = importlib.import_module("numpy._core.multiarray")
+        numeric = importlib.import_module("numpy._core.numeric")
+    except ImportError:  # numpy 1
+        core = importlib.import_module("numpy.core.multiarray")
+        numeric = importlib.import_module("numpy.core.numeric")
+    found: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray}
+    found[("numpy", "dtype")] = _checked_dtype
+    for package in ("numpy.core", "numpy._core"):
+        found[(f"{package}.multiarray", "_reconstruct")] = core._reconstruct
+        found[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer
+    return found
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles what CIFAR files hold (dicts, lists, bytes, numbers, numpy arrays of plain
+    dtypes: the globals `numpy.core.multiarray._reconstruct`, `numpy.ndarray` and `numpy.dtype`
+    in the original Python 2 files, `numpy.core.numeric._frombuffer` in protocol-5 re-pickles)
+    and refuses any other global, before anything is called."""
+
+    allowed = _numpy_globals()
+
+    def __init__(self, file: Any, path: Path) -> None:
+        super().__init__(file, encoding="bytes")
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = self.allowed.get((module, name))
+        if found is None:
+            raise pickle.UnpicklingError(
+                f"refusing to unpickle {module}.{name} from {self.path}: CIFAR files contain "
+                "only numpy arrays and lists"
+            )
+        return found
 
 
 def _unpickle(path: Path) -> dict[bytes, Any]:
     with path.open("rb") as f:
-        data: dict[bytes, Any] = pickle.load(f, encoding="bytes")
+        data = _CifarUnpickler(f, path).load()
+    if not isinstance(data, dict):
+        raise pickle.UnpicklingError(f"{path}: a CIFAR file holds a dict, not {type(data)}")
     return data
 
 
@@ -143,7 +239,7 @@ def _cifar_images(batch: dict[bytes, Any]) -> np.ndarray:
 
 
 def _cifar10(options: dict[str, Any]) -> Arrays:
-    root = _find_cifar_dir(options, "cifar-10-batches-py", "batches.meta")
+    root = cifar_folder("cifar10", options)
     batches = [_unpickle(root / f"data_batch_{i}") for i in range(1, 6)]
     test = _unpickle(root / "test_batch")
     x_train = np.concatenate([_cifar_images(b) for b in batches])
@@ -157,7 +253,7 @@ def _cifar10(options: dict[str, Any]) -> Arrays:
 
 
 def _cifar100(options: dict[str, Any]) -> Arrays:
-    root = _find_cifar_dir(options, "cifar-100-python", "meta")
+    root = cifar_folder("cifar100", options)
     train, test = _unpickle(root / "train"), _unpickle(root / "test")
     return Arrays(
         _cifar_images(train).astype(np.float32) / 255.0,
