@@ -64,14 +64,22 @@ def database_url(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_runtime() -> Iterator[None]:
+def ray_data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The data root (`RATEBENCH_DATA_ROOTS`) of the session's Ray workers: a test that wants
+    its trials to read files (a CIFAR folder) writes them under it."""
+    return tmp_path_factory.mktemp("ray-data-root")
+
+
+@pytest.fixture(scope="session")
+def ray_runtime(ray_data_root: Path) -> Iterator[None]:
     """One local Ray runtime for the whole test session (starting one costs seconds)."""
     import ray
 
     from worker import cluster
 
     if not ray.is_initialized():
-        cluster.connect(None, num_cpus=2, log_to_driver=False)
+        workers_env = {"env_vars": {"RATEBENCH_DATA_ROOTS": str(ray_data_root)}}
+        cluster.connect(None, num_cpus=2, log_to_driver=False, runtime_env=workers_env)
     yield
     ray.shutdown()
 

@@ -10,9 +10,13 @@ derives the same state from storage:
   `trials_per_arm` of them, whatever became of them;
 - a failed trial is retried as a new trial with the same parameters (`retry_of` = its number,
   `attempt` + 1) while `attempt <= resources.max_retries`; a trial the driver itself stopped
-  (`interrupted`) is retried without using up an attempt;
+  (`interrupted`) is retried without using up an attempt; a trial that failed
+  `deterministic`ally (its own code raised: `worker._failures`) is never retried;
 - a trial found RUNNING when a driver starts is stale (the previous driver died): it is failed
   and retried like any failure.
+
+An arm whose trials all failed (the sweep's, or every final seed) is `failed`, with the first
+error its trials recorded (`first_error`).
 """
 
 from __future__ import annotations
@@ -89,7 +93,8 @@ class Job(ABC):
     def record_result(self, result: Any) -> None: ...
 
     @abstractmethod
-    def record_failure(self, error: str, *, interrupted: bool = False) -> None: ...
+    def record_failure(self, error: str, *, interrupted: bool = False, retry: bool = True) -> None:
+        """The task failed; `retry` False: it would fail the same way again (no retry)."""
 
 
 @dataclass
@@ -119,8 +124,8 @@ class Assignment(Job):
     def record_result(self, result: TrialResult) -> None:
         self.arm.record_result(self, result)
 
-    def record_failure(self, error: str, *, interrupted: bool = False) -> None:
-        self.arm.record_failure(self, error, interrupted=interrupted)
+    def record_failure(self, error: str, *, interrupted: bool = False, retry: bool = True) -> None:
+        self.arm.record_failure(self, error, interrupted=interrupted, retry=retry)
 
 
 @dataclass
@@ -175,6 +180,7 @@ class ArmRun:
         self.no_final = False  # the sweep ended without a usable best trial
         self.counts = {SWEEP: Counts(), FINAL: Counts()}
         self.best: FrozenTrial | None = None
+        self.first_error: str | None = None  # of the arm's first failed trial (not interrupted)
         try:
             storage.get_study_id_from_name(final_study_name(study_key, self.label))
             self.final = self._open(FINAL)
@@ -182,9 +188,9 @@ class ArmRun:
             pass
 
     def _sweep_sampler(self) -> optuna.samplers.BaseSampler:
-        """The spec's sampler, seeded past the trials the sweep already has (`worker._optuna`)."""
-        n_before = len(self.sweep.get_trials(deepcopy=False))
-        return make_sampler(self.spec, self.space, self.scheme, self.spec.seed + n_before)
+        """The spec's sampler with the spec's seed: a resumed sweep proposes what an
+        uninterrupted one would (`worker._optuna`)."""
+        return make_sampler(self.spec, self.space, self.scheme, self.spec.seed)
 
     def _open(self, role: str) -> optuna.Study:
         name = (sweep_study_name if role == SWEEP else final_study_name)(self.study_key, self.label)
@@ -235,6 +241,8 @@ class ArmRun:
         self._recount(role, study)
 
     def _retry_ok(self, t: FrozenTrial) -> bool:
+        if t.user_attrs.get("deterministic"):
+            return False
         attempt = int(t.user_attrs.get("attempt", 1))
         return bool(t.user_attrs.get("interrupted")) or attempt <= self.spec.resources.max_retries
 
@@ -264,9 +272,25 @@ class ArmRun:
             if t.state == TrialState.FAIL:
                 c.failed += 1
                 c.exhausted += t.number not in retried and not self._retry_ok(t)
+                self._note_error(t.user_attrs)
         self.counts[role] = c
         if role == SWEEP:
             self.best = best_trial(trials, self.spec.objective.maximize)
+
+    def _note_error(self, attrs: dict[str, Any]) -> None:
+        if self.first_error is None and not attrs.get("interrupted") and attrs.get("error"):
+            self.first_error = str(attrs["error"])
+
+    @property
+    def failed(self) -> bool:
+        """Every trial of the sweep, or every final seed, failed: the arm has no result."""
+        if not self.done:
+            return False
+        for role in (SWEEP, FINAL):
+            c = self.counts[role]
+            if c.failed and not (c.complete or c.diverged or c.pruned):
+                return True
+        return False
 
     @property
     def sweep_done(self) -> bool:
@@ -390,21 +414,27 @@ class ArmRun:
         ):
             self.best = frozen
 
-    def record_failure(self, a: Assignment, error: str, *, interrupted: bool = False) -> None:
-        """Fail the trial and enqueue its retry when attempts remain."""
+    def record_failure(
+        self, a: Assignment, error: str, *, interrupted: bool = False, retry: bool = True
+    ) -> None:
+        """Fail the trial and enqueue its retry when attempts remain (never when `retry` is
+        False: a deterministic error)."""
         a.trial.set_user_attr("outcome", "failed")
         a.trial.set_user_attr("error", error[:2000])
         attrs: dict[str, Any] = {"attempt": a.attempt}
         if interrupted:
             a.trial.set_user_attr("interrupted", True)
             attrs["interrupted"] = True
+        elif not retry:
+            a.trial.set_user_attr("deterministic", True)
+        self._note_error({**attrs, "error": error[:2000]})
         if a.role == FINAL:
             attrs["seed"] = a.seed
         study, c = self._study(a.role), self.counts[a.role]
         study.tell(a.trial, state=TrialState.FAIL)
         c.running -= 1
         c.failed += 1
-        if interrupted or a.attempt <= self.spec.resources.max_retries:
+        if interrupted or (retry and a.attempt <= self.spec.resources.max_retries):
             self._enqueue_retry(study, a.params, attrs, a.trial.number)
             c.waiting += 1
         else:

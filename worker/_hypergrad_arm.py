@@ -81,7 +81,7 @@ class TuneJob(Job):
     def record_result(self, result: TuneSummary) -> None:
         self.arm.record_tuned(self, result)
 
-    def record_failure(self, error: str, *, interrupted: bool = False) -> None:
+    def record_failure(self, error: str, *, interrupted: bool = False, retry: bool = True) -> None:
         self.arm.record_tune_failure(self, error, interrupted=interrupted)
 
 

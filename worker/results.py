@@ -15,7 +15,12 @@ sweep first then final seeds, each ordered by trial number. A trial's user attri
 - `steps`, `wall_time` (training and evaluation), `setup_time` (loading data, building the
   model), `n_parameters`, `device`;
 - `pid`, `host`, `started_at` (Unix time): the Ray worker process that ran it;
-- when present: `diverged_at_step`, `error`, `retry_of`, `interrupted`.
+- when present: `diverged_at_step`, `error` (a failed trial's, `<ExceptionType>: <message>`
+  with server paths redacted), `retry_of` (the number of the failed trial this one repeats),
+  `interrupted` (the driver stopped it: a cancel, a shutdown; retried without using up an
+  attempt) and `deterministic` (True: the trial's own code raised, e.g. missing data or a
+  configuration the optimizer refuses, so a retry would fail the same way and none was made;
+  `worker._failures`).
 
 Hypergradient arms (`tuner: "hypergradient"`, `worker._hypergrad_arm`) add `tuner`; a sweep
 trial is one meta-iteration, with `meta_iteration`, `val_loss`, `schedule` (the learned

@@ -27,7 +27,20 @@
   meta-iteration, and a failed or stopped tuning run is a failed trial
   (`worker._hypergrad_arm`); `best_lr` is the best meta-iteration's SGD-equivalent rate.
 
-Arms are ranked by the final mean; arms without one come last in spec order.
+- **status**: `failed` when every sweep trial failed, or every final seed (the arm has no
+  result), with `error`, the first failed trial's (not one the driver interrupted); `ok`
+  otherwise. `study_outcome` turns the rows into the study's status: `completed`,
+  `completed_with_errors` (some arms failed, others have results) or `failed` (every arm);
+- **rate range**: `lr_low`, `lr_high`, the range the sweep searched (its `values`' extremes for
+  a list); `best_lr_at_edge` is `low` or `high` when the best rate lies in the outer tenth of the
+  range (on its scale; an extreme value of a list) and no finished trial tried a rate beyond it:
+  the optimum may lie outside the range;
+- **statistics** of the final seeds (`worker.report.stats`, as the leaderboards show them):
+  `interval_low`, `interval_high` (the mean's `confidence` Student-t interval, clipped to the
+  metric's range), `ties` (arms Welch's test cannot separate from this one) and
+  `too_few_seeds_to_tell` (arms it cannot separate because either has too few seeds).
+
+Arms are ranked by the final mean; arms without one come next, then failed arms, in spec order.
 """
 
 from __future__ import annotations
@@ -45,9 +58,19 @@ from worker.storage import open_storage, study_trials
 if TYPE_CHECKING:
     from optuna.storages import RDBStorage
 
-    from worker.spec import StudySpec
+    from worker.spec import SearchDimension, StudySpec
 
-__all__ = ["ArmSummary", "summarize_arms", "summarize_study"]
+__all__ = [
+    "ArmSummary",
+    "edge_warnings",
+    "lr_edge",
+    "study_outcome",
+    "summarize_arms",
+    "summarize_study",
+]
+
+EDGE_FRACTION = 0.1  # of the searched range, on its scale: "at the edge"
+CONFIDENCE = 0.95  # of the final seeds' interval and of Welch's test
 
 
 @dataclass
@@ -86,6 +109,16 @@ class ArmSummary:
     n_diverged: int = 0
     n_failed: int = 0
     n_running: int = 0
+    status: str = "ok"  # or "failed": every sweep trial, or every final seed, failed
+    error: str | None = None
+    lr_low: float | None = None
+    lr_high: float | None = None
+    best_lr_at_edge: str | None = None  # "low" or "high"
+    confidence: float = CONFIDENCE
+    interval_low: float | None = None
+    interval_high: float | None = None
+    ties: list[str] = field(default_factory=list)
+    too_few_seeds_to_tell: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,6 +161,44 @@ def rate_band(
     return points[low][0], points[high][0]
 
 
+def _first_error(trials: list[FrozenTrial]) -> str | None:
+    for t in sorted(trials, key=lambda t: t.number):
+        attrs = t.user_attrs
+        if t.state == TrialState.FAIL and not attrs.get("interrupted") and attrs.get("error"):
+            return str(attrs["error"])
+    return None
+
+
+def _all_failed(trials: list[FrozenTrial]) -> bool:
+    """Some trials failed and none finished or waits to run."""
+    states = {t.state for t in trials}
+    return TrialState.FAIL in states and states == {TrialState.FAIL}
+
+
+def _lr_range(dim: SearchDimension) -> tuple[float, float, bool]:
+    if dim.values is not None:
+        values = [float(v) for v in dim.values]
+        return min(values), max(values), True
+    assert dim.low is not None and dim.high is not None
+    return dim.low, dim.high, dim.log
+
+
+def lr_edge(dim: SearchDimension, best_lr: float, tried: list[float]) -> str | None:
+    """`low` or `high` when `best_lr` lies at that edge of the range of `dim` (module
+    docstring), else None."""
+    low, high, log = _lr_range(dim)
+    if dim.values is not None:
+        position = 0.0 if best_lr <= low else 1.0 if best_lr >= high else 0.5
+    else:
+        scale = math.log10 if log else float
+        position = (scale(best_lr) - scale(low)) / (scale(high) - scale(low))
+    if position <= EDGE_FRACTION and best_lr <= min(tried, default=best_lr):
+        return "low"
+    if position >= 1 - EDGE_FRACTION and best_lr >= max(tried, default=best_lr):
+        return "high"
+    return None
+
+
 def _reached(t: FrozenTrial, metric: str, target: float, maximize: bool) -> tuple[float, float]:
     for record in t.user_attrs.get("history", []):
         value = record.get(metric)
@@ -156,16 +227,29 @@ def _summarize_arm(
     row.n_failed = sum(t.state == TrialState.FAIL for t in sweep)
     row.n_running = sum(t.state == TrialState.RUNNING for t in sweep)
     row.n_trials = row.n_complete + row.n_diverged + row.n_pruned + row.n_failed
+    if _all_failed(sweep) or _all_failed(final):
+        row.status = "failed"
+    row.error = _first_error(sweep) or _first_error(final)
+    space = spec.arm_search_space(arm) if arm.tuner == "optuna" else {}
+    if "lr" in space:
+        row.lr_low, row.lr_high, _ = _lr_range(space["lr"])
     best = best_trial(sweep, objective.maximize)
     if best is None:
         return row
     row.best_trial, row.best_params, row.best_sweep_value = best.number, best.params, best.value
     row.best_lr = best.user_attrs.get("lr")
-    if arm.tuner == "optuna" and "lr" in spec.arm_search_space(arm):
+    if "lr" in space:
         band = rate_band(sweep, best, objective.maximize, objective.band_tolerance)
         if band is not None:
             row.band_low, row.band_high = band
             row.band_decades = math.log10(band[1] / band[0])
+        tried = [
+            float(t.user_attrs["lr"])
+            for t in sweep
+            if t.state == TrialState.COMPLETE and "lr" in t.user_attrs
+        ]
+        if row.best_lr is not None:
+            row.best_lr_at_edge = lr_edge(space["lr"], float(row.best_lr), tried)
     seeds = [t for t in final if t.state == TrialState.COMPLETE and t.value is not None]
     row.final_values = [float(t.value) for t in seeds]  # type: ignore[arg-type]
     row.n_seeds = len(seeds)
@@ -217,6 +301,7 @@ def summarize_arms(storage: RDBStorage, study_key: str, spec: StudySpec) -> list
     order = sorted(
         range(len(rows)),
         key=lambda i: (
+            rows[i].status == "failed",
             rows[i].objective_mean is None,
             -(rows[i].objective_mean or 0.0) if maximize else (rows[i].objective_mean or 0.0),
             i,
@@ -225,7 +310,55 @@ def summarize_arms(storage: RDBStorage, study_key: str, spec: StudySpec) -> list
     ranked = [rows[i] for i in order]
     for rank, row in enumerate(ranked, start=1):
         row.rank = rank
+    _add_statistics(ranked, spec)
     return ranked
+
+
+def _add_statistics(rows: list[ArmSummary], spec: StudySpec) -> None:
+    """Each arm's interval and the arms it cannot be told apart from (`worker.report.stats`),
+    as the leaderboards show them."""
+    from worker.report.stats import metric_range, rank_arms
+
+    metric = spec.objective.metric
+    seeds = {r.arm: r.final_values for r in rows if r.final_values}
+    ranked = rank_arms(seeds, spec.objective.maximize, CONFIDENCE, metric_range(metric))
+    by_arm = {r.arm: r for r in ranked}
+    for row in rows:
+        stats = by_arm.get(row.arm)
+        if stats is None:
+            continue
+        row.interval_low, row.interval_high = stats.interval.low, stats.interval.high
+        row.ties = list(stats.not_distinguishable_from)
+        row.too_few_seeds_to_tell = list(stats.too_few_seeds_to_tell)
+
+
+def study_outcome(rows: list[ArmSummary]) -> tuple[str, str | None]:
+    """The finished study's status and error from its arms' rows: `completed`, or
+    `completed_with_errors` when some arms failed and others have results, or `failed` when
+    every arm failed; the error names each failed arm and its first error."""
+    failed = [r for r in rows if r.status == "failed"]
+    if not failed:
+        return "completed", None
+    error = "; ".join(f"arm {r.arm} failed: {r.error or 'no trial finished'}" for r in failed)
+    status = "failed" if len(failed) == len(rows) else "completed_with_errors"
+    return status, error[:4000]
+
+
+def edge_warnings(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per arm (a row as `ArmSummary.to_dict()`) whose best rate lies at an edge of
+    the range it searched: the optimum may lie outside it."""
+    lines = []
+    for row in rows:
+        edge, best = row.get("best_lr_at_edge"), row.get("best_lr")
+        if edge is None or best is None:
+            continue
+        low, high = row.get("lr_low"), row.get("lr_high")
+        where = "" if low is None or high is None else f" [{low:.3g}, {high:.3g}]"
+        lines.append(
+            f"arm {row['arm']}: best lr {best:.3g} lies at the {edge} edge of its range{where}; "
+            "the optimum may lie outside it (widen search_space.lr)"
+        )
+    return lines
 
 
 def summarize_study(storage_url: str, study_key: str, spec: StudySpec) -> list[ArmSummary]:

@@ -23,6 +23,21 @@ Storage under concurrency: driver-side ask/tell, not Optuna's gRPC storage proxy
   (`worker._arms`). Retries are new Optuna trials with the same parameters, so they are
   visible in the study; every other trial's result stays as it was.
 
+Retries. A trial is deterministic on its configuration and seed, so what to do with a failure
+depends on who caused it (`worker._failures.classify`):
+- an exception raised by the trial's own code (a dataset that is missing or unreadable, a model
+  or optimizer that cannot be built, a configuration the code refuses) would be raised again
+  by every retry: the trial is recorded once as FAIL with `deterministic` set, and not retried;
+- a worker process or node that died, an object or actor Ray lost, a trial that ran past
+  `resources.trial_timeout_s`, a machine error (out of memory, CUDA, I/O other than a missing
+  file), or a driver that died (its RUNNING trials are failed as stale on resume): the trial is
+  retried as a new trial with the same parameters while `attempt <= resources.max_retries`;
+- a trial the driver itself stopped (`should_stop`, a cancel) is `interrupted` and re-run on
+  resume without using up an attempt.
+An arm all of whose sweep trials, or all of whose final seeds, failed is `failed` with its first
+error; the study then ends `completed_with_errors`, or `failed` when no arm has a result
+(`worker.summary.study_outcome`).
+
 Arms share the trial slots (`resources.max_concurrent_trials`) round-robin, so they progress
 together; an arm's final seeds start as soon as its own sweep has finished.
 
@@ -42,11 +57,14 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
+from worker import cluster
 from worker._arms import FINAL, SWEEP, ArmRun, Job
+from worker._failures import classify
 from worker._hypergrad_arm import HypergradArmRun
 from worker._remote import Mailbox, trial_task
 from worker.storage import open_storage
-from worker.summary import ArmSummary, summarize_arms
+from worker.summary import ArmSummary, study_outcome, summarize_arms
+from worker.tasks import DataRoots, redact_paths
 
 if TYPE_CHECKING:
     from worker.spec import StudySpec
@@ -73,6 +91,8 @@ class ArmProgress:
     final_done: int
     best_value: float | None  # best sweep objective so far (diverged excluded)
     best_lr: float | None
+    status: str = "running"  # "running", "done" or "failed" (every trial failed)
+    error: str | None = None  # the first failed trial's error
 
     @property
     def done(self) -> int:
@@ -104,9 +124,17 @@ class StudyResult:
     stopped: bool  # should_stop() ended the run before every arm had finished
     wall_time: float
 
+    @property
+    def outcome(self) -> tuple[str, str | None]:
+        """`(status, error)`: completed, completed_with_errors or failed (`study_outcome`)."""
+        return study_outcome(self.arms)
+
     def to_dict(self) -> dict[str, Any]:
+        status, error = self.outcome
         return {
             "study_key": self.study_key,
+            "status": status,
+            "error": error,
             "stopped": self.stopped,
             "wall_time": self.wall_time,
             "arms": [a.to_dict() for a in self.arms],
@@ -114,10 +142,7 @@ class StudyResult:
 
 
 def _ensure_ray(address: str | None) -> None:
-    if not ray.is_initialized():
-        ray.init(
-            address=address, include_dashboard=False, log_to_driver=False, configure_logging=False
-        )
+    cluster.connect(address, log_to_driver=False)
 
 
 def _check_resources(spec: StudySpec) -> None:
@@ -171,13 +196,6 @@ def _arm_run(spec: StudySpec, index: int, storage: Any, study_key: str) -> ArmRu
     if spec.arms[index].tuner == "hypergradient":
         return HypergradArmRun(spec, index, storage, study_key)
     return ArmRun(spec, index, storage, study_key)
-
-
-def _describe(exc: Exception) -> str:
-    if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None:
-        return f"{type(exc.cause).__name__}: {exc.cause}"
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: the trial's worker process ended: {first}"
 
 
 class _Driver:
@@ -297,9 +315,10 @@ class _Driver:
         try:
             result = ray.get(ref)
         except ray.exceptions.RayError as exc:
-            error = _describe(exc)
+            failure = classify(exc)  # a deterministic error is not retried
+            error = redact_paths(failure.error, DataRoots.from_env())  # readers see it
             log.warning("trial %s failed (attempt %d): %s", a.key, a.attempt, error)
-            a.record_failure(error)
+            a.record_failure(error, retry=failure.retry)
             return
         a.record_result(result)
 
@@ -351,6 +370,8 @@ class _Driver:
                     final_done=budget.final_seeds if arm.no_final else final.done,
                     best_value=best.value if best is not None else None,
                     best_lr=best.user_attrs.get("lr") if best is not None else None,
+                    status="failed" if arm.failed else "done" if arm.done else "running",
+                    error=arm.first_error,
                 )
             )
         total = len(self.arms) * (budget.trials_per_arm + budget.final_seeds)

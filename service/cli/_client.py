@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from service.cli._common import CliError, SubParsers
 
-FINISHED = {"completed", "failed", "cancelled"}
+FINISHED = {"completed", "completed_with_errors", "failed", "cancelled"}
+_STYLE = {"completed": "green", "completed_with_errors": "yellow", "failed": "red"}
 
 
 def register(subparsers: SubParsers) -> None:
@@ -97,6 +99,8 @@ def _submit(args: argparse.Namespace) -> int:
     headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}
     answer = _request(args, "POST", "/studies", json=spec, headers=headers)
     print(answer["id"])
+    for warning in answer.get("warnings") or []:
+        print(f"warning: {warning}", file=sys.stderr)
     if args.wait:
         return _follow(args, answer["id"])
     return 0
@@ -123,18 +127,22 @@ def _print_status(study: dict[str, Any]) -> None:
     from rich.table import Table
 
     console = Console()
+    style = _STYLE.get(study["status"], "bold")
     console.print(
         f"[bold]{study['name']}[/] {study['id']}  task={study['task']}  "
-        f"status=[bold]{study['status']}[/]"
+        f"status=[bold {style}]{study['status']}[/]"
     )
     if study.get("error"):
         console.print(f"[red]error:[/] {study['error']}")
     arms = (study.get("progress") or {}).get("arms", {})
     if arms:
-        table = Table("arm", "done", "pruned", "diverged", "failed", "running", "budget", "best")
+        table = Table(
+            "arm", "status", "done", "pruned", "diverged", "failed", "running", "budget", "best"
+        )
         for label, arm in arms.items():
             table.add_row(
                 label,
+                arm.get("status", "—"),
                 *(
                     str(arm.get(k, 0))
                     for k in ("complete", "pruned", "diverged", "failed", "running", "budget")
@@ -142,6 +150,11 @@ def _print_status(study: dict[str, Any]) -> None:
                 _fmt(arm.get("best_value")),
             )
         console.print(table)
+        for label, arm in arms.items():
+            if arm.get("status") == "failed":
+                console.print(f"[red]arm {label} failed:[/] {arm.get('error') or '—'}")
+    for warning in study.get("warnings") or []:
+        console.print(f"[yellow]warning:[/] {warning}")
 
 
 def _follow(args: argparse.Namespace, study_id: str) -> int:
@@ -181,7 +194,6 @@ def _fmt(value: Any) -> str:
 
 def _leaderboard(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.table import Table
 
     if args.study:
         board = _request(args, "GET", f"/studies/{args.study}/leaderboard")
@@ -190,19 +202,68 @@ def _leaderboard(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(board, indent=2))
         return 0
+    console = Console()
+    if not console.is_terminal:  # a pipe or file gets the whole table, not 80 columns
+        console = Console(width=160)
+    console.print(_study_table(board) if args.study else _task_table(board))
+    return 0
+
+
+def _interval(row: dict[str, Any]) -> str:
+    low, high = row.get("interval_low"), row.get("interval_high")
+    return "—" if low is None or high is None else f"[{low:.4g}, {high:.4g}]"
+
+
+def _study_table(board: dict[str, Any]) -> Any:
+    """A study's arms with their intervals and what the seeds can and cannot tell apart."""
+    from rich.table import Table
+
     table = Table(
-        "arm", "scheme", "best lr", "objective mean", "± std / best", "trials", "diverged"
-    )
+        "#", "arm", "scheme", "best lr", "mean", "interval", "seeds", "trials", "diverged",
+        "ties", "too few seeds to tell",
+    )  # fmt: skip
     for row in board["arms"]:
-        spread = row.get("objective_std", row.get("objective_best"))
+        failed = (row.get("summary") or {}).get("status") == "failed"
+        table.add_row(
+            str(row["rank"]),
+            f"{row['arm']} [red](failed)[/]" if failed else row["arm"],
+            row["scheme"],
+            _fmt(row["best_lr"]),
+            _fmt(row["objective_mean"]),
+            _interval(row),
+            str(row.get("n_seeds", "—")),
+            str(row["n_trials"]),
+            str(row["n_diverged"]),
+            ", ".join(row.get("ties") or []),
+            ", ".join(row.get("too_few_seeds_to_tell") or []),
+        )
+    arms = board["arms"]
+    level = round(100 * arms[0].get("confidence", 0.95)) if arms else 95
+    table.caption = (
+        f"mean over final seeds, {level}% Student-t interval clipped to the metric's range; "
+        "ties: Welch's test cannot separate the arms; too few seeds to tell: it cannot because "
+        "an arm has too few seeds, no evidence either way"
+    )
+    return table
+
+
+def _task_table(board: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    table = Table(
+        "arm", "scheme", "best lr", "mean of studies", "best study", "studies", "trials",
+        "diverged",
+    )  # fmt: skip
+    for row in board["arms"]:
         table.add_row(
             row["arm"],
             row["scheme"],
             _fmt(row["best_lr"]),
             _fmt(row["objective_mean"]),
-            _fmt(spread),
+            _fmt(row["objective_best"]),
+            str(row["studies"]),
             str(row["n_trials"]),
             str(row["n_diverged"]),
         )
-    Console().print(table)
-    return 0
+    table.caption = f"{board['task']}: {board['metric']} ({board['direction']})"
+    return table

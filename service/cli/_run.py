@@ -47,7 +47,9 @@ def load_spec(path: Path) -> StudySpec:
     """Read and validate a spec file, or raise CliError with one line per problem."""
     from pydantic import ValidationError
 
+    from service.config import get_settings
     from worker.spec import StudySpec, format_errors
+    from worker.tasks import check_data_source
 
     try:
         text = path.read_text()
@@ -58,10 +60,15 @@ def load_spec(path: Path) -> StudySpec:
     except json.JSONDecodeError as exc:
         raise CliError(f"{path}: not valid JSON: {exc.msg} at line {exc.lineno}") from None
     try:
-        return StudySpec.model_validate(data)
+        spec = StudySpec.model_validate(data)
     except ValidationError as exc:
         lines = "\n".join(f"  {line}" for line in format_errors(exc))
         raise CliError(f"{path} is not a valid study spec:\n{lines}") from None
+    roots = get_settings().allowed_data_roots()  # as the service checks a submitted spec
+    problem = check_data_source(spec.task, spec.data.data_dir, roots)
+    if problem is not None:
+        raise CliError(f"{path} is not a valid study spec:\n  data.data_dir: {problem}")
+    return spec
 
 
 def default_study_key(spec: StudySpec) -> str:
@@ -83,36 +90,53 @@ def _pm(mean: float | None, std: float | None) -> str:
 def _table(spec: StudySpec, rows: list[ArmSummary]) -> Any:
     from rich.table import Table
 
+    from worker.report.stats import metric_range, rank_arms
+
     metric = spec.objective.metric
+    seeds = {r.arm: r.final_values for r in rows if r.final_values}
+    stats = {
+        s.arm: s for s in rank_arms(seeds, spec.objective.maximize, bounds=metric_range(metric))
+    }
     table = Table(title=f"{spec.name} — {spec.task}, ranked by {metric} over final seeds")
     for name in (
         "#",
         "arm",
         "best lr",
         f"{metric}",
+        "95% interval",
         "test",
         "steps→target",
         "time→target",
         "band (decades)",
         "trials ok/pruned/diverged/failed",
+        "ties",
+        "too few seeds to tell",
     ):
-        table.add_column(name, justify="left" if name == "arm" else "right")
+        left = name in ("arm", "ties", "too few seeds to tell")
+        table.add_column(name, justify="left" if left else "right")
     for r in rows:
+        ranked = stats.get(r.arm)
+        low, high = (ranked.interval.low, ranked.interval.high) if ranked else (None, None)
         table.add_row(
             str(r.rank),
-            r.arm,
+            f"{r.arm} [red](failed)[/]" if r.status == "failed" else r.arm,
             _fmt(r.best_lr, 3),
             _pm(r.objective_mean, r.objective_std),
+            "-" if low is None or high is None else f"[{low:.4f}, {high:.4f}]",
             _pm(r.test_mean, r.test_std),
             _fmt(r.steps_to_target, 6),
             "-" if r.time_to_target_s is None else f"{r.time_to_target_s:.1f} s",
             _fmt(r.band_decades, 2),
             f"{r.n_complete}/{r.n_pruned}/{r.n_diverged}/{r.n_failed}",
+            ", ".join(ranked.not_distinguishable_from) if ranked else "",
+            ", ".join(ranked.too_few_seeds_to_tell) if ranked else "",
         )
     target = rows[0].target if rows else None
     table.caption = (
         f"target {metric} = {_fmt(target)}; band: rates within "
-        f"{spec.objective.band_tolerance:.0%} of the arm's best"
+        f"{spec.objective.band_tolerance:.0%} of the arm's best; interval clipped to the "
+        "metric's range; ties: Welch's test cannot separate the arms; too few seeds to tell: "
+        "it cannot because an arm has too few seeds, no evidence either way"
     )
     return table
 
@@ -123,6 +147,7 @@ def _run(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from service.config import get_settings
+    from worker.report.stats import seed_warning
     from worker.sweep import Progress as StudyProgress
     from worker.sweep import run_study
 
@@ -135,6 +160,9 @@ def _run(args: argparse.Namespace) -> int:
         err = Console(stderr=True, width=160)
     shown = sa.make_url(url).render_as_string(hide_password=True)
     err.print(f"study [bold]{key}[/bold] in {shown}")
+    few_seeds = seed_warning(spec.budget.final_seeds)
+    if few_seeds:
+        err.print(f"[yellow]warning:[/yellow] {few_seeds}")
     bar = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -176,4 +204,19 @@ def _run(args: argparse.Namespace) -> int:
         if not out.is_terminal:  # a pipe or file gets the whole table, not 80 columns
             out = Console(width=160)
         out.print(_table(spec, result.arms))
-    return 0
+    return _report_outcome(err, result)
+
+
+def _report_outcome(err: Any, result: Any) -> int:
+    """The study's status, failed arms and rate-range warnings on stderr; exit code 1 unless
+    every arm produced results."""
+    from worker.summary import edge_warnings
+
+    status, error = result.outcome
+    style = {"completed": "green", "failed": "red"}.get(status, "yellow")
+    err.print(f"status: [bold {style}]{status}[/]")
+    if error:
+        err.print(f"[red]error:[/] {error}")
+    for warning in edge_warnings([row.to_dict() for row in result.arms]):
+        err.print(f"[yellow]warning:[/yellow] {warning}")
+    return 0 if status == "completed" else 1

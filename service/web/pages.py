@@ -15,16 +15,15 @@ from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
 
-from service.api.auth import ReadAccess
-from service.api.deps import SessionDep
-from service.leaderboards import task_board, task_scores
+from service.api.deps import ReadDb, Tx
+from service.leaderboards import CONFIDENCE, TaskScores, study_arms, task_board, task_scores
 from service.models import ArmResult, StudyRecord, StudyStatus
-from worker.report.stats import rank_arms
+from worker.report.stats import MIN_SEEDS_TO_TELL
+from worker.summary import edge_warnings
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
 STATIC_DIR = Path(__file__).parent / "static"
-CONFIDENCE = 0.95
 REFRESH_SECONDS = 5
 
 
@@ -39,28 +38,38 @@ def fmt(value: Any) -> str:
 templates.env.globals["fmt"] = fmt
 
 
+def _score_cell(scores: dict[str, float | None], arm: str) -> float | str:
+    """An arm's score on a task for the home page: a scheme that was not run on a task must
+    not read as a score of 0, nor one whose every seed failed as a bad score."""
+    if arm not in scores:
+        return "not run"
+    score = scores[arm]
+    return "no score" if score is None else score
+
+
 @router.get("/", response_class=HTMLResponse, name="index")
-def index(request: Request, session: SessionDep, _: ReadAccess) -> HTMLResponse:
-    scores = task_scores(session)
+async def index(request: Request, db: ReadDb) -> HTMLResponse:
+    scores, studies = await db.run(_index_data)
+    arms = sorted({arm for per_task in scores.values() for arm in per_task.arms})
     tasks = []
     for task, per_task in sorted(scores.items()):
-        best = max(per_task.arms.items(), key=lambda kv: kv[1] if per_task.maximize else -kv[1])
+        scored = {arm: v for arm, v in per_task.arms.items() if v is not None}
+        pick = max if per_task.maximize else min
         tasks.append(
             {
                 "task": task,
                 "studies": per_task.studies,
-                "best_arm": best[0],
+                "best_arm": pick(scored, key=scored.__getitem__) if scored else None,
                 "metric": per_task.metric,
+                "scores": [_score_cell(per_task.arms, arm) for arm in arms],
             }
         )
-    studies = session.scalars(
-        sa.select(StudyRecord).order_by(StudyRecord.created_at.desc()).limit(20)
-    ).all()
     return templates.TemplateResponse(
         request,
         "index.html",
         {
             "tasks": tasks,
+            "arms": arms,
             "studies": studies,
             "profile_available": bool(scores),
             "profile_url": request.url_for("profile_plot", fmt="svg").path,
@@ -69,9 +78,16 @@ def index(request: Request, session: SessionDep, _: ReadAccess) -> HTMLResponse:
     )
 
 
+def _index_data(tx: Tx) -> tuple[dict[str, TaskScores], list[StudyRecord]]:
+    studies = tx.session.scalars(
+        sa.select(StudyRecord).order_by(StudyRecord.created_at.desc()).limit(20)
+    ).all()
+    return task_scores(tx.session), list(studies)
+
+
 @router.get("/tasks/{task}", response_class=HTMLResponse, name="task_page")
-def task_page(task: str, request: Request, session: SessionDep, _: ReadAccess) -> HTMLResponse:
-    board = task_board(session, task)
+async def task_page(task: str, request: Request, db: ReadDb) -> HTMLResponse:
+    board = await db.run(lambda tx: task_board(tx.session, task))
     if board is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no completed study on {task!r}")
     studies = max((row.studies for row in board.arms), default=0)
@@ -80,49 +96,10 @@ def task_page(task: str, request: Request, session: SessionDep, _: ReadAccess) -
     )
 
 
-def _ranked(rows: list[ArmResult], maximize: bool) -> list[dict[str, Any]]:
-    by_arm = {row.arm: row for row in rows}
-    seeds = {row.arm: row.summary.get("final_values") or [] for row in rows}
-    ranked = rank_arms({arm: v for arm, v in seeds.items() if v}, maximize, CONFIDENCE)
-    table = [
-        {
-            "rank": r.rank,
-            "arm": r.arm,
-            "scheme": by_arm[r.arm].scheme,
-            "best_lr": by_arm[r.arm].best_lr,
-            "mean": r.interval.mean,
-            "low": r.interval.low,
-            "high": r.interval.high,
-            "test_mean": by_arm[r.arm].test_mean,
-            "n_trials": by_arm[r.arm].n_trials,
-            "n_diverged": by_arm[r.arm].n_diverged,
-            "ties": r.not_distinguishable_from,
-        }
-        for r in ranked
-    ]
-    for row in rows:  # arms without final seeds (e.g. every trial diverged) rank last
-        if not seeds[row.arm]:
-            table.append(
-                {"rank": len(table) + 1, "arm": row.arm, "scheme": row.scheme,
-                 "best_lr": row.best_lr, "mean": None, "low": None, "high": None,
-                 "test_mean": None, "n_trials": row.n_trials, "n_diverged": row.n_diverged,
-                 "ties": []}
-            )  # fmt: skip
-    return table
-
-
 @router.get("/studies/{study_id}", response_class=HTMLResponse, name="study_page")
-def study_page(study_id: str, request: Request, session: SessionDep, _: ReadAccess) -> HTMLResponse:
-    study = session.get(StudyRecord, study_id)
-    if study is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no study {study_id!r}")
-    rows = list(
-        session.scalars(
-            sa.select(ArmResult).where(ArmResult.study_id == study.id).order_by(ArmResult.rank)
-        )
-    )
+async def study_page(study_id: str, request: Request, db: ReadDb) -> HTMLResponse:
+    study, rows = await db.run(_study_rows, study_id)
     objective = study.spec.get("objective", {})
-    maximize = objective.get("direction") == "maximize"
     running = not StudyStatus(study.status).finished
     plots = [
         {"title": title, "url": request.url_for("get_plot", study_id=study.id, kind=kind,
@@ -139,7 +116,9 @@ def study_page(study_id: str, request: Request, session: SessionDep, _: ReadAcce
         {
             "study": study,
             "arms": (study.progress or {}).get("arms", {}),
-            "ranked": _ranked(rows, maximize),
+            "ranked": study_arms(rows, CONFIDENCE),
+            "warnings": edge_warnings([row.summary for row in rows]),
+            "min_seeds": MIN_SEEDS_TO_TELL,
             "metric": objective.get("metric"),
             "direction": objective.get("direction"),
             "confidence_pct": round(CONFIDENCE * 100),
@@ -147,3 +126,13 @@ def study_page(study_id: str, request: Request, session: SessionDep, _: ReadAcce
             "refresh": REFRESH_SECONDS if running else None,
         },
     )
+
+
+def _study_rows(tx: Tx, study_id: str) -> tuple[StudyRecord, list[ArmResult]]:
+    study = tx.session.get(StudyRecord, study_id)
+    if study is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no study {study_id!r}")
+    rows = tx.session.scalars(
+        sa.select(ArmResult).where(ArmResult.study_id == study.id).order_by(ArmResult.rank)
+    )
+    return study, list(rows)

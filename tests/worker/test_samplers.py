@@ -53,5 +53,5 @@ def test_sampler_keeps_to_the_space_and_improves_on_its_start(name: str) -> None
     values = [t.value for t in study.trials if t.value is not None]
     assert len(values) == spec.budget.trials_per_arm
     assert min(values) < 0.25, (name, study.best_params)
-    if name not in {"random", "grid"}:  # model-based: its own proposals beat its start-up ones
-        assert min(values[6:]) <= min(values[:6]), (name, values)
+    if name not in {"random", "grid"}:  # model-based: its own proposals reach the optimum
+        assert min(values[6:]) < 0.1, (name, values)

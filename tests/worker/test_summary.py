@@ -12,7 +12,7 @@ from optuna.trial import TrialState, create_trial
 
 from worker.spec import StudySpec
 from worker.storage import open_storage
-from worker.summary import summarize_study
+from worker.summary import edge_warnings, study_outcome, summarize_study
 
 LR = FloatDistribution(1e-4, 100.0, log=True)
 
@@ -204,3 +204,105 @@ def test_a_diverged_trial_never_wins_even_with_the_best_value(sqlite_url: str) -
     (row,) = summarize_study(sqlite_url, "d", spec)
     assert row.best_lr == 0.1 and row.n_diverged == 1
     assert row.to_dict()["best_sweep_value"] == 0.7
+
+
+def test_the_final_seeds_interval_and_what_they_cannot_tell_apart(url: str) -> None:
+    rows = {r.arm: r.to_dict() for r in summarize_study(url, "k", _spec())}
+    sgd = rows["sgd"]
+    # 0.9 ± t(0.975, 1 dof) · s/√2 = 0.9 ± 12.706 · 0.02, clipped to an accuracy's range
+    assert sgd["interval_low"] == pytest.approx(0.9 - 12.706 * 0.02, abs=1e-3)
+    assert sgd["interval_high"] == 1.0 and sgd["confidence"] == 0.95
+    assert sgd["ties"] == [] and sgd["too_few_seeds_to_tell"] == ["adam"]
+    assert rows["adamw"]["interval_low"] is None and rows["adamw"]["too_few_seeds_to_tell"] == []
+
+
+def _failed(lr: float, error: str) -> optuna.trial.FrozenTrial:
+    return _trial(lr, None, "failed", TrialState.FAIL, error=error, deterministic=True)
+
+
+def test_an_arm_whose_trials_all_failed_is_failed_with_its_first_error_and_ranked_last(
+    sqlite_url: str,
+) -> None:
+    spec = StudySpec.model_validate(
+        {"name": "f", "task": "mnist1d-mlp", "arms": [{"optimizer": "sgd"}, {"optimizer": "adam"}]}
+    )
+    storage = open_storage(sqlite_url)
+    _study(storage, "f/sgd", "maximize", [_failed(0.1, "ValueError: first"), _failed(1, "later")])
+    _study(storage, "f/adam", "maximize", [_trial(0.01, 0.7, "complete")])
+    _study(storage, "f/adam/final", "maximize", [_trial(0.01, 0.6, "complete", seed=1)])
+    storage.engine.dispose()
+
+    rows = summarize_study(sqlite_url, "f", spec)
+    assert [(r.rank, r.arm, r.status) for r in rows] == [(1, "adam", "ok"), (2, "sgd", "failed")]
+    assert rows[1].error == "ValueError: first" and rows[1].objective_mean is None
+    assert study_outcome(rows) == ("completed_with_errors", "arm sgd failed: ValueError: first")
+    assert study_outcome(rows[1:]) == ("failed", "arm sgd failed: ValueError: first")
+    assert study_outcome(rows[:1]) == ("completed", None)
+
+
+def _edge_spec(**lr: Any) -> StudySpec:
+    return StudySpec.model_validate(
+        {
+            "name": "e",
+            "task": "mnist1d-mlp",
+            "arms": [{"optimizer": "sgd"}],
+            "search_space": {"lr": {"log": True, **lr}},
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("values", "edge"),
+    [((0.5, 0.7, 0.9), "high"), ((0.9, 0.7, 0.5), "low"), ((0.5, 0.9, 0.7), None)],
+)
+def test_a_best_rate_at_an_edge_of_its_range_is_flagged(
+    sqlite_url: str, values: tuple[float, float, float], edge: str | None
+) -> None:
+    storage = open_storage(sqlite_url)
+    rates = (0.01, 0.03, 0.1)
+    trials = [_trial(lr, v, "complete") for lr, v in zip(rates, values, strict=True)]
+    _study(storage, "e/sgd", "maximize", trials)
+    storage.engine.dispose()
+
+    (row,) = summarize_study(sqlite_url, "e", _edge_spec(low=0.01, high=0.1))
+    assert (row.lr_low, row.lr_high, row.best_lr_at_edge) == (0.01, 0.1, edge)
+    warnings = edge_warnings([row.to_dict()])
+    if edge is None:
+        assert warnings == []
+    else:
+        best = rates[values.index(0.9)]
+        assert warnings[0].startswith(f"arm sgd: best lr {best:.3g} lies at the {edge} edge")
+
+
+def test_a_best_rate_inside_a_wide_range_is_not_at_its_edge(sqlite_url: str) -> None:
+    """The best rate tried is the highest, but far from the range's top: no warning."""
+    storage = open_storage(sqlite_url)
+    trials = [_trial(0.01, 0.5, "complete"), _trial(0.1, 0.9, "complete")]
+    _study(storage, "e/sgd", "maximize", trials)
+    storage.engine.dispose()
+    (row,) = summarize_study(sqlite_url, "e", _edge_spec(low=0.001, high=100.0))
+    assert row.best_lr == 0.1 and row.best_lr_at_edge is None
+
+
+def test_lr_auto_gives_each_arm_its_schemes_registered_range(sqlite_url: str) -> None:
+    import optim
+
+    data = {
+        "name": "auto",
+        "task": "mnist1d-mlp",
+        "arms": [{"optimizer": "sgd"}, {"optimizer": "adam"}, {"optimizer": "lars"}],
+        "search_space": {"lr": "auto"},
+    }
+    spec = StudySpec.model_validate(data)
+    stored = StudySpec.model_validate(spec.model_dump(mode="json"))  # as the service stores it
+    assert stored == spec
+    rows = {r.arm: r for r in summarize_study(sqlite_url, "auto", stored)}
+    ranges = set()
+    for arm in stored.arms:
+        hp = optim.SCHEMES[arm.optimizer].hyperparameter("lr")
+        assert hp.search is not None
+        dim = stored.arm_search_space(arm)["lr"]
+        assert (dim.low, dim.high, dim.log) == (*hp.search, hp.log)
+        assert (rows[arm.optimizer].lr_low, rows[arm.optimizer].lr_high) == hp.search
+        ranges.add(hp.search)
+    assert len(ranges) == 3  # a range per scheme, not one shared

@@ -251,22 +251,73 @@ def test_the_pruner_stops_a_bad_rate_through_the_driver(ray_runtime: None, sqlit
     assert list(good.intermediate_values) == [1, 2, 3, 4]
 
 
-def test_a_failing_trial_is_retried_up_to_the_limit_and_the_arm_still_ends(
+def test_a_deterministic_error_is_tried_once_and_the_arm_fails(
     ray_runtime: None, sqlite_url: str
 ) -> None:
-    # 8192 examples per batch is more than the digits training split holds: run_trial raises.
+    # 8192 examples per batch is more than the digits training split holds: run_trial raises,
+    # and would raise again on every retry.
     spec = _spec(
         data={"batch_size": 8192, "n_train": None},
         budget={"trials_per_arm": 2},
-        resources={"max_retries": 1},
+        resources={"max_retries": 2},
     )
     result = run_study(spec, sqlite_url, "fails")
     trials = load_trials(sqlite_url, "fails", spec)
-    assert len(trials) == 4 and {t.state for t in trials} == {"FAIL"}  # 2 trials × 2 attempts
-    assert sorted(t.user_attrs["attempt"] for t in trials) == [1, 1, 2, 2]
+    assert len(trials) == 2 and {t.state for t in trials} == {"FAIL"}  # 2 originals, no retry
+    assert all(t.user_attrs["attempt"] == 1 and t.user_attrs["deterministic"] for t in trials)
     assert all("data.batch_size" in t.user_attrs["error"] for t in trials)
     (row,) = result.arms
-    assert (row.n_failed, row.n_seeds, row.best_lr) == (4, 0, None)
+    assert (row.n_failed, row.n_seeds, row.best_lr) == (2, 0, None)
+    assert row.status == "failed" and row.error is not None and "data.batch_size" in row.error
+    status, error = result.outcome
+    assert status == "failed" and error is not None and error.startswith("arm sgd failed: ")
+
+
+@pytest.mark.slow
+def test_a_worker_that_keeps_dying_is_retried_up_to_the_limit(
+    ray_runtime: None, sqlite_url: str
+) -> None:
+    """An infrastructure error is retried: every attempt's worker process is killed, so the
+    trial runs 1 + max_retries times, and then the arm ends (failed, with the first error)."""
+    spec = _spec(
+        budget={"trials_per_arm": 1, "epochs": 3, "steps_per_epoch": 300},
+        resources={"max_retries": 1, "max_concurrent_trials": 1},
+    )
+    killed: list[int] = []
+    done = threading.Event()
+
+    def kill_every_running_trial() -> None:
+        storage = open_storage(sqlite_url)
+        deadline = time.monotonic() + 120
+        try:
+            while not done.is_set() and time.monotonic() < deadline:
+                for t in study_trials(storage, "dying/sgd"):
+                    running = t.state == TrialState.RUNNING and "pid" in t.user_attrs
+                    if running and t.number not in killed:
+                        os.kill(t.user_attrs["pid"], signal.SIGKILL)
+                        killed.append(t.number)
+                time.sleep(0.05)
+        finally:
+            storage.engine.dispose()
+
+    killer = threading.Thread(target=kill_every_running_trial)
+    killer.start()
+    try:
+        result = run_study(spec, sqlite_url, "dying")
+    finally:
+        done.set()
+        killer.join()
+
+    trials = _sweep(load_trials(sqlite_url, "dying", spec))
+    assert killed == [t.number for t in trials]  # every attempt was killed, no third one
+    first, retry = trials
+    assert [first.user_attrs["attempt"], retry.user_attrs["attempt"]] == [1, 2]
+    assert retry.user_attrs["retry_of"] == first.number and retry.params == first.params
+    for t in trials:
+        assert t.state == "FAIL" and "worker process" in t.user_attrs["error"]
+        assert "deterministic" not in t.user_attrs
+    (row,) = result.arms
+    assert row.status == "failed" and row.error == first.user_attrs["error"]
 
 
 @pytest.mark.slow

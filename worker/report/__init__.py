@@ -1,5 +1,23 @@
 """Reading results for people: fair-comparison statistics (and plots)."""
 
-from worker.report.stats import RankedArm, mean_interval, performance_profile, rank_arms
+from worker.report.stats import (
+    MIN_SEEDS_TO_TELL,
+    Profile,
+    RankedArm,
+    mean_interval,
+    metric_range,
+    performance_profile,
+    rank_arms,
+    seed_warning,
+)
 
-__all__ = ["RankedArm", "mean_interval", "performance_profile", "rank_arms"]
+__all__ = [
+    "MIN_SEEDS_TO_TELL",
+    "Profile",
+    "RankedArm",
+    "mean_interval",
+    "metric_range",
+    "performance_profile",
+    "rank_arms",
+    "seed_warning",
+]

@@ -7,21 +7,31 @@
 - `curves`: validation metric per epoch of each arm's final seeds, mean line and min–max band.
 - `factors`: per-layer factors over training of each layer-wise arm's first final seed (the
   sweep's best trial when no final seed exists), one line per parameter, log scale.
-- `profile`: a performance profile ρ_s(τ) across tasks (see `worker.report.stats`).
+- `profile`: a performance profile ρ_s(τ) across tasks (see `worker.report.stats`); each
+  arm's legend says on how many of the tasks it was run.
+
+Matplotlib is not thread-safe: its mathtext parser (log-axis tick labels such as
+`$\\mathdefault{10^{-2}}$`) and font caches are shared module state, and concurrent renders in
+the API's threads failed with `ParseException`. Every public function here therefore draws
+under one process-wide lock (`_MPL_LOCK`), on a `Figure` of its own (never pyplot's global
+figure registry). Renders in one process run one at a time; callers cache the bytes
+(`service.plots`) so that an unchanged plot is not drawn again.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import math
+import threading
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 if TYPE_CHECKING:
@@ -32,6 +42,26 @@ __all__ = ["PLOTS", "curves", "factors", "profile", "render", "sensitivity"]
 
 FORMATS = {"png": "image/png", "svg": "image/svg+xml"}
 
+_MPL_LOCK = threading.RLock()
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _locked(function: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run `function` holding the matplotlib lock (re-entrant: a plot may call another)."""
+
+    @functools.wraps(function)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with _MPL_LOCK:
+            return function(*args, **kwargs)
+
+    return wrapper
+
+
+def _axes(figsize: tuple[float, float]) -> tuple[Figure, Axes]:
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots()
+
 
 def _finish(fig: Figure, fmt: str) -> bytes:
     if fmt not in FORMATS:
@@ -39,7 +69,6 @@ def _finish(fig: Figure, fmt: str) -> bytes:
     buffer = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buffer, format=fmt, dpi=110)
-    plt.close(fig)
     return buffer.getvalue()
 
 
@@ -69,9 +98,10 @@ def _points(
     return points
 
 
+@_locked
 def sensitivity(spec: StudySpec, trials: Sequence[TrialRecord], fmt: str = "png") -> bytes:
     metric = spec.objective.metric
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = _axes((7, 4.2))
     sweep, final = _by_arm(trials, "sweep"), _by_arm(trials, "final")
     finite = [
         t.value for t in trials if t.value is not None and t.outcome in ("complete", "pruned")
@@ -118,9 +148,10 @@ def _history(t: TrialRecord, key: str) -> list[tuple[int, float]]:
     ]
 
 
+@_locked
 def curves(spec: StudySpec, trials: Sequence[TrialRecord], fmt: str = "png") -> bytes:
     metric = spec.objective.metric if spec.objective.metric.startswith("val_") else "val_loss"
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = _axes((7, 4.2))
     final = _by_arm(trials, "final")
     for index, label in enumerate(spec.labels):
         per_epoch: dict[int, list[float]] = defaultdict(list)
@@ -159,13 +190,15 @@ def _factor_trial(label: str, trials: Sequence[TrialRecord], maximize: bool) -> 
     return pick(sweep, key=lambda t: float(t.value or 0.0))
 
 
+@_locked
 def factors(spec: StudySpec, trials: Sequence[TrialRecord], fmt: str = "png") -> bytes:
     labels = [
         label for label in spec.labels
         if any(t.arm == label and t.user_attrs.get("layer_factors") for t in trials)
     ]  # fmt: skip
     rows = max(1, len(labels))
-    fig, axes = plt.subplots(rows, 1, figsize=(7, 3.2 * rows), squeeze=False)
+    fig = Figure(figsize=(7, 3.2 * rows))
+    axes = fig.subplots(rows, 1, squeeze=False)
     if not labels:
         axes[0][0].text(0.5, 0.5, "no layer-wise arm in this study", ha="center", va="center")
         axes[0][0].set_axis_off()
@@ -185,12 +218,24 @@ def factors(spec: StudySpec, trials: Sequence[TrialRecord], fmt: str = "png") ->
     return _finish(fig, fmt)
 
 
-def profile(data: Mapping[str, Sequence[float]], taus: Sequence[float], fmt: str = "png") -> bytes:
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+@_locked
+def profile(
+    data: Mapping[str, Sequence[float]],
+    taus: Sequence[float],
+    fmt: str = "png",
+    ran: Mapping[str, Sequence[str]] | None = None,
+    n_tasks: int | None = None,
+) -> bytes:
+    """ρ_s(τ) per arm; with `ran` and `n_tasks` each legend entry says on how many tasks the
+    arm was run (its fractions are of those tasks only)."""
+    fig, ax = _axes((7, 4.2))
     for index, (scheme, rho) in enumerate(sorted(data.items())):
-        ax.step(taus, rho, where="post", color=f"C{index % 10}", label=scheme)
-    ax.set_xlabel("τ (ratio to the best scheme on a task)")
-    ax.set_ylabel("fraction of tasks within τ")
+        label = scheme
+        if ran is not None and n_tasks is not None:
+            label = f"{scheme} (run on {len(ran.get(scheme, []))} of {n_tasks} tasks)"
+        ax.step(taus, rho, where="post", color=f"C{index % 10}", label=label)
+    ax.set_xlabel("τ = 1 + relative gap to the task's best arm")
+    ax.set_ylabel("fraction of its tasks within τ")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("performance profile across tasks")
     ax.grid(True, alpha=0.3)
@@ -202,6 +247,7 @@ def profile(data: Mapping[str, Sequence[float]], taus: Sequence[float], fmt: str
 PLOTS: dict[str, Any] = {"sensitivity": sensitivity, "curves": curves, "factors": factors}
 
 
+@_locked
 def render(kind: str, spec: StudySpec, trials: Sequence[TrialRecord], fmt: str = "png") -> bytes:
     """One of the study plots (`PLOTS`) as bytes in `fmt` (png or svg)."""
     if kind not in PLOTS:

@@ -1,0 +1,167 @@
+"""Leaderboards that say what their statistics can tell, on real databases (SQLite file and
+PostgreSQL): the performance profile with zero, failed and missing scores, a study's intervals
+and tie flags in JSON, the home page's "not run", warnings for too few seeds, and the CLI's
+table against a real server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.auth import create_key
+from service.config import Settings
+from service.db import session_scope
+from service.models import ArmResult, StudyRecord
+from tests.service.helpers import ServiceProcess, cli_env, embedded_service, ratebench
+
+SPEC: dict[str, Any] = {
+    "name": "leaderboard-test",
+    "task": "mnist1d-mlp",
+    "arms": [{"optimizer": "sgd", "fixed": {"momentum": 0.9}}, {"optimizer": "adam"}],
+    "search_space": {"lr": {"low": 1e-4, "high": 1.0, "log": True}},
+    "budget": {"trials_per_arm": 4, "epochs": 2, "final_seeds": 2},
+}
+# quick.json's final seeds: sgd 0.615 ± 0.012 and bmp 0.533 ± 0.001 over two seeds
+QUICK = {"sgd": [0.60625, 0.62375], "bmp": [0.53246, 0.53374]}
+
+
+def store_study(
+    engine: sa.Engine, study_id: str, task: str, seeds: dict[str, list[float] | None]
+) -> None:
+    """A completed study with one stored arm row per arm ({arm: final seed values}; None: the
+    arm ran and no seed finished)."""
+    with session_scope(engine) as session:
+        session.add(
+            StudyRecord(id=study_id, name=study_id, task=task, spec=SPEC, status="completed")
+        )
+        session.flush()
+        for rank, (arm, values) in enumerate(seeds.items(), start=1):
+            mean = sum(values) / len(values) if values else None
+            session.add(
+                ArmResult(
+                    study_id=study_id, task=task, arm=arm, scheme=arm, metric="val_accuracy",
+                    direction="maximize", rank=rank, best_lr=0.01, objective_mean=mean,
+                    n_trials=4, n_diverged=0, summary={"final_values": values or []},
+                )
+            )  # fmt: skip
+
+
+@pytest.fixture
+def client(database_url: str, tmp_path: Path) -> Iterator[TestClient]:
+    settings = Settings(database_url=database_url, data_dir=tmp_path, anonymous_reads=True)
+    with TestClient(create_app(settings, start_ray=False)) as client:
+        yield client
+
+
+def engine_of(client: TestClient) -> sa.Engine:
+    engine: sa.Engine = client.app.state.engine  # type: ignore[attr-defined]
+    return engine
+
+
+def test_profile_takes_zero_and_failed_scores_and_leaves_out_what_was_not_run(
+    client: TestClient,
+) -> None:
+    engine = engine_of(client)
+    # every final seed of bmp diverged (accuracy 0); lars failed; lars was not run on digits
+    store_study(engine, "a", "mnist1d-mlp", {"sgd": [0.6, 0.6], "bmp": [0.0, 0.0], "lars": None})
+    store_study(engine, "b", "digits-mlp", {"sgd": [0.9, 0.9], "bmp": [0.95, 0.95]})
+    response = client.get("/api/v1/leaderboard/profile")
+    assert response.status_code == 200, response.text
+    profile = response.json()
+    assert profile["taus"][0] == 1.0
+    assert profile["schemes"]["sgd"][0] == 0.5  # wins mnist1d, 5% behind on digits
+    assert profile["schemes"]["bmp"][0] == 0.5  # wins digits; gap 1 on mnist1d
+    assert profile["schemes"]["bmp"][-1] == 0.5  # τ = 1.5 does not reach a gap of 1
+    assert profile["schemes"]["sgd"][-1] == 1.0
+    assert profile["schemes"]["lars"] == [0.0] * len(profile["taus"])  # its only task: failed
+    assert profile["not_run"] == {"bmp": [], "lars": ["digits-mlp"], "sgd": []}
+    assert profile["ran"]["lars"] == ["mnist1d-mlp"]
+    for fmt in ("svg", "png"):
+        plot = client.get(f"/api/v1/leaderboard/profile.{fmt}")
+        assert plot.status_code == 200, plot.text
+    page = client.get("/").text
+    assert "not run" in page  # lars on digits-mlp: a cell that says so, not a 0
+    assert "no score" in page  # lars on mnist1d-mlp ran and has nothing
+
+
+def test_study_leaderboard_json_clips_intervals_and_says_when_seeds_are_too_few(
+    client: TestClient,
+) -> None:
+    store_study(engine_of(client), "q", "mnist1d-mlp", {**QUICK, "adam": [0.83, 0.882]})
+    board = client.get("/api/v1/studies/q/leaderboard").json()
+    rows = {row["arm"]: row for row in board["arms"]}
+    assert [row["arm"] for row in board["arms"]] == ["adam", "sgd", "bmp"]
+    assert rows["adam"]["interval_high"] == 1.0  # t_{0.975,1} = 12.7 would reach 1.187
+    assert 0.0 <= rows["adam"]["interval_low"] < 0.856
+    assert rows["adam"]["n_seeds"] == 2
+    assert rows["sgd"]["ties"] == []  # 2 seeds per arm: no evidence of a tie ...
+    assert "bmp" in rows["sgd"]["too_few_seeds_to_tell"]  # ... nor of a difference
+    assert rows["sgd"]["confidence"] == 0.95
+    page = client.get("/studies/q").text  # the web page shows the same rows
+    assert "too few seeds to tell" in page
+    assert ", 1]" in page  # adam's interval, clipped at an accuracy of 1
+
+
+def test_submit_warns_when_a_spec_asks_for_too_few_seeds(client: TestClient) -> None:
+    with session_scope(engine_of(client)) as session:
+        key = create_key(session, "tests").key
+    headers = {"Authorization": f"Bearer {key}"}
+    few = client.post("/api/v1/studies", json=SPEC, headers=headers).json()
+    assert len(few["warnings"]) == 1
+    assert "final_seeds" in few["warnings"][0]
+    default = {**SPEC, "name": "default-seeds", "budget": {"trials_per_arm": 4, "epochs": 2}}
+    answer = client.post("/api/v1/studies", json=default, headers=headers).json()
+    assert answer["warnings"] == []
+    study = client.get(f"/api/v1/studies/{answer['id']}").json()
+    assert study["spec"]["budget"]["final_seeds"] == 5
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    """A real service (no scheduler, no Ray) on a fresh SQLite file."""
+    for service in embedded_service(tmp_path_factory.mktemp("board") / "data"):
+        service.env["RATEBENCH_RUN_SCHEDULER"] = "false"
+        service.start()
+        yield service
+
+
+def test_cli_leaderboard_shows_intervals_and_what_the_seeds_cannot_tell(
+    server: ServiceProcess,
+) -> None:
+    engine = sa.create_engine(f"sqlite:///{server.data_dir / 'ratebench.db'}")
+    try:
+        store_study(engine, "cli", "mnist1d-mlp", QUICK)
+    finally:
+        engine.dispose()
+    env = cli_env(server)
+    table = ratebench("leaderboard", "--study", "cli", env=env)
+    assert "too few seeds to tell" in table
+    sgd = next(line for line in table.splitlines() if " sgd " in line)
+    assert "[0.5" in sgd and "bmp" in sgd  # its interval, and bmp under "too few seeds"
+    rows = json.loads(ratebench("leaderboard", "--study", "cli", "--json", env=env))["arms"]
+    assert rows[0]["too_few_seeds_to_tell"] == ["bmp"]
+    assert rows[0]["interval_low"] is not None
+
+
+def test_cli_submit_warns_on_stderr_when_seeds_are_too_few(
+    server: ServiceProcess, tmp_path: Path
+) -> None:
+    key = ratebench("keys", "create", "--name", "warn", env=server.env).strip()
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({**SPEC, "name": "few-seeds"}))
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "submit", str(spec)],
+        capture_output=True, text=True, env=cli_env(server, key), timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.split()) == 1  # stdout stays the study id alone, for scripts
+    assert "warning: budget.final_seeds: 2 seeds" in result.stderr
