@@ -5,7 +5,7 @@
 changes width or resolution). Both are sums of paths applied to the same input, which is what
 `backmatching_paths()` declares: the back-matching scalar of the block is
 `s_z = Σ_paths Π(s_z of the path's blocks)`, i.e. `1 + Π(branch s_z)` for the identity shortcut
-(He, Zhang, Ren, Sun 2015, arXiv 1512.03385 for the block; DESIGN.md for the scalar).
+(He, Zhang, Ren, Sun 2015, arXiv 1512.03385 for the block; docs/design.md for the scalar).
 
 No activation follows the sum here: put it after the block (`nn.Sequential(Residual(...),
 nn.ReLU())`), so every piece of the network stays a module whose scalar is known.

@@ -1,6 +1,6 @@
 """The back-matching scalars of each supported layer, and which block reads which layer.
 
-Rule (DESIGN.md): replace a block's batch-averaged local Hessian by the mean of its spectrum
+Rule (docs/design.md): replace a block's batch-averaged local Hessian by the mean of its spectrum
 over the directions the block can move, `s_z = trace(J_zᵀJ_z) / min(dim_in, dim_out)` for the
 input and `s_W = trace(J_Wᵀ J_W) / fan_in` per output unit for the weights (the weight Hessian
 is block diagonal with one block per output unit / channel). The batch is a sample of the data,
@@ -19,7 +19,7 @@ all leading dimensions of a Linear input count as batch.
 - AvgPool1d/2d (kernel of k taps, divisor d): `s_z = P_out·(k / d²) / min(P_in, P_out)`.
 - AdaptiveAvgPool1d/2d: `s_z = Σ_p (1 / |window_p|) / min(P_in, P_out)`.
 
-Choices where DESIGN.md or the paper is silent, and why:
+Choices where docs/design.md or the paper is silent, and why:
 - Dropout keeps a subset of units scaled by `1/(1 − p)`; like ReLU it moves only the kept units,
   so the mean of the spectrum over those directions is `1/(1 − p)²`.
 - Average pooling ignores border effects (`count_include_pad=False`, `ceil_mode`): interior

@@ -1,6 +1,6 @@
 """`BackMatching` (`bmp`): SGD whose rate for each parameter is `lr × factor`.
 
-The factor is the scalar back-matching rate of DESIGN.md (Zhang, Chen, Liu 2018, arXiv
+The factor is the scalar back-matching rate of docs/design.md (Zhang, Chen, Liu 2018, arXiv
 1802.09750, "On the Local Hessian in Back-propagation"):
 
     propagate=True (default):  factor(l) = (1 / s_W(l)) · Π_{blocks k above l} (1 / s_z(k))

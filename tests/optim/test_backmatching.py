@@ -1,6 +1,6 @@
 """bmp's per-layer factors equal hand computations from the layers' inputs and weights.
 
-Every expected value is computed here from the definitions in DESIGN.md — with `F.unfold` for
+Every expected value is computed here from the definitions in docs/design.md — with `F.unfold` for
 convolution patches, autograd for activation slopes and pooling Jacobians, and the layers'
 inputs recomputed by hand — never from the optimizer's own statistics.
 """
