@@ -352,13 +352,36 @@ def check_spec(spec: StudySpec) -> list[Problem]:
                 )
                 problems.append((("arms", index, "label"), message, arm.label))
             labels.setdefault(arm.label, index)
+            if refused := _check_label(spec, index, arm):
+                problems.append(refused)
     return problems
 
 
-def _derived_label(spec: StudySpec, arm: ArmSpec) -> str:
-    parts = [arm.optimizer]
+_VARIANTS = {"bmp-local", "bmp-propagate-searched"}  # bmp arms that never pool with bmp
+
+
+def _scheme_part(spec: StudySpec, arm: ArmSpec) -> str:
+    """The scheme, or the bmp variant, that a label's first part names: arms with a different
+    one must not share a label (leaderboards pool arms by label and scheme)."""
+    if arm.optimizer == "bmp" and "propagate" in spec.arm_search_space(arm):
+        return "bmp-propagate-searched"
     if arm.optimizer == "bmp" and arm.fixed.get("propagate") is False:
-        parts = ["bmp-local"]  # its own leaderboard row: never pooled with propagating bmp
+        return "bmp-local"
+    return arm.optimizer
+
+
+def _check_label(spec: StudySpec, index: int, arm: ArmSpec) -> Problem | None:
+    """A user label that names a scheme (or bmp variant) must name the arm's own."""
+    assert arm.label is not None
+    named, own = arm.label.split("+")[0], _scheme_part(spec, arm)
+    if (named in optim.SCHEMES or named in _VARIANTS) and named != own:
+        message = f"label {arm.label!r} names {named!r}, but this arm is {own!r}: choose another"
+        return (("arms", index, "label"), message, arm.label)
+    return None
+
+
+def _derived_label(spec: StudySpec, arm: ArmSpec) -> str:
+    parts = [_scheme_part(spec, arm)]
     for name, value in arm.model.model_dump(exclude_none=True).items():
         if getattr(spec.model, name) == value:
             continue

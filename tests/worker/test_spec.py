@@ -168,3 +168,21 @@ def test_the_json_schema_carries_an_example_that_validates() -> None:
     schema = StudySpec.model_json_schema()
     (example,) = schema["examples"]
     StudySpec.model_validate(example)
+
+
+def test_bmp_variants_get_their_own_labels_and_no_label_can_pool_them() -> None:
+    """Leaderboards pool arms by label and scheme: propagating bmp, bmp-local and a bmp arm that
+    searches `propagate` must never share a label, whether derived or chosen."""
+    arms = [
+        {"optimizer": "bmp"},
+        {"optimizer": "bmp", "fixed": {"propagate": False}},
+        {"optimizer": "bmp", "search_space": {"propagate": {"values": [True, False]}}},
+    ]
+    spec = StudySpec.model_validate(_spec(arms=arms))
+    assert spec.labels == ["bmp", "bmp-local", "bmp-propagate-searched"]
+    disguised = [{"optimizer": "bmp", "fixed": {"propagate": False}, "label": "bmp"}]
+    assert "this arm is 'bmp-local'" in _errors(_spec(arms=disguised))["arms.0.label"]
+    wrong_scheme = [{"optimizer": "adam", "label": "sgd+fast"}]
+    assert "this arm is 'adam'" in _errors(_spec(arms=wrong_scheme))["arms.0.label"]
+    free = [{"optimizer": "bmp", "fixed": {"propagate": False}, "label": "mine"}]
+    assert StudySpec.model_validate(_spec(arms=free)).labels == ["mine"]
