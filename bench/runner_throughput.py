@@ -34,16 +34,17 @@ def reference_loop(config: TrialConfig) -> float:
     """The loop a person would write by hand; returns training examples per second."""
     started = time.perf_counter()
     device = resolve_device(config.device)
-    data = load_task_data(config.task, config.data, device)
+    options = config.data.model_dump()
+    data = load_task_data(config.task, options, device)
     task = get_task(config.task)
-    batch = int(config.data["batch_size"])
+    batch = config.data.batch_size
     torch.manual_seed(config.seed)
     model = build_model(
         task.model.name,
-        task.input_shape(config.data),
+        task.input_shape(options),
         data.n_classes,
-        width=config.model.get("width"),
-        depth=config.model.get("depth"),
+        width=config.model.width,
+        depth=config.model.depth,
     ).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.hyperparameters["lr"])
     generator = torch.Generator().manual_seed(config.seed)
@@ -72,7 +73,7 @@ def runner(config: TrialConfig) -> float:
     result = run_trial(config)
     if result.device.startswith("cuda"):
         torch.cuda.synchronize()
-    return result.steps * int(config.data["batch_size"]) / (time.perf_counter() - started)
+    return result.steps * config.data.batch_size / (time.perf_counter() - started)
 
 
 PRESETS: dict[str, dict[str, Any]] = {

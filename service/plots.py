@@ -163,7 +163,7 @@ def study_plot(source: PlotSource, kind: str, fmt: str, storage_url: str, data_d
         if content is not None:
             return Plot(content, rendered=False)
         started = time.perf_counter()
-        spec = StudySpec.model_validate(source.spec)
+        spec = StudySpec.from_stored(source.spec)
         trials = load_trials(storage_url, source.study_id, spec)
         content = plots.render(kind, spec, trials, fmt)
         _store(source, key, content, data_dir)

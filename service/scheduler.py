@@ -152,18 +152,17 @@ class Scheduler:
     def _drive(self, study: StudyRecord) -> None:
         from worker.spec import StudySpec
 
-        spec = StudySpec.model_validate(study.spec)
+        spec = StudySpec.from_stored(study.spec)
         with _StudyDriver(self.engine, study.id, self.config) as driver:
             self._run_and_record(study, spec, driver)
 
     def _run_and_record(self, study: StudyRecord, spec: Any, driver: _StudyDriver) -> None:
         """Run the sweep and store its outcome, all while `driver` holds the lease."""
-        from worker.summary import summarize_study
         from worker.sweep import run_study
 
         while True:
             try:
-                run_study(
+                result = run_study(
                     spec,
                     self.config.storage_url,
                     study.id,
@@ -191,10 +190,7 @@ class Scheduler:
                 lambda: queue.release(self.engine, study.id, self.config.scheduler_id),
             )
             return
-        summaries = self._retry(
-            f"study {study.id}: summary",
-            lambda: summarize_study(self.config.storage_url, study.id, spec),
-        )
+        summaries = result.arms  # the leaderboard rows run_study read once the trials ended
         status, error = _final_status(driver.cancelled, summaries)
         self._retry(
             f"study {study.id}: recording the result",

@@ -20,9 +20,9 @@ sweep first then final seeds, each ordered by trial number. A trial's user attri
   `interrupted` (the driver stopped it: a cancel, a shutdown; retried without using up an
   attempt) and `deterministic` (True: the trial's own code raised, e.g. missing data or a
   configuration the optimizer refuses, so a retry would fail the same way and none was made;
-  `worker._failures`).
+  `worker.failures`).
 
-Hypergradient arms (`tuner: "hypergradient"`, `worker._hypergrad_arm`) add `tuner`; a sweep
+Hypergradient arms (`tuner: "hypergradient"`, `worker.arms.hypergradient_arm`) add `tuner`; a sweep
 trial is one meta-iteration, with `meta_iteration`, `val_loss`, `schedule` (the learned
 hyperparameters, flat: `lr/b00/layer1.weight`, `momentum/…`, `init_scale/…`, `l2/…`),
 `grad_norms`, and `lr` the SGD-equivalent rate; its `history` is one record (the run's end);
@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from worker._arms import FINAL, SWEEP, final_study_name, sweep_study_name
+from worker.arms.base import FINAL, SWEEP, final_study_name, sweep_study_name
 from worker.storage import open_storage, study_trials
 
 if TYPE_CHECKING:

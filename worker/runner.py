@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import optim
+from worker.spec import DataOptions, ModelOptions
 from worker.tasks import TaskData, build_model, get_task, load_task_data
 
 __all__ = [
@@ -56,20 +57,35 @@ Outcome = Literal["complete", "pruned", "diverged"]
 
 @dataclass(frozen=True)
 class TrialConfig:
-    """Everything one training run needs; plain data, so it pickles into a Ray task."""
+    """Everything one training run needs; plain data, so it pickles into a Ray task.
+
+    `data` and `model` are the spec's validated options (the arm's effective model), so their
+    defaults live in `worker.spec` alone; a dict given by hand (a benchmark, a test) is
+    validated into them here, once.
+    """
 
     task: str
     scheme: str
     hyperparameters: dict[str, Any]
     epochs: int
-    data: dict[str, Any] = field(default_factory=dict)  # worker.spec.DataOptions as a dict
-    model: dict[str, Any] = field(default_factory=dict)  # worker.spec.ModelOptions as a dict
+    data: DataOptions = field(default_factory=DataOptions)
+    model: ModelOptions = field(default_factory=ModelOptions)
     steps_per_epoch: int | None = None
     seed: int = 0
     device: str = "auto"  # "auto": CUDA when available
     objective: str = "val_accuracy"  # or "val_loss"
     divergence_factor: float = 10.0
     evaluate_test: bool = False  # final seeds only: the objective never sees the test split
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, dict):
+            object.__setattr__(self, "data", DataOptions.model_validate(self.data))
+        if isinstance(self.model, dict):
+            object.__setattr__(self, "model", ModelOptions.model_validate(self.model))
+
+    def run(self, reporter: Reporter | None = None) -> TrialResult:
+        """`run_trial(self, reporter)`: a trial is the work of a Ray task (`worker.remote`)."""
+        return run_trial(self, reporter)
 
 
 class Reporter(Protocol):
@@ -198,15 +214,15 @@ class _LayerFactors:
 
 
 def _build(config: TrialConfig, data: TaskData, device: torch.device) -> nn.Module:
-    task = get_task(config.task)
-    options = {k: config.model.get(k) for k in ("width", "depth")}
+    task, options = get_task(config.task), config.model
     model = build_model(
         task.model.name,
-        task.input_shape(config.data),
+        task.input_shape(config.data.model_dump()),
         data.n_classes,
-        activation=config.model.get("activation") or "relu",
-        transformed=bool(config.model.get("transformed")),
-        **options,
+        width=options.width,
+        depth=options.depth,
+        activation=options.activation,
+        transformed=options.transformed,
     )
     return model.to(device)
 
@@ -215,8 +231,8 @@ def run_trial(config: TrialConfig, reporter: Reporter | None = None) -> TrialRes
     """Train `config` for its epochs; see the module docstring for what is measured."""
     setup_start = time.perf_counter()
     device = resolve_device(config.device)
-    data = load_task_data(config.task, config.data, device)
-    batch_size = int(config.data.get("batch_size") or 128)
+    data = load_task_data(config.task, config.data.model_dump(), device)
+    batch_size = config.data.batch_size
     n_train = len(data.y_train)
     if batch_size > n_train:
         raise ValueError(f"data.batch_size: {batch_size} exceeds the {n_train} training examples")
@@ -224,9 +240,9 @@ def run_trial(config: TrialConfig, reporter: Reporter | None = None) -> TrialRes
     model = _build(config, data, device)
     optimizer = optim.build(config.scheme, model, **config.hyperparameters)
     factors = _LayerFactors(optimizer) if optim.SCHEMES[config.scheme].layerwise else None
-    transform_every = int(config.model.get("transform_every") or 100)
+    transform_every = config.model.transform_every
     transform: Callable[[nn.Module], None] | None = None
-    if config.model.get("transformed"):
+    if config.model.transformed:
         from optim.transformed import update_transformations as transform
 
     bound = config.divergence_factor * math.log(data.n_classes)

@@ -8,7 +8,7 @@ then `budget.final_seeds` re-runs of its best configuration on fresh seeds.
 
 Errors carry the field path in pydantic's `loc` and say what is wrong in words
 (`arms.1.optimizer: unknown scheme 'foo'; known: sgd, adam, adamw`); `format_errors` turns a
-`ValidationError` into those lines. Hard limits are the `MAX_*` constants below.
+`ValidationError` into those lines. Hard limits are the `MAX_*` constants (`worker.spec_base`).
 
 Choices:
 - Arm labels name the arm's Optuna studies (`<study key>/<label>`), so they must be unique and
@@ -21,10 +21,17 @@ Choices:
 - `tuner` is `optuna` (the sweep) or `hypergradient`: `optim.hypergrad` learns the arm's
   per-block, per-tensor SGD-with-momentum schedule by exact hypergradients through reversible
   training, one Optuna trial per meta-iteration (`budget.trials_per_arm` meta-iterations), then
-  the best schedule is retrained on the final seeds (`worker._hypergrad_arm`). It needs the
-  `sgd` scheme, the ReLU `mlp` model on vector features and the `val_loss` objective (what the
-  tuner minimises); its options are the arm's `hypergradient` object (`HypergradientOptions`),
-  bounded by the `MAX_HYPERGRAD_*` constants so that a run's memory stays bounded.
+  the best schedule is retrained on the final seeds. Each tuner owns its options and its
+  cross-field checks (`worker.arms.optuna`, `worker.arms.hypergradient`: the hypergradient
+  tuner needs the `sgd` scheme, the ReLU `mlp` on vector features and the `val_loss`
+  objective; its options are the arm's `hypergradient` object, `HypergradientOptions`);
+  `worker.spec_checks` runs them with the checks of data and models.
+- Stored specs are trusted data: `StudySpec.from_stored` (every read of a stored study: the
+  scheduler, the API, plots, the CLI) migrates a spec of an older `version` (absent: 1) to
+  `SPEC_VERSION` and validates it without the checks that depend on the machine (installed
+  packages, registries, data, the build probes; `worker.spec_base.trusted`), so a study stays
+  readable where it was not submitted. The limits are `worker.spec_base`'s `MAX_*`; a change
+  that would refuse stored specs comes with a version and a migration (`_MIGRATIONS`).
 - Types are strict: a number given as a string (`"epochs": "3"`) or a boolean (`true`) is
   refused rather than coerced, and NaN, ±Infinity (and numbers that overflow to it, `1e400`)
   are refused wherever a number may appear. Every string, and every key, is checked for NUL
@@ -39,10 +46,44 @@ Choices:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic import (
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails
+
+from worker.arms.hypergradient import HypergradientOptions, hypergradient_steps
+from worker.spec_base import (
+    MAX_ARMS,
+    MAX_BATCH_SIZE,
+    MAX_CONCURRENT_TRIALS,
+    MAX_DEPTH,
+    MAX_EPOCHS,
+    MAX_FINAL_SEEDS,
+    MAX_HYPERGRAD_BLOCKS,
+    MAX_HYPERGRAD_DEPTH,
+    MAX_HYPERGRAD_PARAMETERS,
+    MAX_HYPERGRAD_STEPS,
+    MAX_HYPERGRAD_WIDTH,
+    MAX_PARAMETERS,
+    MAX_RETRIES,
+    MAX_STEPS_PER_EPOCH,
+    MAX_SYNTHETIC_VALUES,
+    MAX_TRIAL_TIMEOUT_S,
+    MAX_TRIALS_PER_ARM,
+    MAX_WIDTH,
+    MODEL_CONFIG,
+    Strict,
+    spec_error,
+    trusted,
+)
 
 __all__ = [
     "MAX_ARMS",
@@ -59,8 +100,11 @@ __all__ = [
     "MAX_PARAMETERS",
     "MAX_RETRIES",
     "MAX_STEPS_PER_EPOCH",
+    "MAX_SYNTHETIC_VALUES",
     "MAX_TRIALS_PER_ARM",
+    "MAX_TRIAL_TIMEOUT_S",
     "MAX_WIDTH",
+    "SPEC_VERSION",
     "ArmSpec",
     "Budget",
     "DataOptions",
@@ -77,29 +121,8 @@ __all__ = [
     "raw_input_problems",
 ]
 
-MAX_ARMS = 16
-MAX_TRIALS_PER_ARM = 1000
-MAX_EPOCHS = 1000
-MAX_STEPS_PER_EPOCH = 100_000
-MAX_FINAL_SEEDS = 20
-MAX_CONCURRENT_TRIALS = 256
-MAX_WIDTH = 4096
-MAX_DEPTH = 64
-MAX_PARAMETERS = 50_000_000
-MAX_BATCH_SIZE = 8192
-MAX_RETRIES = 5
-MAX_TRIAL_TIMEOUT_S = 86_400.0
-MAX_SYNTHETIC_VALUES = 200_000_000  # n_examples × input size of a synthetic dataset
-# The hypergradient tuner trains in exact fixed point on the CPU; its information buffer grows by
-# log2(1/momentum) bits per parameter per step (0.15 at momentum 0.9, at most 16), so at these
-# limits a run holds ~10 MB of buffer typically and 1 GB at worst (steps × parameters × 2 bytes).
-# Every meta-iteration's trial stores its schedule (2 × blocks × tensors values), hence the block
-# limit.
-MAX_HYPERGRAD_STEPS = 5000
-MAX_HYPERGRAD_BLOCKS = 100
-MAX_HYPERGRAD_WIDTH = 512
-MAX_HYPERGRAD_DEPTH = 4
-MAX_HYPERGRAD_PARAMETERS = 100_000
+# The spec's format; `StudySpec.from_stored` migrates older stored specs to it (`_MIGRATIONS`).
+SPEC_VERSION = 1
 
 LABEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+=-]{0,63}$"
 
@@ -118,19 +141,7 @@ def _enum(schema: dict[str, Any], kind: Literal["schemes", "tasks"]) -> None:
         schema["enum"] = list(TASKS)
 
 
-def spec_error(message: str) -> PydanticCustomError:
-    """A validation error whose message is shown unchanged (no "Value error, " prefix)."""
-    return PydanticCustomError("spec", "{message}", {"message": message})
-
-
-_MODEL_CONFIG = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-
-
-class _Strict(BaseModel):
-    model_config = _MODEL_CONFIG
-
-
-class SearchDimension(_Strict):
+class SearchDimension(Strict):
     """One searched hyperparameter: a range (`low`, `high`, `log`), a list of `values`, or the
     string `"auto"`: each arm's scheme's registered sweep range (`optim.SCHEMES`)."""
 
@@ -179,7 +190,7 @@ class SearchDimension(_Strict):
         return SearchDimension(low=low, high=high, log=hp.log)
 
 
-class DataOptions(_Strict):
+class DataOptions(Strict):
     """How the task's data are split and batched (the same for every arm)."""
 
     batch_size: int = Field(128, ge=1, le=MAX_BATCH_SIZE)
@@ -203,7 +214,7 @@ class DataOptions(_Strict):
         return value
 
 
-class ModelOptions(_Strict):
+class ModelOptions(Strict):
     """The model of the task; `None` width/depth take the model's defaults."""
 
     width: int | None = Field(None, ge=1, le=MAX_WIDTH, description="units or base channels")
@@ -213,7 +224,7 @@ class ModelOptions(_Strict):
     transform_every: int = Field(100, ge=1, le=1_000_000, description="steps between updates")
 
 
-class ModelOverrides(_Strict):
+class ModelOverrides(Strict):
     """An arm's changes to the study's model options (unset fields keep the study's)."""
 
     width: int | None = Field(None, ge=1, le=MAX_WIDTH)
@@ -223,53 +234,7 @@ class ModelOverrides(_Strict):
     transform_every: int | None = Field(None, ge=1, le=1_000_000)
 
 
-Learnable = Literal["lr", "momentum", "init_scale", "l2"]
-
-
-def _learn_rates() -> list[Learnable]:
-    return ["lr"]
-
-
-class HypergradientOptions(_Strict):
-    """How a `tuner: "hypergradient"` arm trains and learns (Maclaurin, Duvenaud, Adams 2015).
-
-    Training is SGD with momentum in `optim.hypergrad`'s form, per parameter tensor and block:
-    `v ← γ·v − (1 − γ)·g`, `w ← w + α·v`; `lr` is α (torch.optim.SGD's `lr` with momentum γ is
-    α·(1 − γ)) and the starting values are constant schedules. `steps` (T) defaults to the
-    other arms' training length, `budget.epochs × budget.steps_per_epoch`, so that every arm
-    trains as long; without `budget.steps_per_epoch` it must be given.
-    """
-
-    steps: int | None = Field(
-        None, ge=1, le=MAX_HYPERGRAD_STEPS, description="T; default epochs × steps_per_epoch"
-    )
-    blocks: int = Field(10, ge=1, le=MAX_HYPERGRAD_BLOCKS, description="schedule resolution")
-    batch_size: int | None = Field(None, ge=1, le=MAX_BATCH_SIZE, description="default: data's")
-    meta_lr: float = Field(0.05, gt=0, le=1, description="Adam step on log rates, logit momenta")
-    learn: list[Learnable] = Field(default_factory=_learn_rates, min_length=1, max_length=4)
-    lr: float = Field(0.1, gt=0, le=100, description="starting α of every block and tensor")
-    momentum: float = Field(0.9, gt=0, lt=1, description="starting γ")
-    init_scale: float = Field(1.0, gt=0, le=100, description="× Gaussian N(0, 1/fan_in) init")
-    l2: float = Field(0.0, ge=0, le=100, description="starting L2 penalty (> 0 to learn it)")
-
-    @field_validator("learn")
-    @classmethod
-    def _unique(cls, value: list[str]) -> list[str]:
-        if len(set(value)) != len(value):
-            raise spec_error(f"each kind at most once, got {value}")
-        return value
-
-    @model_validator(mode="after")
-    def _consistent(self) -> HypergradientOptions:
-        if self.steps is not None and self.blocks > self.steps:
-            message = f"blocks {self.blocks} > steps {self.steps}; at most one block per step"
-            raise spec_error(message)
-        if "l2" in self.learn and self.l2 <= 0:
-            raise spec_error("learning l2 needs a starting l2 > 0 (it is learned on a log scale)")
-        return self
-
-
-class ArmSpec(_Strict):
+class ArmSpec(Strict):
     """One arm: a scheme, its fixed hyperparameters, its model options, its tuner.
 
     `tuner: "optuna"` sweeps the search space; `tuner: "hypergradient"` learns a schedule with
@@ -293,9 +258,11 @@ class ArmSpec(_Strict):
 
     @field_validator("optimizer")
     @classmethod
-    def _known_scheme(cls, value: str) -> str:
+    def _known_scheme(cls, value: str, info: ValidationInfo) -> str:
         import optim
 
+        if trusted(info):
+            return value
         if value not in optim.SCHEMES:
             raise spec_error(f"unknown scheme {value!r}; known: {', '.join(optim.SCHEMES)}")
         return value
@@ -306,7 +273,7 @@ class ArmSpec(_Strict):
         return self.hypergradient or HypergradientOptions()
 
 
-class Budget(_Strict):
+class Budget(Strict):
     """The same for every arm."""
 
     trials_per_arm: int = Field(16, ge=1, le=MAX_TRIALS_PER_ARM)
@@ -317,7 +284,7 @@ class Budget(_Strict):
     final_seeds: int = Field(5, ge=1, le=MAX_FINAL_SEEDS)
 
 
-class _Named(_Strict):
+class _Named(Strict):
     @model_validator(mode="before")
     @classmethod
     def _from_name(cls, data: Any) -> Any:
@@ -332,9 +299,11 @@ class SamplerSpec(_Named):
 
     @field_validator("name")
     @classmethod
-    def _installed(cls, value: str) -> str:
+    def _installed(cls, value: str, info: ValidationInfo) -> str:
         import importlib.util
 
+        if trusted(info):
+            return value
         if value == "cmaes" and importlib.util.find_spec("cmaes") is None:
             raise spec_error("'cmaes' needs the Python package cmaes, which is not installed")
         return value
@@ -350,7 +319,7 @@ class PrunerSpec(_Named):
     reduction_factor: int = Field(3, ge=2, le=10, description="successive_halving, hyperband")
 
 
-class Objective(_Strict):
+class Objective(Strict):
     """What the sweep optimises, and how results are judged."""
 
     metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
@@ -378,7 +347,7 @@ class Objective(_Strict):
         return self.direction == "maximize"
 
 
-class Resources(_Strict):
+class Resources(Strict):
     """Ray resources per trial and how many trials run at once."""
 
     cpus_per_trial: float = Field(1.0, gt=0, le=256)
@@ -421,11 +390,14 @@ def _default_search_space() -> dict[str, SearchDimension]:
     return {"lr": SearchDimension(low=1e-4, high=1.0, log=True)}
 
 
-class StudySpec(_Strict):
+class StudySpec(Strict):
     """A learning-rate scheme comparison on one task (see the module docstring)."""
 
-    model_config = ConfigDict(**_MODEL_CONFIG, json_schema_extra={"examples": [_EXAMPLE]})
+    model_config = ConfigDict(**MODEL_CONFIG, json_schema_extra={"examples": [_EXAMPLE]})
 
+    version: int = Field(
+        SPEC_VERSION, ge=1, le=SPEC_VERSION, description="the spec's format (stored specs migrate)"
+    )
     name: str = Field(min_length=1, max_length=200)
     task: str = Field(
         description="<dataset>-<model>, e.g. mnist1d-mlp (GET /api/v1/tasks)",
@@ -444,7 +416,9 @@ class StudySpec(_Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _storable(cls, data: Any) -> Any:
+    def _storable(cls, data: Any, info: ValidationInfo) -> Any:
+        if trusted(info):
+            return data
         problems = raw_input_problems(data)
         if problems:
             raise ValidationError.from_exception_data(
@@ -458,18 +432,20 @@ class StudySpec(_Strict):
 
     @field_validator("task")
     @classmethod
-    def _known_task(cls, value: str) -> str:
+    def _known_task(cls, value: str, info: ValidationInfo) -> str:
         from worker.tasks import TASKS
 
+        if trusted(info):
+            return value
         if value not in TASKS:
             raise spec_error(f"unknown task {value!r}; known: {', '.join(TASKS)}")
         return value
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> StudySpec:
-        from worker._spec_checks import assign_labels, check_spec
+    def _cross_checks(self, info: ValidationInfo) -> StudySpec:
+        from worker.spec_checks import assign_labels, check_spec
 
-        problems = check_spec(self)
+        problems = [] if trusted(info) else check_spec(self)
         if problems:
             raise ValidationError.from_exception_data(
                 "StudySpec",
@@ -480,6 +456,22 @@ class StudySpec(_Strict):
             )
         assign_labels(self)
         return self
+
+    @classmethod
+    def from_stored(cls, data: dict[str, Any]) -> StudySpec:
+        """A spec read back from the database (or a study's stored copy): migrated to
+        `SPEC_VERSION` and loaded as trusted data. The field types and bounds still apply, but
+        the checks that depend on this machine (`trusted`) are not re-run: a study submitted
+        on one machine stays readable on another, and after a package is removed."""
+        data = dict(data)
+        version = data.get("version", 1)
+        if not isinstance(version, int) or not 1 <= version <= SPEC_VERSION:
+            known = f"known: 1 to {SPEC_VERSION}"
+            raise ValueError(f"version: unknown spec version {version!r}; {known}")
+        for step in range(version, SPEC_VERSION):
+            data = _MIGRATIONS[step](data)
+        data["version"] = SPEC_VERSION
+        return cls.model_validate(data, context={"stored": True})
 
     def arm_model(self, arm: ArmSpec) -> ModelOptions:
         """The arm's effective model options: the study's, updated by the arm's overrides."""
@@ -494,12 +486,7 @@ class StudySpec(_Strict):
     def arm_hypergradient_steps(self, arm: ArmSpec) -> int | None:
         """T of a hypergradient arm: its own `steps`, else as long as the other arms train
         (`budget.epochs × budget.steps_per_epoch`); None when neither is given."""
-        options, budget = arm.hypergradient_options, self.budget
-        if options.steps is not None:
-            return options.steps
-        if budget.steps_per_epoch is None:
-            return None
-        return budget.epochs * budget.steps_per_epoch
+        return hypergradient_steps(arm.hypergradient_options, self.budget)
 
     @property
     def labels(self) -> list[str]:
@@ -522,6 +509,10 @@ class StudySpec(_Strict):
             total += runs * (steps or default)
         return total
 
+
+# `_MIGRATIONS[v]` turns a stored spec of version v into one of version v + 1 (none yet: a spec
+# without `version` is version 1, the first format).
+_MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
 
 # Training pools before the validation split (worker/tasks/datasets.py describes each dataset).
 _TRAIN_POOL = {"mnist1d": 4000, "digits": 1797 - 1797 // 5, "cifar10": 50_000, "cifar100": 50_000}

@@ -25,7 +25,7 @@
   `n_complete` (finished, not diverged), `n_pruned`, `n_diverged`, `n_failed`, `n_running`,
   and `n_seeds` (final seeds with a value). For a hypergradient arm a sweep trial is a
   meta-iteration, and a failed or stopped tuning run is a failed trial
-  (`worker._hypergrad_arm`); `best_lr` is the best meta-iteration's SGD-equivalent rate.
+  (`worker.arms.hypergradient_arm`); `best_lr` is the best meta-iteration's SGD-equivalent rate.
 
 - **status**: `failed` when every sweep trial failed, or every final seed (the arm has no
   result), with `error`, the first failed trial's (not one the driver interrupted); `ok`
@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 from optuna.trial import FrozenTrial, TrialState
 
-from worker._arms import best_trial, final_study_name, sweep_study_name
+from worker.arms.base import best_trial, final_study_name, sweep_study_name
 from worker.storage import open_storage, study_trials
 
 if TYPE_CHECKING:

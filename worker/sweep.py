@@ -8,7 +8,7 @@ Storage under concurrency: driver-side ask/tell, not Optuna's gRPC storage proxy
   The driver (the process calling `run_study`) is the only process that touches the database:
   it asks Optuna for each trial, runs the trial as a Ray task, and tells Optuna the result. Ray
   tasks never open a connection; their per-epoch reports reach the driver through a small Ray
-  actor (`worker._remote.Mailbox`), and the driver answers each with the pruner's decision.
+  actor (`worker.remote.Mailbox`), and the driver answers each with the pruner's decision.
   So however many trials run at once, SQLite sees one writer (no "database is locked") and
   PostgreSQL sees one connection pool of at most two connections per running study. We chose
   this over `optuna.storages.run_grpc_proxy_server` + `GrpcStorageProxy` because the proxy is
@@ -20,11 +20,11 @@ Storage under concurrency: driver-side ask/tell, not Optuna's gRPC storage proxy
   a trial whose worker process dies surfaces as an error on its ObjectRef (Ray monitors its
   workers and nodes), `resources.trial_timeout_s` bounds a trial that hangs, and trials left
   RUNNING by a driver that died are failed and retried when the study is resumed
-  (`worker._arms`). Retries are new Optuna trials with the same parameters, so they are
+  (`worker.arms.base`). Retries are new Optuna trials with the same parameters, so they are
   visible in the study; every other trial's result stays as it was.
 
 Retries. A trial is deterministic on its configuration and seed, so what to do with a failure
-depends on who caused it (`worker._failures.classify`):
+depends on who caused it (`worker.failures.classify`):
 - an exception raised by the trial's own code (a dataset that is missing or unreadable, a model
   or optimizer that cannot be built, a configuration the code refuses) would be raised again
   by every retry: the trial is recorded once as FAIL with `deterministic` set, and not retried;
@@ -41,10 +41,11 @@ error; the study then ends `completed_with_errors`, or `failed` when no arm has 
 Arms share the trial slots (`resources.max_concurrent_trials`) round-robin, so they progress
 together; an arm's final seeds start as soon as its own sweep has finished.
 
-A hypergradient arm (`tuner: "hypergradient"`, `worker._hypergrad_arm`) fills one slot with a
-single Ray task that runs the whole tuning and reports every meta-iteration through the same
-mailbox; the driver stores each as a trial of the arm's sweep study. The driver only sees the
-`worker._arms.Job` contract, which trials and tuning runs both keep.
+Each tuner's arm is an `ArmRun` of `worker.arms` (`_ARM_RUNS`); the driver sees only
+`ArmRun.next_assignment()` and the `worker.arms.base.Job` contract, and knows no tuner. A
+hypergradient arm (`tuner: "hypergradient"`, `worker.arms.hypergradient_arm`) fills one slot with
+a single Ray task that runs the whole tuning and reports every meta-iteration through the same
+mailbox; its job stores each as a trial of the arm's sweep study.
 """
 
 from __future__ import annotations
@@ -58,10 +59,11 @@ from typing import TYPE_CHECKING, Any
 import ray
 
 from worker import cluster
-from worker._arms import FINAL, SWEEP, ArmRun, Job
-from worker._failures import classify
-from worker._hypergrad_arm import HypergradArmRun
-from worker._remote import Mailbox, trial_task
+from worker.arms.base import FINAL, SWEEP, ArmRun, Job
+from worker.arms.hypergradient_arm import HypergradArmRun
+from worker.arms.optuna import OptunaArmRun
+from worker.failures import classify
+from worker.remote import Mailbox, trial_task
 from worker.storage import open_storage
 from worker.summary import ArmSummary, study_outcome, summarize_arms
 from worker.tasks import DataRoots, redact_paths
@@ -191,11 +193,12 @@ def run_study(
     return StudyResult(study_key, summaries, stopped, time.monotonic() - started)
 
 
+_ARM_RUNS: dict[str, type[ArmRun]] = {"optuna": OptunaArmRun, "hypergradient": HypergradArmRun}
+
+
 def _arm_run(spec: StudySpec, index: int, storage: Any, study_key: str) -> ArmRun:
-    """The arm's runner: an Optuna sweep, or a hypergradient tuning (`worker._hypergrad_arm`)."""
-    if spec.arms[index].tuner == "hypergradient":
-        return HypergradArmRun(spec, index, storage, study_key)
-    return ArmRun(spec, index, storage, study_key)
+    """The arm's runner, by its tuner."""
+    return _ARM_RUNS[spec.arms[index].tuner](spec, index, storage, study_key)
 
 
 class _Driver:
@@ -293,13 +296,9 @@ class _Driver:
             a = self.by_key.get(key)
             if kind == "started" and a is not None:
                 a.record_start(*message[2:5])
-            elif kind == "report":
-                epoch, value = message[2], message[3]
-                prune = a.record_report(epoch, value) if a is not None else True
-                decisions.append((key, epoch, prune))
-            elif kind == "meta":  # a hypergradient meta-iteration
-                index, record = message[2], message[3]
-                stop = a.record_meta(index, record) if a is not None else True
+            elif kind == "report":  # an epoch's value, a meta-iteration's record, ...
+                index, payload = message[2], message[3]
+                stop = a.record_report(index, payload) if a is not None else True
                 decisions.append((key, index, stop))
         if decisions:
             self.mailbox.decide.remote(decisions)

@@ -183,7 +183,7 @@ async def list_trials(
 
 
 def _study_spec(tx: Tx, study_id: str) -> StudySpec:
-    return StudySpec.model_validate(_get_study(tx, study_id).spec)
+    return StudySpec.from_stored(_get_study(tx, study_id).spec)
 
 
 def _trials(

@@ -40,7 +40,7 @@ def _plot(args: argparse.Namespace) -> int:
         study = session.get(StudyRecord, args.study)
         if study is None:
             raise CliError(f"no study {args.study!r} in {database_url(args)}")
-        spec = StudySpec.model_validate(study.spec)
+        spec = StudySpec.from_stored(study.spec)
     trials = load_trials(database_url(args), study.id, spec)
     args.out.mkdir(parents=True, exist_ok=True)
     for kind in args.kind or list(plots.PLOTS):

@@ -22,7 +22,7 @@ from optuna.trial import create_trial
 from service.db import session_scope
 from service.models import StudyRecord
 from tests.service.helpers import ServiceProcess, embedded_service
-from worker._arms import final_study_name, sweep_study_name
+from worker.arms.base import final_study_name, sweep_study_name
 from worker.storage import open_storage
 
 SPEC: dict[str, Any] = {

@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 from pydantic import ValidationError
 
 from optim.hypergrad import mlp_param_names
-from worker._hypergrad_run import Schedule, ScheduleConfig, TuneConfig, mlp_layer_sizes
+from worker.arms.hypergradient_jobs import Schedule, ScheduleConfig, TuneConfig, mlp_layer_sizes
 from worker.results import TrialRecord, load_trials
 from worker.spec import StudySpec, format_errors
 from worker.sweep import Progress, run_study
@@ -129,16 +129,17 @@ def test_a_hypergradient_arm_that_cannot_run_is_refused_under_its_field(
 
 
 class _Collect:
+    """A reporter: a tuning's meta-iteration records, or a retraining's epoch values."""
+
     def __init__(self) -> None:
         self.records: dict[int, dict[str, Any]] = {}
         self.reports: list[tuple[int, float]] = []
 
-    def meta(self, index: int, record: dict[str, Any]) -> bool:
-        self.records[index] = record
-        return False
-
-    def report(self, epoch: int, value: float) -> bool:
-        self.reports.append((epoch, value))
+    def report(self, index: int, payload: Any) -> bool:
+        if isinstance(payload, dict):
+            self.records[index] = payload
+        else:
+            self.reports.append((index, payload))
         return False
 
 
@@ -146,8 +147,8 @@ def _tune_config(spec: StudySpec, **changes: Any) -> TuneConfig:
     options = spec.arms[1].hypergradient_options
     values: dict[str, Any] = {
         "task": spec.task,
-        "data": spec.data.model_dump(),
-        "model": spec.model.model_dump(),
+        "data": spec.data,
+        "model": spec.model,
         "steps": 60,
         "blocks": 3,
         "batch_size": 64,
@@ -176,7 +177,7 @@ def test_resuming_replays_the_tuning_and_retraining_reproduces_it() -> None:
     assert losses[2] < losses[0]  # the tuner improves the validation loss it descends
 
     best = first.records[2]
-    sizes = mlp_layer_sizes(spec.task, spec.data.model_dump(), spec.model.model_dump())
+    sizes = mlp_layer_sizes(spec.task, spec.data, spec.model)
     schedule = Schedule.from_flat(best["schedule"], mlp_param_names(sizes), 3)
     assert len(schedule.lr) == 3 and len(schedule.lr[0]) == len(sizes[:-1]) * 2
     assert schedule.momentum[0] != schedule.momentum[2]  # momentum was learned per block
@@ -184,7 +185,7 @@ def test_resuming_replays_the_tuning_and_retraining_reproduces_it() -> None:
 
     def retrain(seed: int) -> Any:
         config = ScheduleConfig(
-            spec.task, spec.data.model_dump(), spec.model.model_dump(), best["schedule"],
+            spec.task, spec.data, spec.model, best["schedule"],
             steps=60, blocks=3, batch_size=64, seed=seed,
         )  # fmt: skip
         return config.run(collect)

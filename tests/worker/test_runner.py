@@ -8,9 +8,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 import optim
 from worker.runner import TrialConfig, diverged_value, run_trial
+from worker.spec import DataOptions, ModelOptions
 
 DIGITS = TrialConfig(
     task="digits-mlp",
@@ -146,3 +148,10 @@ def test_mnist1d_resnet_and_a_cifar_cnn_train(
     )
     result = run_trial(cnn)
     assert result.steps == 4 and result.test_accuracy is not None
+
+
+def test_a_configs_options_are_the_specs_validated_when_it_is_made() -> None:
+    assert isinstance(DIGITS.data, DataOptions) and isinstance(DIGITS.model, ModelOptions)
+    assert DIGITS.data.val_fraction == 0.2 and DIGITS.model.transform_every == 100  # spec defaults
+    with pytest.raises(ValidationError, match="batch_size"):
+        replace(DIGITS, data={"batch_size": 0})

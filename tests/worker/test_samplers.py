@@ -1,6 +1,6 @@
 """Every sampler a spec may name is a working Optuna sampler that keeps to the search space.
 
-The sweep drives samplers by ask/tell (`worker._arms`); this drives them the same way on a
+The sweep drives samplers by ask/tell (`worker.arms.optuna`); this drives them the same way on a
 cheap objective, so a sampler that fails to import, ignores the bounds or the log scale, or
 never moves off its start-up points is caught without training networks.
 """
@@ -12,7 +12,7 @@ import math
 import optuna
 import pytest
 
-from worker._optuna import make_sampler, suggest
+from worker.arms.sampling import make_sampler, suggest
 from worker.spec import StudySpec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

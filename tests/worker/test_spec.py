@@ -186,3 +186,42 @@ def test_bmp_variants_get_their_own_labels_and_no_label_can_pool_them() -> None:
     assert "this arm is 'adam'" in _errors(_spec(arms=wrong_scheme))["arms.0.label"]
     free = [{"optimizer": "bmp", "fixed": {"propagate": False}, "label": "mine"}]
     assert StudySpec.model_validate(_spec(arms=free)).labels == ["mine"]
+
+
+# -- stored specs ------------------------------------------------------------------------------
+
+
+def test_a_stored_spec_without_a_version_is_version_one() -> None:
+    stored = StudySpec.model_validate(_spec()).model_dump(mode="json")
+    assert stored["version"] == spec_module.SPEC_VERSION == 1
+    del stored["version"]  # as stored before specs had versions
+    spec = StudySpec.from_stored(stored)
+    assert spec.version == 1 and spec.labels == ["sgd", "adam"]
+
+
+def test_a_stored_spec_is_read_without_the_checks_of_this_machine(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib.util
+
+    import optim
+
+    stored = StudySpec.model_validate(_spec(sampler="random")).model_dump(mode="json")
+    stored["sampler"] = {"name": "cmaes", "n_startup_trials": None}
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "cmaes" else find_spec(name)
+    )
+    monkeypatch.delitem(optim.SCHEMES, "adam")  # a scheme this installation no longer has
+    errors = _errors(stored)
+    assert "cmaes" in errors["sampler.name"] and "unknown scheme" in errors["arms.1.optimizer"]
+    spec = StudySpec.from_stored(stored)
+    assert spec.sampler.name == "cmaes" and spec.labels == ["sgd", "adam"]
+
+
+def test_a_stored_spec_still_has_its_types_checked_and_its_version_known() -> None:
+    stored = StudySpec.model_validate(_spec()).model_dump(mode="json")
+    with pytest.raises(ValidationError):
+        StudySpec.from_stored({**stored, "budget": {**stored["budget"], "epochs": "3"}})
+    with pytest.raises(ValueError, match="version: unknown spec version 2"):
+        StudySpec.from_stored({**stored, "version": 2})

@@ -1,17 +1,25 @@
-"""One arm's two Optuna studies and what is left to run in them.
+"""What every tuner's arm is to the driver: jobs, the arm's two Optuna studies, final seeds.
 
-An arm owns a sweep study `<study key>/<label>` (`budget.trials_per_arm` trials over its search
-space) and, once the sweep has finished, a final study `<study key>/<label>/final` holding one
-trial per final seed with the sweep's best parameters (diverged trials excluded).
+An arm owns a sweep study `<study key>/<label>` (`sweep_study_name`) and, once the sweep has
+finished, a final study `<study key>/<label>/final` (`final_study_name`) holding one trial per
+final seed with the sweep's best trial's parameters (`best_trial`: diverged trials excluded).
+How the sweep study fills is the tuner's: `worker.arms.optuna` asks a sampler for
+`budget.trials_per_arm` trials, `worker.arms.hypergradient_arm` stores the meta-iterations of
+one tuning run. The final seeds are the same for every tuner, and so is this module's
+bookkeeping of trials that Optuna hands out (`ArmRun.recover_trials`, `record_*`).
 
-Budget and retries, all recorded in the trials' user attributes so that a resumed driver
-derives the same state from storage:
-- a trial without `retry_of` is an *original*; the sweep hands out originals until there are
+The driver (`worker.sweep`) knows only `ArmRun.next_assignment()` and the `Job` contract: a
+job's `config` (a `Work`) runs in a Ray task (`worker.remote`) under `key`; the task's reports
+and its end are passed to the job's `record_*` methods, which write to the arm's studies.
+
+Budget and retries of trials handed out by Optuna, all recorded in the trials' user attributes
+so that a resumed driver derives the same state from storage:
+- a trial without `retry_of` is an *original*; a sweep hands out originals until there are
   `trials_per_arm` of them, whatever became of them;
 - a failed trial is retried as a new trial with the same parameters (`retry_of` = its number,
   `attempt` + 1) while `attempt <= resources.max_retries`; a trial the driver itself stopped
   (`interrupted`) is retried without using up an attempt; a trial that failed
-  `deterministic`ally (its own code raised: `worker._failures`) is never retried;
+  `deterministic`ally (its own code raised: `worker.failures`) is never retried;
 - a trial found RUNNING when a driver starts is stale (the previous driver died): it is failed
   and retried like any failure.
 
@@ -24,17 +32,12 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-import optim
-from worker._optuna import make_pruner, make_sampler, suggest
-from worker.runner import TrialConfig, TrialResult
-
 if TYPE_CHECKING:
-    from worker._hypergrad_run import ScheduleConfig
     from worker.spec import StudySpec
 
 __all__ = [
@@ -44,6 +47,8 @@ __all__ = [
     "Assignment",
     "Counts",
     "Job",
+    "Work",
+    "WorkReporter",
     "best_trial",
     "final_study_name",
     "sweep_study_name",
@@ -60,16 +65,41 @@ def final_study_name(study_key: str, label: str) -> str:
     return f"{study_key}/{label}/final"
 
 
+def best_trial(trials: list[FrozenTrial], maximize: bool) -> FrozenTrial | None:
+    """The best finished trial that did not diverge (first of equals)."""
+    candidates = [
+        t
+        for t in trials
+        if t.state == TrialState.COMPLETE and t.user_attrs.get("outcome") != "diverged"
+    ]
+    if not candidates:
+        return None
+    key = (lambda t: -t.value) if maximize else (lambda t: t.value)
+    return min(candidates, key=lambda t: (key(t), t.number))
+
+
+class WorkReporter(Protocol):
+    """Where a running job's reports go (the mailbox, in a Ray task); True stops the work."""
+
+    def report(self, index: int, payload: Any) -> bool: ...
+
+
+class Work(Protocol):
+    """What a job runs in its Ray task: plain data that pickles, with a `run` method."""
+
+    def run(self, reporter: Any) -> Any: ...
+
+
 class Job(ABC):
     """Work the driver hands to Ray for an arm, and where the news of it goes.
 
-    The driver (`worker.sweep`) knows only this contract: the job's `config` runs in a Ray task
-    (`worker._remote`) under `key`; messages from the task and its end are passed to the
-    `record_*` methods, which write to the arm's studies. `started` (monotonic seconds) is when
-    the trial timeout starts counting; `num_gpus` None means `resources.gpus_per_trial`.
+    The job's `config` runs in a Ray task under `key`; the messages from the task and its end
+    are passed to the `record_*` methods, which write to the arm's studies. `started`
+    (monotonic seconds) is when the trial timeout starts counting (a job may restart it);
+    `num_gpus` None means `resources.gpus_per_trial`.
     """
 
-    config: Any
+    config: Work
     attempt: int
     started: float
     num_gpus: float | None = None
@@ -81,13 +111,9 @@ class Job(ABC):
     @abstractmethod
     def record_start(self, pid: int, host: str, at: float) -> None: ...
 
-    def record_report(self, epoch: int, value: float) -> bool:
-        """An epoch's objective; True stops the task (a job that expects none stops)."""
-        return True
-
-    def record_meta(self, index: int, record: dict[str, Any]) -> bool:
-        """A hypergradient meta-iteration; True stops the task (a job that expects none stops)."""
-        return True
+    @abstractmethod
+    def record_report(self, index: int, payload: Any) -> bool:
+        """A report of the running work; True stops the task."""
 
     @abstractmethod
     def record_result(self, result: Any) -> None: ...
@@ -99,12 +125,13 @@ class Job(ABC):
 
 @dataclass
 class Assignment(Job):
-    """A trial handed to Ray: where it belongs and what it runs."""
+    """A trial Optuna handed out (a sweep trial or a final seed): where it belongs, what it
+    runs. Its reports are epochs' objectives; its result a `worker.runner.TrialResult`."""
 
     arm: ArmRun
     role: str
     trial: optuna.Trial
-    config: TrialConfig | ScheduleConfig
+    config: Work
     params: dict[str, Any]
     attempt: int
     seed: int
@@ -118,10 +145,10 @@ class Assignment(Job):
     def record_start(self, pid: int, host: str, at: float) -> None:
         self.arm.record_start(self, pid, host, at)
 
-    def record_report(self, epoch: int, value: float) -> bool:
-        return self.arm.record_report(self, epoch, value)
+    def record_report(self, index: int, payload: Any) -> bool:
+        return self.arm.record_report(self, index, float(payload))
 
-    def record_result(self, result: TrialResult) -> None:
+    def record_result(self, result: Any) -> None:
         self.arm.record_result(self, result)
 
     def record_failure(self, error: str, *, interrupted: bool = False, retry: bool = True) -> None:
@@ -153,29 +180,20 @@ class Counts:
             self.originals += 1
 
 
-def best_trial(trials: list[FrozenTrial], maximize: bool) -> FrozenTrial | None:
-    """The best finished trial that did not diverge (first of equals)."""
-    candidates = [
-        t
-        for t in trials
-        if t.state == TrialState.COMPLETE and t.user_attrs.get("outcome") != "diverged"
-    ]
-    if not candidates:
-        return None
-    key = (lambda t: -t.value) if maximize else (lambda t: t.value)
-    return min(candidates, key=lambda t: (key(t), t.number))
+class ArmRun(ABC):
+    """One arm's state, derived from storage at start and kept up to date as results come.
 
-
-class ArmRun:
-    """An Optuna-tuned arm (`tuner: "optuna"`); `worker._hypergrad_arm` holds the other kind."""
+    A tuner subclasses it and fills in how its sweep runs: `sweep_sampler`, `recover_sweep`,
+    `sweep_done`, `next_sweep_job` and `ask_final` (the final seed's work). The final seeds,
+    their retries and the counts are kept here.
+    """
 
     def __init__(self, spec: StudySpec, index: int, storage: Any, study_key: str) -> None:
         self.spec, self.storage, self.study_key = spec, storage, study_key
         self.arm = spec.arms[index]
         self.label, self.scheme = str(self.arm.label), self.arm.optimizer
-        self.space = spec.arm_search_space(self.arm)
-        self.sweep = self._open(SWEEP)
-        self.sweep.sampler = self._sweep_sampler()
+        self.sweep = self.open_study(SWEEP)
+        self.sweep.sampler = self.sweep_sampler()
         self.final: optuna.Study | None = None
         self.no_final = False  # the sweep ended without a usable best trial
         self.counts = {SWEEP: Counts(), FINAL: Counts()}
@@ -183,23 +201,46 @@ class ArmRun:
         self.first_error: str | None = None  # of the arm's first failed trial (not interrupted)
         try:
             storage.get_study_id_from_name(final_study_name(study_key, self.label))
-            self.final = self._open(FINAL)
+            self.final = self.open_study(FINAL)
         except KeyError:
             pass
 
-    def _sweep_sampler(self) -> optuna.samplers.BaseSampler:
-        """The spec's sampler with the spec's seed: a resumed sweep proposes what an
-        uninterrupted one would (`worker._optuna`)."""
-        return make_sampler(self.spec, self.space, self.scheme, self.spec.seed)
+    # -- what a tuner fills in -----------------------------------------------------------------
 
-    def _open(self, role: str) -> optuna.Study:
+    @abstractmethod
+    def sweep_sampler(self) -> optuna.samplers.BaseSampler:
+        """The sampler of the sweep study."""
+
+    def sweep_pruner(self) -> optuna.pruners.BasePruner:
+        """The pruner of the sweep study (none by default)."""
+        return optuna.pruners.NopPruner()
+
+    @abstractmethod
+    def recover_sweep(self) -> None:
+        """Derive the sweep's state from storage (a resumed driver starts here)."""
+
+    @property
+    @abstractmethod
+    def sweep_done(self) -> bool: ...
+
+    @abstractmethod
+    def next_sweep_job(self) -> Job | None:
+        """The sweep's next job, or None while it has nothing to start."""
+
+    @abstractmethod
+    def ask_final(self, study: optuna.Study) -> Assignment:
+        """The next final seed: asked from `study`, with the best sweep trial's work."""
+
+    # -- the studies ---------------------------------------------------------------------------
+
+    def open_study(self, role: str) -> optuna.Study:
         name = (sweep_study_name if role == SWEEP else final_study_name)(self.study_key, self.label)
         study = optuna.create_study(
             storage=self.storage,
             study_name=name,
             direction=self.spec.objective.direction,
             sampler=optuna.samplers.RandomSampler(seed=self.spec.seed),
-            pruner=make_pruner(self.spec) if role == SWEEP else optuna.pruners.NopPruner(),
+            pruner=self.sweep_pruner() if role == SWEEP else optuna.pruners.NopPruner(),
             load_if_exists=True,
         )
         if "arm" not in study.user_attrs:
@@ -215,19 +256,23 @@ class ArmRun:
                 study.set_user_attr(key, value)
         return study
 
-    def _studies(self) -> list[tuple[str, optuna.Study]]:
-        return [(SWEEP, self.sweep)] + ([(FINAL, self.final)] if self.final else [])
+    def study(self, role: str) -> optuna.Study:
+        study = self.sweep if role == SWEEP else self.final
+        assert study is not None
+        return study
 
     # -- recovery and bookkeeping -------------------------------------------------------------
 
     def recover(self) -> None:
         """Fail stale RUNNING trials, enqueue missing retries, count what storage holds."""
-        for role, study in self._studies():
-            self._recover_study(role, study)
+        self.recover_sweep()
+        if self.final is not None:
+            self.recover_trials(FINAL, self.final)
         if self.final is None and self.sweep_done:
-            self._start_final()
+            self.start_final()
 
-    def _recover_study(self, role: str, study: optuna.Study) -> None:
+    def recover_trials(self, role: str, study: optuna.Study) -> None:
+        """A study of trials Optuna hands out: stale ones failed, retries enqueued, counted."""
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             trial = optuna.Trial(study, t._trial_id)
             trial.set_user_attr("outcome", "failed")
@@ -238,7 +283,7 @@ class ArmRun:
         for t in trials:
             if t.state == TrialState.FAIL and t.number not in retried and self._retry_ok(t):
                 self._enqueue_retry(study, t.params, t.user_attrs, t.number)
-        self._recount(role, study)
+        self.recount_trials(role, study)
 
     def _retry_ok(self, t: FrozenTrial) -> bool:
         if t.user_attrs.get("deterministic"):
@@ -255,7 +300,8 @@ class ArmRun:
             retry["seed"] = attrs["seed"]
         study.enqueue_trial(params, user_attrs=retry)
 
-    def _recount(self, role: str, study: optuna.Study) -> None:
+    def recount_trials(self, role: str, study: optuna.Study) -> None:
+        """The counts of a study of trials Optuna hands out (and the sweep's best)."""
         trials = study.get_trials(deepcopy=False)
         retried = {t.user_attrs.get("retry_of") for t in trials}
         c = Counts()
@@ -293,96 +339,37 @@ class ArmRun:
         return False
 
     @property
-    def sweep_done(self) -> bool:
-        c = self.counts[SWEEP]
-        return c.originals >= self.spec.budget.trials_per_arm and c.waiting == 0 and c.running == 0
-
-    @property
     def done(self) -> bool:
         if not self.sweep_done:
             return False
         c = self.counts[FINAL]
         return self.no_final or (self.final is not None and c.waiting == 0 and c.running == 0)
 
-    def _start_final(self) -> None:
+    def start_final(self) -> None:
+        """Open the final study and enqueue the missing final seeds with the best parameters."""
         if self.best is None:
             self.no_final = True
             return
-        self.final = self._open(FINAL)
+        self.final = self.open_study(FINAL)
         self.final.set_user_attr("best_trial", self.best.number)
         existing = {t.user_attrs.get("seed") for t in self.final.get_trials(deepcopy=False)}
         for i in range(self.spec.budget.final_seeds):
             seed = self.spec.seed + 1 + i
             if seed not in existing:
                 self.final.enqueue_trial(self.best.params, user_attrs={"seed": seed, "attempt": 1})
-        self._recount(FINAL, self.final)
+        self.recount_trials(FINAL, self.final)
 
-    # -- handing out trials and recording their ends ------------------------------------------
+    # -- handing out jobs and recording their ends ----------------------------------------------
 
     def next_assignment(self) -> Job | None:
-        """The next trial to run, or None while this arm has nothing to start."""
+        """The next job to run, or None while this arm has nothing to start."""
         if not self.sweep_done:
-            c = self.counts[SWEEP]
-            if c.waiting > 0 or c.originals < self.spec.budget.trials_per_arm:
-                return self._ask(SWEEP, self.sweep)
-            return None
+            return self.next_sweep_job()
         if self.final is None and not self.no_final:
-            self._start_final()
+            self.start_final()
         if self.final is not None and self.counts[FINAL].waiting > 0:
-            return self._ask(FINAL, self.final)
+            return self.ask_final(self.final)
         return None
-
-    def _ask(self, role: str, study: optuna.Study) -> Assignment:
-        c = self.counts[role]
-        popped = c.waiting > 0  # Optuna hands out enqueued (waiting) trials first
-        trial = study.ask()
-        attrs = trial.user_attrs
-        params = suggest(trial, self.space, self.scheme)
-        hyperparameters = {**self.arm.fixed, **params}
-        lr = hyperparameters.get("lr", optim.SCHEMES[self.scheme].hyperparameter("lr").default)
-        seed = int(attrs.get("seed", self.spec.seed))
-        attempt = int(attrs.get("attempt", 1))
-        for key, value in {
-            "arm": self.label,
-            "scheme": self.scheme,
-            "role": role,
-            "lr": lr,
-            "seed": seed,
-            "attempt": attempt,
-        }.items():
-            trial.set_user_attr(key, value)
-        if self.arm.fixed:
-            trial.set_user_attr("fixed", dict(self.arm.fixed))
-        spec = self.spec
-        config = TrialConfig(
-            task=spec.task,
-            scheme=self.scheme,
-            hyperparameters=hyperparameters,
-            epochs=spec.budget.epochs,
-            data=spec.data.model_dump(),
-            model=spec.arm_model(self.arm).model_dump(),
-            steps_per_epoch=spec.budget.steps_per_epoch,
-            seed=seed,
-            device=spec.resources.device,
-            objective=spec.objective.metric,
-            divergence_factor=spec.objective.divergence_factor,
-            evaluate_test=role == FINAL,
-        )
-        c.start(popped)
-        return Assignment(
-            arm=self,
-            role=role,
-            trial=trial,
-            config=config,
-            params=params,
-            attempt=attempt,
-            seed=seed,
-        )
-
-    def _study(self, role: str) -> optuna.Study:
-        study = self.sweep if role == SWEEP else self.final
-        assert study is not None
-        return study
 
     def record_report(self, a: Assignment, epoch: int, value: float) -> bool:
         """Store an epoch's objective; True when the pruner stops the trial."""
@@ -394,10 +381,11 @@ class ArmRun:
         a.trial.set_user_attr("host", host)
         a.trial.set_user_attr("started_at", at)
 
-    def record_result(self, a: Assignment, result: TrialResult) -> None:
+    def record_result(self, a: Assignment, result: Any) -> None:
+        """A `worker.runner.TrialResult`: its attributes stored, the trial told."""
         for key, value in result.user_attrs().items():
             a.trial.set_user_attr(key, value)
-        study, c = self._study(a.role), self.counts[a.role]
+        study, c = self.study(a.role), self.counts[a.role]
         c.running -= 1
         if result.outcome == "pruned":
             study.tell(a.trial, state=TrialState.PRUNED)
@@ -430,7 +418,7 @@ class ArmRun:
         self._note_error({**attrs, "error": error[:2000]})
         if a.role == FINAL:
             attrs["seed"] = a.seed
-        study, c = self._study(a.role), self.counts[a.role]
+        study, c = self.study(a.role), self.counts[a.role]
         study.tell(a.trial, state=TrialState.FAIL)
         c.running -= 1
         c.failed += 1

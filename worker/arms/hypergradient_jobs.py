@@ -1,9 +1,9 @@
 """The hypergradient tuner's two jobs, as plain functions: no Ray, no database inside.
 
 - `TuneConfig.run(reporter)`: one call of `optim.hypergrad.tune` for an arm (Maclaurin,
-  Duvenaud, Adams 2015, arXiv 1502.03492). Each meta-iteration goes to `reporter.meta(index,
-  record)` as a JSON-safe record (what `worker._hypergrad_arm` stores as an Optuna trial);
-  a True answer aborts the tuning (`_StopTuningError`, raised from the callback).
+  Duvenaud, Adams 2015, arXiv 1502.03492). Each meta-iteration goes to `reporter.report(index,
+  record)` as a JSON-safe record (what `worker.arms.hypergradient_arm` stores as an Optuna
+  trial); a True answer aborts the tuning (`_StopTuningError`, raised from the callback).
 - `ScheduleConfig.run(reporter)`: a learned schedule retrained on one seed, for the final seeds.
 
 Choices:
@@ -29,7 +29,6 @@ Choices:
 
 from __future__ import annotations
 
-import itertools
 import math
 import statistics
 import time
@@ -50,8 +49,10 @@ from optim.hypergrad import (
     mlp_param_names,
     tune,
 )
+from worker.arms.hypergradient import mlp_layer_sizes, mlp_parameter_count
 from worker.runner import EpochRecord, Reporter, TrialResult, diverged_value, trial_objective
-from worker.tasks import MODELS, get_task, load_task_data
+from worker.spec import DataOptions, ModelOptions
+from worker.tasks import load_task_data
 
 __all__ = [
     "MetaReporter",
@@ -67,20 +68,7 @@ __all__ = [
 class MetaReporter(Protocol):
     """Receives every meta-iteration's record; returning True stops the tuning."""
 
-    def meta(self, index: int, record: dict[str, Any]) -> bool: ...
-
-
-def mlp_layer_sizes(task: str, data: dict[str, Any], model: dict[str, Any]) -> list[int]:
-    """Inputs, hidden widths, classes of the task's MLP (the spec's model options)."""
-    info = get_task(task)
-    width = model.get("width") or MODELS["mlp"].default_width
-    depth = model.get("depth") or MODELS["mlp"].default_depth or 0
-    return [math.prod(info.input_shape(data)), *[width] * depth, info.n_classes(data)]
-
-
-def mlp_parameter_count(sizes: Sequence[int]) -> int:
-    """Weights and biases of the MLP with these layer sizes."""
-    return sum((n_in + 1) * n_out for n_in, n_out in itertools.pairwise(sizes))
+    def report(self, index: int, record: dict[str, Any]) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -148,8 +136,8 @@ class TuneConfig:
     """One arm's hypergradient tuning; plain data, so it pickles into a Ray task."""
 
     task: str
-    data: dict[str, Any]
-    model: dict[str, Any]
+    data: DataOptions
+    model: ModelOptions
     steps: int
     blocks: int
     batch_size: int
@@ -166,7 +154,7 @@ class TuneConfig:
 
     def run(self, reporter: MetaReporter) -> TuneSummary:
         setup_start = time.perf_counter()
-        data = load_task_data(self.task, self.data, "cpu")
+        data = load_task_data(self.task, self.data.model_dump(), "cpu")
         sizes = mlp_layer_sizes(self.task, self.data, self.model)
         bound = self.divergence_factor * math.log(data.n_classes)
         n_parameters = mlp_parameter_count(sizes)
@@ -179,7 +167,7 @@ class TuneConfig:
                 return
             record = self._record(it, bound, data.n_classes, n_parameters)
             counts["reported"] += 1
-            if reporter.meta(it.index, record):
+            if reporter.report(it.index, record):
                 raise _StopTuningError
 
         stopped = False
@@ -218,7 +206,7 @@ class TuneConfig:
     def _record(
         self, it: MetaIteration, bound: float, n_classes: int, n_parameters: int
     ) -> dict[str, Any]:
-        """The JSON-safe record of a meta-iteration (see worker._hypergrad_arm)."""
+        """The JSON-safe record of a meta-iteration (see worker.arms.hypergradient_arm)."""
         schedule = Schedule.of(it)
         diverged = it.diverged or not math.isfinite(it.val_loss) or it.val_loss > bound
         value = diverged_value("val_loss", n_classes, self.divergence_factor)
@@ -244,8 +232,8 @@ class ScheduleConfig:
     """A learned schedule retrained on one seed (a hypergradient arm's final seed)."""
 
     task: str
-    data: dict[str, Any]
-    model: dict[str, Any]
+    data: DataOptions
+    model: ModelOptions
     schedule: dict[str, float]  # flat, as the sweep's trials store it
     steps: int
     blocks: int
@@ -269,7 +257,7 @@ def _evaluate(params: Sequence[Tensor], x: Tensor, y: Tensor) -> tuple[float, fl
 def train_schedule(config: ScheduleConfig, reporter: Reporter | None = None) -> TrialResult:
     """Train the MLP with the schedule for `config.steps` steps; one history record a block."""
     setup_start = time.perf_counter()
-    data = load_task_data(config.task, config.data, "cpu")
+    data = load_task_data(config.task, config.data.model_dump(), "cpu")
     x_train, x_val = data.x_train.double(), data.x_val.double()
     sizes = mlp_layer_sizes(config.task, config.data, config.model)
     s = Schedule.from_flat(config.schedule, mlp_param_names(sizes), config.blocks)

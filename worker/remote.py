@@ -1,14 +1,14 @@
 """What runs on Ray: the trial task, and the mailbox that carries reports back to the driver.
 
-A trial task never opens the database. After each epoch it sends `(trial key, epoch, value)` to
-the `Mailbox` actor and waits for the answer; the driver (the only database writer) takes the
-reports from the mailbox, records them with Optuna, asks the pruner, and answers. The task also
-announces its process id, host and start time when it starts, so the trial records where and
-when it ran (and a test can kill that process).
-
-The same task runs a hypergradient arm's jobs (`worker._hypergrad_run`): its tuning sends each
-meta-iteration as `(key, index, record)` and waits for the driver to have stored it (the answer
-True stops the tuning), so every meta-iteration is recorded before the task's result arrives.
+A task runs one job's work (`worker.arms.base.Work`: a `TrialConfig`, or a hypergradient arm's
+tuning or retraining) and never opens the database. Every report of the work — an epoch's
+objective `(key, epoch, value)`, a hypergradient meta-iteration `(key, index, record)` — goes
+to the `Mailbox` actor, and the task waits for the answer; the driver (the only database
+writer) takes the reports from the mailbox, hands each to its job (`Job.record_report`: Optuna
+and its pruner, or a meta-iteration trial stored), and answers (True stops the work). So every
+report is recorded before the task's result arrives. The task also announces its process id,
+host and start time when it starts, so the trial records where and when it ran (and a test can
+kill that process). This module knows no tuner.
 
 Trials that use GPUs run in a fresh worker process each (`max_calls=1`): the process exits
 after the trial, so CUDA memory, caches and allocator state never leak into the next trial.
@@ -24,12 +24,12 @@ import contextlib
 import os
 import socket
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
-from worker._hypergrad_run import ScheduleConfig, TuneConfig, TuneSummary
-from worker.runner import TrialConfig, TrialResult, run_trial
+if TYPE_CHECKING:  # not at run time: a Ray worker process need not import Optuna
+    from worker.arms.base import Work
 
 __all__ = ["Mailbox", "trial_task"]
 
@@ -52,10 +52,12 @@ class Mailbox:
         self._messages.append(("started", key, pid, host, at))
         self._event().set()
 
-    async def report(self, key: str, epoch: int, value: float) -> bool:
+    async def report(self, key: str, index: int, payload: Any) -> bool:
+        """A report of a running job (an epoch's value, a meta-iteration's record); answered
+        (by `decide`) once the driver recorded it: True stops the job."""
         answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._answers[(key, epoch)] = answer
-        self._messages.append(("report", key, epoch, value))
+        self._answers[(key, index)] = answer
+        self._messages.append(("report", key, index, payload))
         self._event().set()
         return await answer
 
@@ -67,14 +69,6 @@ class Mailbox:
         messages, self._messages = self._messages, []
         self._event().clear()
         return messages
-
-    async def meta(self, key: str, index: int, record: dict[str, Any]) -> bool:
-        """A hypergradient meta-iteration; answered (by `decide`) once the driver stored it."""
-        answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._answers[(key, index)] = answer
-        self._messages.append(("meta", key, index, record))
-        self._event().set()
-        return await answer
 
     async def decide(self, decisions: list[tuple[str, int, bool]]) -> None:
         for key, epoch, prune in decisions:
@@ -94,22 +88,13 @@ class _MailboxReporter:
     def __init__(self, mailbox: Any, key: str) -> None:
         self.mailbox, self.key = mailbox, key
 
-    def report(self, epoch: int, value: float) -> bool:
-        return bool(ray.get(self.mailbox.report.remote(self.key, epoch, value)))
-
-    def meta(self, index: int, record: dict[str, Any]) -> bool:
-        return bool(ray.get(self.mailbox.meta.remote(self.key, index, record)))
+    def report(self, index: int, payload: Any) -> bool:
+        return bool(ray.get(self.mailbox.report.remote(self.key, index, payload)))
 
 
-Config = TrialConfig | TuneConfig | ScheduleConfig
-
-
-def _train(config: Config, key: str, mailbox: Any) -> TrialResult | TuneSummary:
+def _train(work: Work, key: str, mailbox: Any) -> Any:
     mailbox.started.remote(key, os.getpid(), socket.gethostname(), time.time())
-    reporter = _MailboxReporter(mailbox, key)
-    if isinstance(config, TrialConfig):
-        return run_trial(config, reporter)
-    return config.run(reporter)
+    return work.run(_MailboxReporter(mailbox, key))
 
 
 _FRESH = ray.remote(max_calls=1, max_retries=0)(_train)
@@ -117,7 +102,7 @@ _REUSED = ray.remote(max_calls=0, max_retries=0)(_train)
 
 
 def trial_task(
-    config: Config,
+    work: Work,
     key: str,
     mailbox: Any,
     *,
@@ -125,10 +110,10 @@ def trial_task(
     num_gpus: float,
     fresh_process: bool,
 ) -> ray.ObjectRef:
-    """Start one trial (or hypergradient job) as a Ray task; its ObjectRef resolves to the
-    `TrialResult` (or the tuning's `TuneSummary`)."""
+    """Start one job's work as a Ray task; its ObjectRef resolves to what `work.run` returns
+    (a `TrialResult`, or a tuning's `TuneSummary`)."""
     remote = _FRESH if fresh_process else _REUSED
     ref: ray.ObjectRef = remote.options(
         num_cpus=num_cpus, num_gpus=num_gpus, name=f"ratebench trial {key}"
-    ).remote(config, key, mailbox)
+    ).remote(work, key, mailbox)
     return ref

@@ -1,4 +1,7 @@
-"""A hypergradient arm (`tuner: "hypergradient"`) and its two Optuna studies.
+"""A hypergradient arm (`tuner: "hypergradient"`) and its two Optuna studies: the driver's side.
+
+Its spec options and checks are `worker.arms.hypergradient`; what runs in its Ray tasks is
+`worker.arms.hypergradient_jobs`.
 
 The sweep study `<study key>/<label>` gets one COMPLETE trial per meta-iteration of
 `optim.hypergrad.tune`, added by the driver as the tuning reports it (`optuna.trial.
@@ -13,13 +16,14 @@ create_trial`: no sampler proposes anything). A meta-iteration trial records:
   `MetaIteration.params()`), `grad_norms`, `history` (one record: the run's end), `steps`,
   `wall_time`, `n_parameters`, `device`, and `pid`, `host`, `started_at` of the tuning task.
 
-How it runs (`worker.sweep` drives it like any arm, through the `Job` contract):
+How it runs (`worker.sweep` drives it like any arm, through `worker.arms.base`):
 - One Ray task calls the tuner once for the whole sweep (`TuneJob`, `TuneConfig`): the tuner's
   Adam state lives in that call, so its meta-iterations cannot be spread over trials. It takes
   one trial slot and `resources.cpus_per_trial`, but no GPU: the reversible trainer is numpy.
-  Each report is stored before the task goes on, so a stop loses at most the meta-iteration
-  in progress; `resources.trial_timeout_s` bounds each meta-iteration (the clock restarts at
-  every report). `should_stop()` cancels the task like any trial.
+  Each meta-iteration is a report of the task, stored before the task goes on, so a stop
+  loses at most the meta-iteration in progress; `resources.trial_timeout_s` bounds each
+  meta-iteration (the clock restarts at every report). `should_stop()` cancels the task like
+  any trial.
 - Budget: `budget.trials_per_arm` meta-iterations, counted from the meta-iteration trials in
   storage. A tuning run that fails or is stopped is a FAIL trial (`outcome = "failed"`,
   `error`, `attempt`, `interrupted` when stopped): visible, but no meta-iteration. Failed runs
@@ -45,8 +49,8 @@ import optuna
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
-from worker._arms import FINAL, SWEEP, ArmRun, Assignment, Counts, Job, best_trial
-from worker._hypergrad_run import ScheduleConfig, TuneConfig, TuneSummary
+from worker.arms.base import FINAL, SWEEP, ArmRun, Assignment, Counts, Job, best_trial
+from worker.arms.hypergradient_jobs import ScheduleConfig, TuneConfig, TuneSummary
 
 if TYPE_CHECKING:
     from worker.spec import StudySpec
@@ -75,8 +79,9 @@ class TuneJob(Job):
     def record_start(self, pid: int, host: str, at: float) -> None:
         self.where = {"pid": pid, "host": host, "started_at": at}
 
-    def record_meta(self, index: int, record: dict[str, Any]) -> bool:
-        return self.arm.record_meta(self, index, record)
+    def record_report(self, index: int, payload: Any) -> bool:
+        """A meta-iteration's record (`TuneConfig.run`); True stops the tuning."""
+        return self.arm.record_meta(self, index, payload)
 
     def record_result(self, result: TuneSummary) -> None:
         self.arm.record_tuned(self, result)
@@ -86,7 +91,8 @@ class TuneJob(Job):
 
 
 class HypergradArmRun(ArmRun):
-    """The arm's state, derived from storage at start and kept up to date as results come."""
+    """The sweep is one tuning run's meta-iterations; the final seeds retrain the best one's
+    schedule (`ScheduleConfig`)."""
 
     def __init__(self, spec: StudySpec, index: int, storage: Any, study_key: str) -> None:
         super().__init__(spec, index, storage, study_key)
@@ -105,7 +111,7 @@ class HypergradArmRun(ArmRun):
         self.gave_up = False
         self._runs = 0
 
-    def _sweep_sampler(self) -> optuna.samplers.BaseSampler:
+    def sweep_sampler(self) -> optuna.samplers.BaseSampler:
         return optuna.samplers.RandomSampler(seed=self.spec.seed)  # never asked: trials are added
 
     def _attrs(self, role: str) -> dict[str, Any]:
@@ -113,18 +119,12 @@ class HypergradArmRun(ArmRun):
 
     # -- counting ------------------------------------------------------------------------------
 
-    def recover(self) -> None:
-        if self.final is not None:
-            self._recover_study(FINAL, self.final)
-        self._recount(SWEEP, self.sweep)
-        if self.final is None and self.sweep_done:
-            self._start_final()
+    def recover_sweep(self) -> None:
+        self._recount_sweep()
 
-    def _recount(self, role: str, study: optuna.Study) -> None:
-        if role == FINAL:
-            super()._recount(role, study)
-            return
-        trials = study.get_trials(deepcopy=False)
+    def _recount_sweep(self) -> None:
+        """The meta-iterations and failed tuning runs in storage."""
+        trials = self.sweep.get_trials(deepcopy=False)
         metas = [
             t for t in trials if t.state == TrialState.COMPLETE and "meta_iteration" in t.user_attrs
         ]
@@ -149,17 +149,15 @@ class HypergradArmRun(ArmRun):
 
     # -- the tuning run ------------------------------------------------------------------------
 
-    def next_assignment(self) -> Job | None:
-        if not self.sweep_done:
-            return self._tune_job() if self.tuning is None else None
-        return super().next_assignment()  # the final seeds
+    def next_sweep_job(self) -> Job | None:
+        return self._tune_job() if self.tuning is None else None
 
     def _tune_job(self) -> TuneJob:
         spec, options = self.spec, self.options
         config = TuneConfig(
             task=spec.task,
-            data=spec.data.model_dump(),
-            model=spec.arm_model(self.arm).model_dump(),
+            data=spec.data,
+            model=spec.arm_model(self.arm),
             steps=self.steps,
             blocks=options.blocks,
             batch_size=self.batch_size,
@@ -242,7 +240,7 @@ class HypergradArmRun(ArmRun):
             self.record_tune_failure(job, error)
             return
         self.tuning = None
-        self._recount(SWEEP, self.sweep)
+        self._recount_sweep()
 
     def record_tune_failure(self, job: TuneJob, error: str, *, interrupted: bool = False) -> None:
         """A FAIL trial for the run (no meta-iteration); the next run resumes (see above)."""
@@ -259,13 +257,14 @@ class HypergradArmRun(ArmRun):
             attrs["interrupted"] = True
         self._add(optuna.trial.create_trial(state=TrialState.FAIL, user_attrs=attrs))
         self.tuning = None
-        self._recount(SWEEP, self.sweep)
+        self._recount_sweep()
 
     # -- final seeds ---------------------------------------------------------------------------
 
-    def _ask(self, role: str, study: optuna.Study) -> Assignment:
+    def ask_final(self, study: optuna.Study) -> Assignment:
         """A final seed: the best meta-iteration's schedule, retrained on the trial's seed."""
-        assert role == FINAL and self.best is not None
+        assert self.best is not None
+        role = FINAL
         best, spec, c = self.best, self.spec, self.counts[role]
         popped = c.waiting > 0
         trial = study.ask()
@@ -290,8 +289,8 @@ class HypergradArmRun(ArmRun):
                 trial.set_user_attr(key, value)
         config = ScheduleConfig(
             task=spec.task,
-            data=spec.data.model_dump(),
-            model=spec.arm_model(self.arm).model_dump(),
+            data=spec.data,
+            model=spec.arm_model(self.arm),
             schedule=schedule,
             steps=self.steps,
             blocks=self.options.blocks,
