@@ -3,6 +3,10 @@
 PostgreSQL tests read the server from `RATEBENCH_TEST_POSTGRES_URL` (default: the local server
 at 127.0.0.1:5432 as user postgres). When it cannot be reached they skip with the reason, unless
 `RATEBENCH_REQUIRE_POSTGRES=1` (set by `.ci/run`), which turns the skip into a failure.
+
+Ray's start-up timeout (`RATEBENCH_RAY_START_TIMEOUT_S`) defaults here to a generous 180 s, so
+that a loaded machine makes the suite slower, not red; it is exported before anything imports
+`ray`, and the services and CLIs the tests start inherit it.
 """
 
 from __future__ import annotations
@@ -13,6 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from worker import cluster
+
+os.environ.setdefault(cluster.START_TIMEOUT_ENV, "180")
+cluster.export_start_timeout()
 
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
@@ -82,6 +91,17 @@ def ray_runtime(ray_data_root: Path) -> Iterator[None]:
         cluster.connect(None, num_cpus=2, log_to_driver=False, runtime_env=workers_env)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread_per_test_process() -> None:
+    """The tests' own torch work runs on one thread, as a trial does in a Ray task. Their
+    networks are tiny, and on a loaded 2-core machine two intra-op threads per process spin
+    against the other jobs: 300 SGD steps of test_transformed's MLP took 13 s on two threads
+    and 0.3 s on one (load average 9)."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture

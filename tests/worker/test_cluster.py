@@ -1,0 +1,53 @@
+"""Ray's start-up timeout as a setting: `RATEBENCH_RAY_START_TIMEOUT_S` reaches Ray's own limits."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from worker import cluster
+
+_PROBE = """
+import worker.cluster
+import ray  # after worker.cluster, as in the service and the CLI
+from ray._raylet import Config
+print(Config.worker_register_timeout_seconds())
+"""
+
+
+def _env(**values: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "RATEBENCH_RAY_"))}
+    return {**env, **values}
+
+
+def test_the_setting_reaches_rays_own_start_up_limits() -> None:
+    """Ray's core, loading in a fresh process, reads the limit the setting exported."""
+    probe = [sys.executable, "-c", _PROBE]
+    default = subprocess.run(probe, env=_env(), capture_output=True, text=True, check=True)
+    env = _env(RATEBENCH_RAY_START_TIMEOUT_S="97")
+    raised = subprocess.run(probe, env=env, capture_output=True, text=True, check=True)
+    assert default.stdout.strip() != "97"
+    assert raised.stdout.strip() == "97"
+
+
+@pytest.mark.parametrize("raw", ["soon", "0", "-5", "1.5"])
+def test_a_bad_value_is_refused_naming_the_variable(
+    raw: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(cluster.START_TIMEOUT_ENV, raw)
+    with pytest.raises(ValueError, match=cluster.START_TIMEOUT_ENV):
+        cluster.start_timeout_s()
+
+
+def test_an_explicit_ray_setting_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    raylet, worker = "RAY_raylet_start_wait_time_s", "RAY_worker_register_timeout_seconds"
+    monkeypatch.setenv(cluster.START_TIMEOUT_ENV, "200")
+    monkeypatch.setenv(raylet, "45")
+    monkeypatch.setenv(worker, "restored afterwards")
+    monkeypatch.delenv(worker)
+    cluster.export_start_timeout()
+    assert os.environ[raylet] == "45"
+    assert os.environ[worker] == "200"
