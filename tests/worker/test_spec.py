@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from worker import spec as spec_module
-from worker.spec import StudySpec, format_errors
+from worker import spec_base as limits
+from worker.spec import SPEC_VERSION, StudySpec, format_errors
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.json"))
 
@@ -87,14 +87,14 @@ def test_searching_a_hyperparameter_one_arm_lacks_names_that_arm() -> None:
 
 
 def test_budget_over_the_hard_limit_is_rejected_with_the_limit() -> None:
-    too_many = spec_module.MAX_TRIALS_PER_ARM + 1
+    too_many = limits.MAX_TRIALS_PER_ARM + 1
     errors = _errors(_spec(budget={"trials_per_arm": too_many, "epochs": 0}))
-    assert str(spec_module.MAX_TRIALS_PER_ARM) in errors["budget.trials_per_arm"]
+    assert str(limits.MAX_TRIALS_PER_ARM) in errors["budget.trials_per_arm"]
     assert "budget.epochs" in errors
 
 
 def test_too_many_arms_is_rejected() -> None:
-    arms = [{"optimizer": "sgd"}] * (spec_module.MAX_ARMS + 1)
+    arms = [{"optimizer": "sgd"}] * (limits.MAX_ARMS + 1)
     assert "arms" in _errors(_spec(arms=arms))
 
 
@@ -193,7 +193,7 @@ def test_bmp_variants_get_their_own_labels_and_no_label_can_pool_them() -> None:
 
 def test_a_stored_spec_without_a_version_is_version_one() -> None:
     stored = StudySpec.model_validate(_spec()).model_dump(mode="json")
-    assert stored["version"] == spec_module.SPEC_VERSION == 1
+    assert stored["version"] == SPEC_VERSION == 1
     del stored["version"]  # as stored before specs had versions
     spec = StudySpec.from_stored(stored)
     assert spec.version == 1 and spec.labels == ["sgd", "adam"]
