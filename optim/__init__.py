@@ -7,8 +7,13 @@ used directly: `BackMatching` (`bmp`), `BackMatchingExact` (`bmp_exact`), `LARS`
 `transformed_mlp` build networks of transformed tanh units with linear shortcuts (any scheme
 trains them; `update_transformations(model)` re-centres their units); `optim.hypergrad` learns
 learning-rate schedules by reversible training.
+
+A scheme that refuses a hyperparameter raises `HyperparameterError` (its `scheme`, `name` and
+`detail` say what and why), one that cannot train a model `UnsupportedModelError`; both are
+`ValueError`s.
 """
 
+from optim._checks import HyperparameterError, UnsupportedModelError
 from optim.backmatching import BackMatching, BackMatchingExact
 from optim.lamb import LAMB
 from optim.lars import LARS
@@ -30,11 +35,13 @@ __all__ = [
     "BackMatching",
     "BackMatchingExact",
     "Hyperparameter",
+    "HyperparameterError",
     "Residual",
     "Scheme",
     "TransformationScheduler",
     "TransformedBlock",
     "TransformedTanh",
+    "UnsupportedModelError",
     "build",
     "scheme",
     "tanh_mlp",

@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 from torch.optim.optimizer import ParamsT
 
-from optim._checks import require, require_rate
+from optim._checks import require, require_momentum, require_rate
 from optim._layerwise import TrustRatioOptimizer, evaluate_closure, norm_pairs, param_labels
 
 __all__ = ["LARS"]
@@ -48,7 +48,7 @@ class LARS(TrustRatioOptimizer):
         exclude_bias_and_norm: bool = True,
     ) -> None:
         require_rate("lars", lr)
-        require("lars", "momentum", momentum, 0.0 <= momentum < 1.0, "in [0, 1)")
+        require_momentum("lars", momentum)
         require("lars", "weight_decay", weight_decay, weight_decay >= 0.0, ">= 0")
         require("lars", "trust_coefficient", trust_coefficient, trust_coefficient > 0.0, "> 0")
         defaults = {

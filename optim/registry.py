@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from optim._checks import MAX_MOMENTUM, HyperparameterError, require_momentum
 from optim.backmatching import BackMatching, BackMatchingExact
 from optim.lamb import LAMB
 from optim.lars import LARS
@@ -50,26 +51,30 @@ class Hyperparameter:
     search: tuple[float, float] | None = None  # the usual sweep range (`"auto"` in a spec)
 
     def check(self, scheme: str, value: Any) -> float | int | bool:
-        """Return `value` coerced to this hyperparameter's type, or raise a ValueError naming it."""
-        where = f"{scheme}: {self.name}"
+        """Return `value` coerced to this hyperparameter's type, or raise a
+        `HyperparameterError` naming it."""
+
+        def refuse(detail: str) -> HyperparameterError:
+            return HyperparameterError(scheme, self.name, detail)
+
         if self.type == "bool":
             if not isinstance(value, bool):
-                raise ValueError(f"{where}: must be true or false, got {value!r}")
+                raise refuse(f"must be true or false, got {value!r}")
             return value
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"{where}: must be a number, got {value!r}")
+            raise refuse(f"must be a number, got {value!r}")
         if not math.isfinite(value):
-            raise ValueError(f"{where}: must be finite, got {value!r}")
+            raise refuse(f"must be finite, got {value!r}")
         if self.type == "int":
             if float(value) != int(value):
-                raise ValueError(f"{where}: must be an integer, got {value!r}")
+                raise refuse(f"must be an integer, got {value!r}")
             value = int(value)
         else:
             value = float(value)
         if self.low is not None and value < self.low:
-            raise ValueError(f"{where}: must be >= {self.low:g}, got {value:g}")
+            raise refuse(f"must be >= {self.low:g}, got {value:g}")
         if self.high is not None and value > self.high:
-            raise ValueError(f"{where}: must be <= {self.high:g}, got {value:g}")
+            raise refuse(f"must be <= {self.high:g}, got {value:g}")
         return value
 
 
@@ -97,14 +102,14 @@ class Scheme:
         object.__setattr__(self, "_by_name", {h.name: h for h in self.hyperparameters})
 
     def hyperparameter(self, name: str) -> Hyperparameter:
-        """The hyperparameter called `name`, or a ValueError listing the known ones."""
+        """The hyperparameter called `name`, or a `HyperparameterError` listing the known ones
+        (without a field name: the name is what is wrong)."""
         try:
             return self._by_name[name]
         except KeyError:
             known = ", ".join(self._by_name)
-            raise ValueError(
-                f"{self.name}: unknown hyperparameter {name!r}; known: {known}"
-            ) from None
+            detail = f"unknown hyperparameter {name!r}; known: {known}"
+            raise HyperparameterError(self.name, "", detail) from None
 
     def defaults(self) -> dict[str, float | int | bool]:
         return {h.name: h.default for h in self.hyperparameters}
@@ -119,7 +124,10 @@ def _lr(default: float, search: tuple[float, float]) -> Hyperparameter:
 
 
 def _momentum(default: float = 0.0) -> Hyperparameter:
-    return Hyperparameter("momentum", "float", default, 0.0, 0.999, help="heavy-ball momentum")
+    """Every scheme's momentum has the range its constructor checks (`require_momentum`)."""
+    return Hyperparameter(
+        "momentum", "float", default, 0.0, MAX_MOMENTUM, help="heavy-ball momentum"
+    )
 
 
 def _weight_decay(default: float = 0.0) -> Hyperparameter:
@@ -133,8 +141,9 @@ _EPS = Hyperparameter("eps", "float", 1e-8, 1e-12, 1e-2, log=True, help="denomin
 
 
 def _sgd(params: Any, lr: float, momentum: float, weight_decay: float, nesterov: bool) -> Any:
+    require_momentum("sgd", momentum)  # torch.optim.SGD takes any momentum >= 0
     if nesterov and momentum <= 0:
-        raise ValueError("sgd: nesterov: needs momentum > 0")
+        raise HyperparameterError("sgd", "nesterov", "needs momentum > 0")
     return torch.optim.SGD(
         params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov
     )
@@ -291,8 +300,8 @@ def scheme(name: str) -> Scheme:
 def validate(name: str, hyperparameters: Mapping[str, Any]) -> dict[str, Any]:
     """Complete `hyperparameters` with the scheme's defaults and check every value.
 
-    Raises ValueError naming the scheme and the field for an unknown name or an out-of-range
-    value, so callers can show the message to a person unchanged.
+    Raises `HyperparameterError` (a ValueError) naming the scheme and the field for an unknown
+    name or an out-of-range value, so callers can show the message to a person unchanged.
     """
     sch = scheme(name)
     values: dict[str, Any] = sch.defaults()

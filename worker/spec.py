@@ -21,11 +21,15 @@ Choices:
 - `tuner` is `optuna` (the sweep) or `hypergradient`: `optim.hypergrad` learns the arm's
   per-block, per-tensor SGD-with-momentum schedule by exact hypergradients through reversible
   training, one Optuna trial per meta-iteration (`budget.trials_per_arm` meta-iterations), then
-  the best schedule is retrained on the final seeds. Each tuner owns its options and its
+  the best schedule is retrained on the final seeds. An arm is the model of its tuner
+  (`ArmSpec`, a union discriminated by `tuner`, absent meaning `optuna`): `OptunaArmSpec` has
+  `fixed` and `search_space`, `HypergradientArmSpec` (`worker.arms.hypergradient`) its
+  `hypergradient` options; both share `ArmSpecBase` (`worker.spec_base`), and a field of the
+  other tuner's is refused with a message at its own path. Errors are reported at the arm's
+  fields as written (`arms.0.fixed.lr`), never under the tuner's name. Each tuner owns its
   cross-field checks (`worker.arms.optuna`, `worker.arms.hypergradient`: the hypergradient
   tuner needs the `sgd` scheme, the ReLU `mlp` on vector features and the `val_loss`
-  objective; its options are the arm's `hypergradient` object, `HypergradientOptions`);
-  `worker.spec_checks` runs them with the checks of data and models.
+  objective); `worker.spec_checks` runs them with the checks of data and models.
 - Stored specs are trusted data: `StudySpec.from_stored` (every read of a stored study: the
   scheduler, the API, plots, the CLI) migrates a spec of an older `version` (absent: 1) to
   `SPEC_VERSION` and validates it without the checks that depend on the machine (installed
@@ -47,19 +51,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import (
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
     field_validator,
     model_validator,
 )
-from pydantic_core import InitErrorDetails
+from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
+from pydantic_core.core_schema import ErrorType
 
-from worker.arms.hypergradient import HypergradientOptions, hypergradient_steps
+from worker.arms.hypergradient import (
+    HypergradientArmSpec,
+    HypergradientOptions,
+    hypergradient_steps,
+)
 from worker.spec_base import (
     MAX_ARMS,
     MAX_BATCH_SIZE,
@@ -73,6 +86,8 @@ from worker.spec_base import (
     MAX_TRIALS_PER_ARM,
     MAX_WIDTH,
     MODEL_CONFIG,
+    ArmSpecBase,
+    ModelOverrides,
     Strict,
     spec_error,
     trusted,
@@ -81,12 +96,15 @@ from worker.spec_base import (
 __all__ = [
     "SPEC_VERSION",
     "ArmSpec",
+    "ArmSpecBase",
     "Budget",
     "DataOptions",
+    "HypergradientArmSpec",
     "HypergradientOptions",
     "ModelOptions",
     "ModelOverrides",
     "Objective",
+    "OptunaArmSpec",
     "PrunerSpec",
     "Resources",
     "SamplerSpec",
@@ -99,21 +117,13 @@ __all__ = [
 # The spec's format; `StudySpec.from_stored` migrates older stored specs to it (`_MIGRATIONS`).
 SPEC_VERSION = 1
 
-LABEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+=-]{0,63}$"
 
+def _list_tasks(schema: dict[str, Any]) -> None:
+    """List the known tasks in the JSON schema (the OpenAPI document), as `worker.spec_base`
+    lists the schemes; called only when a schema is built."""
+    from worker.tasks import TASKS
 
-def _enum(schema: dict[str, Any], kind: Literal["schemes", "tasks"]) -> None:
-    """List the known names in the JSON schema (the OpenAPI document), so that clients and
-    generated requests see them. Called only when a schema is built: importing the registries
-    costs torch's import, which validating a spec does not need until it names a scheme."""
-    if kind == "schemes":
-        import optim
-
-        schema["enum"] = list(optim.SCHEMES)
-    else:
-        from worker.tasks import TASKS
-
-        schema["enum"] = list(TASKS)
+    schema["enum"] = list(TASKS)
 
 
 class SearchDimension(Strict):
@@ -199,53 +209,72 @@ class ModelOptions(Strict):
     transform_every: int = Field(100, ge=1, le=1_000_000, description="steps between updates")
 
 
-class ModelOverrides(Strict):
-    """An arm's changes to the study's model options (unset fields keep the study's)."""
+class OptunaArmSpec(ArmSpecBase):
+    """An arm swept by Optuna (`tuner: "optuna"`, the default): its scheme's `fixed`
+    hyperparameters, and its `search_space` entries replacing the study's
+    (`worker.arms.optuna` checks them against the scheme)."""
 
-    width: int | None = Field(None, ge=1, le=MAX_WIDTH)
-    depth: int | None = Field(None, ge=1, le=MAX_DEPTH)
-    activation: Literal["relu", "tanh"] | None = None
-    transformed: bool | None = None
-    transform_every: int | None = Field(None, ge=1, le=1_000_000)
+    other_tuners_fields: ClassVar[dict[str, str]] = {
+        "hypergradient": "options of the hypergradient tuner; this arm's tuner is 'optuna' "
+        "(set tuner 'hypergradient', or drop this)",
+    }
 
-
-class ArmSpec(Strict):
-    """One arm: a scheme, its fixed hyperparameters, its model options, its tuner.
-
-    `tuner: "optuna"` sweeps the search space; `tuner: "hypergradient"` learns a schedule with
-    `optim.hypergrad` (options in `hypergradient`; see the module docstring for what it needs).
-    """
-
-    optimizer: str = Field(
-        description="a key of optim.SCHEMES (GET /api/v1/schemes)",
-        json_schema_extra=lambda schema: _enum(schema, "schemes"),
-    )
-    label: str | None = Field(None, pattern=LABEL_PATTERN, description="unique; default derived")
+    tuner: Literal["optuna"] = Field("optuna", description="optuna (default) or hypergradient")
     fixed: dict[str, bool | int | float] = Field(default_factory=dict)
     search_space: dict[str, SearchDimension] | None = Field(
         None, description="replaces the study's entries of the same name for this arm"
     )
-    model: ModelOverrides = Field(default_factory=ModelOverrides)
-    tuner: Literal["optuna", "hypergradient"] = "optuna"
-    hypergradient: HypergradientOptions | None = Field(
-        None, description="tuner 'hypergradient' only; default options when omitted"
-    )
 
-    @field_validator("optimizer")
-    @classmethod
-    def _known_scheme(cls, value: str, info: ValidationInfo) -> str:
-        import optim
 
-        if trusted(info):
-            return value
-        if value not in optim.SCHEMES:
-            raise spec_error(f"unknown scheme {value!r}; known: {', '.join(optim.SCHEMES)}")
-        return value
+_TUNERS = ("optuna", "hypergradient")  # the tags of `ArmSpec`
 
-    @property
-    def hypergradient_options(self) -> HypergradientOptions:
-        """The hypergradient tuner's options, defaults filled in."""
-        return self.hypergradient or HypergradientOptions()
+
+def _tuner_of(arm: Any) -> str:
+    """The arm's tuner: its `tuner`, `optuna` when absent (pydantic's discriminator)."""
+    if isinstance(arm, dict):
+        return str(arm.get("tuner", "optuna"))
+    return str(getattr(arm, "tuner", "optuna"))
+
+
+def _without_tag(arm: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """Validate an arm by its tuner's model, its errors at the arm's own field paths.
+
+    Pydantic's tagged union puts the tag into every error's location (`arms.0.optuna.fixed.lr`);
+    users see `arms.0.fixed.lr`, as the spec is written. An unknown tuner is reported at
+    `tuner`, with the known ones."""
+    if isinstance(arm, dict) and "tuner" in arm and arm["tuner"] not in _TUNERS:
+        message = f"unknown tuner {arm['tuner']!r}; known: {', '.join(_TUNERS)}"
+        error = InitErrorDetails(type=spec_error(message), loc=("tuner",), input=arm["tuner"])
+        raise ValidationError.from_exception_data("ArmSpec", [error])
+    try:
+        return handler(arm)
+    except ValidationError as exc:
+        tag = _tuner_of(arm)
+        errors = [_untagged(item, tag) for item in exc.errors()]
+        raise ValidationError.from_exception_data(exc.title, errors) from None
+
+
+_KNOWN_ERRORS = frozenset(get_args(ErrorType))
+
+
+def _untagged(item: ErrorDetails, tag: str) -> InitErrorDetails:
+    """`item` without `tag` at the start of its location, otherwise as it was."""
+    loc = item["loc"][1:] if item["loc"][:1] == (tag,) else item["loc"]
+    if item["type"] in _KNOWN_ERRORS:  # pydantic's own: rebuilt from its type and context
+        details = InitErrorDetails(type=item["type"], loc=loc, input=item["input"])
+        if "ctx" in item:
+            details["ctx"] = item["ctx"]
+        return details
+    error = PydanticCustomError(item["type"], item["msg"])  # ours (`spec_error`): its words
+    return InitErrorDetails(type=error, loc=loc, input=item["input"])
+
+
+# An arm: its `tuner` (absent: optuna) selects the model.
+ArmSpec = Annotated[
+    Annotated[OptunaArmSpec, Tag("optuna")] | Annotated[HypergradientArmSpec, Tag("hypergradient")],
+    Discriminator(_tuner_of),
+    WrapValidator(_without_tag),
+]
 
 
 class Budget(Strict):
@@ -376,7 +405,7 @@ class StudySpec(Strict):
     name: str = Field(min_length=1, max_length=200)
     task: str = Field(
         description="<dataset>-<model>, e.g. mnist1d-mlp (GET /api/v1/tasks)",
-        json_schema_extra=lambda schema: _enum(schema, "tasks"),
+        json_schema_extra=_list_tasks,
     )
     seed: int = Field(0, ge=0, le=2**31 - 1, description="sweep seed; final seeds follow it")
     data: DataOptions = Field(default_factory=DataOptions)
@@ -455,10 +484,11 @@ class StudySpec(Strict):
     def arm_search_space(self, arm: ArmSpec) -> dict[str, SearchDimension]:
         """The arm's effective search space: the study's, with the arm's entries replacing, and
         `"auto"` ranges resolved for the arm's scheme."""
-        space = {**self.search_space, **(arm.search_space or {})}
+        own = arm.search_space if isinstance(arm, OptunaArmSpec) else None
+        space = {**self.search_space, **(own or {})}
         return {name: dim.for_scheme(arm.optimizer, name) for name, dim in space.items()}
 
-    def arm_hypergradient_steps(self, arm: ArmSpec) -> int | None:
+    def arm_hypergradient_steps(self, arm: HypergradientArmSpec) -> int | None:
         """T of a hypergradient arm: its own `steps`, else as long as the other arms train
         (`budget.epochs × budget.steps_per_epoch`); None when neither is given."""
         return hypergradient_steps(arm.hypergradient_options, self.budget)
@@ -480,7 +510,9 @@ class StudySpec(Strict):
         default = self.budget.epochs * self.steps_per_epoch()
         total = 0
         for arm in self.arms:
-            steps = self.arm_hypergradient_steps(arm) if arm.tuner == "hypergradient" else None
+            steps = None
+            if isinstance(arm, HypergradientArmSpec):
+                steps = self.arm_hypergradient_steps(arm)
             total += runs * (steps or default)
         return total
 

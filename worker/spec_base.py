@@ -1,18 +1,31 @@
-"""What the study spec is built from: its hard limits, the strict base model, its errors.
+"""What the study spec is built from: its hard limits, the strict base model, its errors, and
+what every arm has whatever its tuner (`ArmSpecBase`, `ModelOverrides`).
 
-Kept apart from `worker.spec` so that the tuners' option models (`worker.arms.hypergradient`)
-and the cross-field checks (`worker.spec_checks`) can use them without importing the spec,
-which imports them: no module here imports `worker.spec`.
+Kept apart from `worker.spec` so that the tuners' arm models (`worker.arms.hypergradient`) and
+the cross-field checks (`worker.spec_checks`) can use them without importing the spec, which
+imports them: no module here imports `worker.spec`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationInfo
-from pydantic_core import PydanticCustomError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 __all__ = [
+    "LABEL_PATTERN",
     "MAX_ARMS",
     "MAX_BATCH_SIZE",
     "MAX_CONCURRENT_TRIALS",
@@ -32,6 +45,8 @@ __all__ = [
     "MAX_TRIAL_TIMEOUT_S",
     "MAX_WIDTH",
     "MODEL_CONFIG",
+    "ArmSpecBase",
+    "ModelOverrides",
     "Problem",
     "Strict",
     "spec_error",
@@ -85,3 +100,86 @@ class Strict(BaseModel):
     """Unknown fields refused, no coercion, no NaN or infinity (see `worker.spec`)."""
 
     model_config = MODEL_CONFIG
+
+
+LABEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+=-]{0,63}$"
+
+
+def _list_schemes(schema: dict[str, Any]) -> None:
+    """List the known schemes in the JSON schema (the OpenAPI document), so that clients and
+    generated requests see them. Called only when a schema is built: importing the registry
+    costs torch's import, which validating a spec does not need until it names a scheme."""
+    import optim
+
+    schema["enum"] = list(optim.SCHEMES)
+
+
+class ModelOverrides(Strict):
+    """An arm's changes to the study's model options (unset fields keep the study's)."""
+
+    width: int | None = Field(None, ge=1, le=MAX_WIDTH)
+    depth: int | None = Field(None, ge=1, le=MAX_DEPTH)
+    activation: Literal["relu", "tanh"] | None = None
+    transformed: bool | None = None
+    transform_every: int | None = Field(None, ge=1, le=1_000_000)
+
+
+# Every tuner's own fields, empty. Before arms were split by tuner, one arm model held them all,
+# so every stored spec (a dump) has them: an arm drops another tuner's field when it is empty and
+# dumps them back, so that stored specs load and a dump, and the hash of it that names a CLI
+# study (`ratebench run` resumes a spec by it), is what it was.
+_EVERY_TUNERS_FIELDS: dict[str, Any] = {"fixed": {}, "search_space": None, "hypergradient": None}
+
+
+class ArmSpecBase(Strict):
+    """What every arm has: a scheme, a label, model overrides. A tuner's arm (`tuner` selects
+    it, `worker.spec.ArmSpec`) adds its own fields, and refuses another tuner's with the
+    message in its `other_tuners_fields` (an empty one, as stored specs hold, is dropped)."""
+
+    other_tuners_fields: ClassVar[dict[str, str]] = {}
+
+    optimizer: str = Field(
+        description="a key of optim.SCHEMES (GET /api/v1/schemes)",
+        json_schema_extra=_list_schemes,
+    )
+    label: str | None = Field(None, pattern=LABEL_PATTERN, description="unique; default derived")
+    model: ModelOverrides = Field(default_factory=ModelOverrides)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _other_tuners_fields(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        kept, refused = {}, []
+        for key, value in data.items():
+            if key in cls.other_tuners_fields and value == _EVERY_TUNERS_FIELDS.get(key):
+                continue
+            if key in cls.other_tuners_fields:
+                error = spec_error(cls.other_tuners_fields[key])
+                refused.append(InitErrorDetails(type=error, loc=(key,), input=value))
+            kept[key] = value
+        if refused:
+            raise ValidationError.from_exception_data(cls.__name__, refused)
+        return kept
+
+    @field_validator("optimizer")
+    @classmethod
+    def _known_scheme(cls, value: str, info: ValidationInfo) -> str:
+        import optim
+
+        if trusted(info):
+            return value
+        if value not in optim.SCHEMES:
+            raise spec_error(f"unknown scheme {value!r}; known: {', '.join(optim.SCHEMES)}")
+        return value
+
+    @model_serializer(mode="wrap")
+    def _every_tuners_fields(
+        self, handler: SerializerFunctionWrapHandler, info: SerializationInfo
+    ) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if info.exclude_none or info.exclude_defaults or info.exclude_unset or info.exclude:
+            return data
+        if info.include:
+            return data
+        return {**data, **{k: v for k, v in _EVERY_TUNERS_FIELDS.items() if k not in data}}

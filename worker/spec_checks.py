@@ -128,7 +128,8 @@ def _scheme_part(spec: StudySpec, arm: ArmSpec) -> str:
     one must not share a label (leaderboards pool arms by label and scheme)."""
     if arm.optimizer == "bmp" and "propagate" in spec.arm_search_space(arm):
         return "bmp-propagate-searched"
-    if arm.optimizer == "bmp" and arm.fixed.get("propagate") is False:
+    fixed = arm.fixed if arm.tuner == "optuna" else {}
+    if arm.optimizer == "bmp" and fixed.get("propagate") is False:
         return "bmp-local"
     return arm.optimizer
 

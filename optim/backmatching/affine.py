@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from optim._checks import UnsupportedModelError
 from optim.backmatching.block import Block
 from optim.backmatching.structure import describe
 
@@ -211,9 +212,10 @@ class ConvBlock(_Affine):
     ) -> None:
         super().__init__(path, module, norm, norm_path)
         if self.module.padding_mode != "zeros":
-            raise ValueError(
-                f"bmp: {describe(path, module)}: padding_mode {self.module.padding_mode!r} is not "
-                "supported (only 'zeros')"
+            raise UnsupportedModelError(
+                "bmp",
+                f"{describe(path, module)}: padding_mode {self.module.padding_mode!r} is not "
+                "supported (only 'zeros')",
             )
         self.dims = self.module.weight.dim() - 2
         self._geometry: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}

@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from optim._checks import require, require_rate
+from optim._checks import UnsupportedModelError, require, require_momentum, require_rate
 from optim._layerwise import evaluate_closure
 from optim.backmatching.activations import is_activation, slope
 from optim.backmatching.structure import Chain, Leaf, Node, describe, parse
@@ -73,9 +73,9 @@ def _chain(node: Node) -> list[Leaf]:
         return [node]
     if isinstance(node, Chain):
         return [leaf for child in node.nodes for leaf in _chain(child)]
-    raise ValueError(
-        f"bmp_exact: {node.path or 'model'}: a sum of paths (residual block) is not a chain; "
-        + _ADVICE
+    raise UnsupportedModelError(
+        "bmp_exact",
+        f"{node.path or 'model'}: a sum of paths (residual block) is not a chain; " + _ADVICE,
     )
 
 
@@ -94,7 +94,7 @@ class BackMatchingExact(torch.optim.Optimizer):
         require_rate("bmp_exact", lr)
         ok_damping = damping >= 0 and math.isfinite(damping)
         require("bmp_exact", "damping", damping, ok_damping, ">= 0")
-        require("bmp_exact", "momentum", momentum, 0.0 <= momentum < 1.0, "in [0, 1)")
+        require_momentum("bmp_exact", momentum)
         require("bmp_exact", "split", split, isinstance(split, bool), "true or false")
         ok_reduction = loss_reduction in ("mean", "sum")
         require("bmp_exact", "loss_reduction", loss_reduction, ok_reduction, "'mean' or 'sum'")
@@ -104,13 +104,13 @@ class BackMatchingExact(torch.optim.Optimizer):
         for leaf in self._layers:
             own = list(leaf.module.parameters(recurse=False))
             if own and not isinstance(leaf.module, nn.Linear):
-                raise ValueError(
-                    f"bmp_exact: {describe(leaf.path, leaf.module)}: only Linear layers may "
-                    "hold parameters"
+                raise UnsupportedModelError(
+                    "bmp_exact",
+                    f"{describe(leaf.path, leaf.module)}: only Linear layers may hold parameters",
                 )
             named += [(names[id(p)], p) for p in own if p.requires_grad]
         if not named:
-            raise ValueError("bmp_exact: the model has no trainable Linear parameters")
+            raise UnsupportedModelError("bmp_exact", "the model has no trainable Linear parameters")
         defaults = {"lr": lr, "damping": damping, "momentum": momentum, "split": split}
         super().__init__([{"params": named}], defaults)
         self.loss_reduction = loss_reduction

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from optim._checks import UnsupportedModelError
 from optim.backmatching.activations import is_activation, slope
 from optim.backmatching.affine import (
     AFFINE,
@@ -173,4 +174,4 @@ def make_block(leaf: Leaf) -> Block:
         return block(leaf.path, module)
     if is_activation(module):
         return _Activation(leaf.path, module)
-    raise ValueError(f"bmp: {describe(leaf.path, module)}: unsupported layer type")
+    raise UnsupportedModelError("bmp", f"{describe(leaf.path, module)}: unsupported layer type")

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from optim._checks import require, require_rate
+from optim._checks import require, require_momentum, require_rate
 from optim._layerwise import evaluate_closure
 from optim.backmatching.plan import Plan
 
@@ -70,7 +70,7 @@ class BackMatching(torch.optim.Optimizer):
         propagate: bool = True,
     ) -> None:
         require_rate("bmp", lr)
-        require("bmp", "momentum", momentum, 0.0 <= momentum < 1.0, "in [0, 1)")
+        require_momentum("bmp", momentum)
         require(
             "bmp", "nesterov", nesterov, not nesterov or momentum > 0, "false when momentum is 0"
         )

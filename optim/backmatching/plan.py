@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from optim._checks import UnsupportedModelError
 from optim.backmatching.layers import AFFINE, NORMS, Block, make_block, supported
 from optim.backmatching.structure import Chain, Leaf, Node, Paths, describe, leaves, parse
 
@@ -169,9 +170,10 @@ class Plan:
             for module in block.modules():
                 first = owners.setdefault(id(module), block)
                 if first is not block and block.hooked:
-                    raise ValueError(
-                        f"{self.scheme}: {describe(block.path, block.module)}: the same module "
-                        f"is also used as {first.path}; back-matching needs each layer once"
+                    raise UnsupportedModelError(
+                        self.scheme,
+                        f"{describe(block.path, block.module)}: the same module "
+                        f"is also used as {first.path}; back-matching needs each layer once",
                     )
 
     def _collect_parameters(self, model: nn.Module) -> None:
@@ -181,9 +183,10 @@ class Plan:
             slots = []
             for local, p in block.params():
                 if id(p) in owner:
-                    raise ValueError(
-                        f"{self.scheme}: parameter {names.get(id(p), local)!r} is shared by "
-                        f"{owner[id(p)]} and {block.path}; tied weights are not supported"
+                    raise UnsupportedModelError(
+                        self.scheme,
+                        f"parameter {names.get(id(p), local)!r} is shared by "
+                        f"{owner[id(p)]} and {block.path}; tied weights are not supported",
                     )
                 owner[id(p)] = block.path
                 slots.append(len(self.params) if p.requires_grad else -1)
@@ -193,12 +196,13 @@ class Plan:
             self.slots.append(slots)
         for name, p in model.named_parameters():
             if p.requires_grad and id(p) not in owner:
-                raise ValueError(
-                    f"{self.scheme}: parameter {name!r} is not in a layer back-matching "
-                    "understands (a sum of paths or an activation cannot train parameters)"
+                raise UnsupportedModelError(
+                    self.scheme,
+                    f"parameter {name!r} is not in a layer back-matching "
+                    "understands (a sum of paths or an activation cannot train parameters)",
                 )
         if not self.params:
-            raise ValueError(f"{self.scheme}: the model has no trainable parameters")
+            raise UnsupportedModelError(self.scheme, "the model has no trainable parameters")
 
 
 def fuse(node: Node) -> Node:

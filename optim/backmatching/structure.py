@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from optim._checks import UnsupportedModelError
+
 __all__ = ["Chain", "Leaf", "Node", "Paths", "leaves", "parse"]
 
 
@@ -76,16 +78,19 @@ def parse(
 
     def visit(module: nn.Module, path: str) -> Node:
         if id(module) in seen and not _stateless(module):
-            raise ValueError(
-                f"{scheme}: {describe(path, module)}: the same module is used twice; "
-                "back-matching needs each layer once"
+            raise UnsupportedModelError(
+                scheme,
+                f"{describe(path, module)}: the same module is used twice; "
+                "back-matching needs each layer once",
             )
         seen.add(id(module))
         if hasattr(module, "backmatching_paths"):
             _no_own_parameters(scheme, path, module)
             paths: list[nn.Module] = list(module.backmatching_paths())  # type: ignore[operator]
             if not paths:
-                raise ValueError(f"{scheme}: {describe(path, module)}: no backmatching_paths()")
+                raise UnsupportedModelError(
+                    scheme, f"{describe(path, module)}: no backmatching_paths()"
+                )
             named = [(p, _name(names, p, path, i)) for i, p in enumerate(paths)]
             return Paths(path, tuple(visit(p, name) for p, name in named))
         if hasattr(module, "backmatching_slope") or known(module):
@@ -98,7 +103,9 @@ def parse(
         if len(children) == 1 and _stateless(module):
             name, child = children[0]
             return visit(child, _join(path, name))
-        raise ValueError(f"{scheme}: {describe(path, module)}: unsupported layer type; {advice}")
+        raise UnsupportedModelError(
+            scheme, f"{describe(path, module)}: unsupported layer type; {advice}"
+        )
 
     return visit(model, "")
 
@@ -127,7 +134,8 @@ def _stateless(module: nn.Module) -> bool:
 
 def _no_own_parameters(scheme: str, path: str, module: nn.Module) -> None:
     if any(p.requires_grad for p in module.parameters(recurse=False)):
-        raise ValueError(
-            f"{scheme}: {describe(path, module)}: a sum of paths cannot hold trainable "
-            "parameters of its own; put them inside a path"
+        raise UnsupportedModelError(
+            scheme,
+            f"{describe(path, module)}: a sum of paths cannot hold trainable "
+            "parameters of its own; put them inside a path",
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 from collections.abc import Callable
 
 import pytest
@@ -164,6 +165,74 @@ def test_unknown_scheme_and_field() -> None:
         build("bmpx", mlp())
     with pytest.raises(ValueError, match=r"^bmp: unknown hyperparameter 'betas'; known: lr"):
         build("bmp", mlp(), betas=0.9)
+
+
+def test_errors_carry_the_scheme_the_field_and_the_rule() -> None:
+    with pytest.raises(optim.HyperparameterError) as refused:
+        build("lars", mlp(), weight_decay=-1.0)
+    error = refused.value
+    assert (error.scheme, error.name, error.detail) == (
+        "lars",
+        "weight_decay",
+        "must be >= 0, got -1",
+    )
+    assert str(error) == "lars: weight_decay: must be >= 0, got -1"
+    with pytest.raises(optim.HyperparameterError) as unknown:
+        build("bmp", mlp(), betas=0.9)
+    assert unknown.value.name == ""
+    assert unknown.value.detail.startswith("unknown hyperparameter 'betas'; known: lr")
+    with pytest.raises(optim.UnsupportedModelError) as model:
+        build("bmp_exact", small_cnn())
+    assert model.value.scheme == "bmp_exact"
+    assert str(model.value) == f"bmp_exact: {model.value.detail}"
+    assert model.value.detail.startswith("0 (Conv2d): unsupported layer type")
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        optim.HyperparameterError("lars", "weight_decay", "must be >= 0, got -1"),
+        optim.HyperparameterError("bmp", "", "unknown hyperparameter 'betas'"),
+        optim.UnsupportedModelError("bmp_exact", "0 (Conv2d): unsupported layer type"),
+    ],
+)
+def test_errors_survive_pickling_as_themselves(error: ValueError) -> None:
+    """A trial's error reaches the driver pickled (Ray); one that cannot be rebuilt arrives as
+    Ray's UnserializableException, which reads as a dead worker and is retried."""
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error)
+    assert str(copy) == str(error)
+    assert vars(copy) == vars(error)
+
+
+def _momentum_schemes() -> list[str]:
+    return [n for n, s in SCHEMES.items() if "momentum" in {h.name for h in s.hyperparameters}]
+
+
+def test_momentum_schemes_are_the_expected_ones() -> None:
+    assert set(_momentum_schemes()) == {"sgd", "lars", "bmp", "bmp_exact"}
+
+
+@pytest.mark.parametrize("name", _momentum_schemes())
+def test_the_registrys_momentum_bound_is_every_constructors(name: str) -> None:
+    """At the registry's high bound the scheme builds; just above, the registry and the
+    constructor itself (called directly, as a user of the class would) both refuse it,
+    naming the field."""
+    sch = SCHEMES[name]
+    high = sch.hyperparameter("momentum").high
+    assert high is not None and 0 < high < 1
+    build(name, mlp(), momentum=high)
+    above = math.nextafter(high, 1.0)
+    with pytest.raises(optim.HyperparameterError) as registry:
+        build(name, mlp(), momentum=above)
+    model = mlp()
+    target = model if sch.needs_model else model.parameters()  # what `build` hands it
+    if sch.layerwise and not sch.needs_model:
+        target = model.named_parameters()
+    with pytest.raises(optim.HyperparameterError) as constructor:
+        sch.constructor(target, **{**sch.defaults(), "momentum": above})
+    assert (registry.value.scheme, registry.value.name) == (name, "momentum")
+    assert (constructor.value.scheme, constructor.value.name) == (name, "momentum")
 
 
 def test_nesterov_without_momentum_names_the_scheme() -> None:

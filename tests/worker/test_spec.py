@@ -10,7 +10,13 @@ import pytest
 from pydantic import ValidationError
 
 from worker import spec_base as limits
-from worker.spec import SPEC_VERSION, StudySpec, format_errors
+from worker.spec import (
+    SPEC_VERSION,
+    HypergradientArmSpec,
+    OptunaArmSpec,
+    StudySpec,
+    format_errors,
+)
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.json"))
 
@@ -122,6 +128,82 @@ def test_hypergradient_tuner_needs_the_loss_it_descends() -> None:
     assert "objective.metric 'val_loss'" in errors["arms.0.tuner"]
 
 
+# -- arms by tuner -----------------------------------------------------------------------------
+
+
+def test_an_arm_without_a_tuner_is_an_optuna_arm() -> None:
+    spec = StudySpec.model_validate(_spec(arms=[{"optimizer": "sgd", "fixed": {"momentum": 0.9}}]))
+    (arm,) = spec.arms
+    assert isinstance(arm, OptunaArmSpec)
+    assert arm.tuner == "optuna" and arm.fixed == {"momentum": 0.9}
+
+
+def test_a_hypergradient_arm_is_its_own_model_with_its_options() -> None:
+    arm = {"optimizer": "sgd", "tuner": "hypergradient", "hypergradient": {"steps": 40}}
+    spec = StudySpec.model_validate(
+        _spec(arms=[{"optimizer": "sgd"}, arm], objective={"metric": "val_loss"})
+    )
+    optuna_arm, hypergradient_arm = spec.arms
+    assert isinstance(optuna_arm, OptunaArmSpec)
+    assert isinstance(hypergradient_arm, HypergradientArmSpec)
+    assert hypergradient_arm.hypergradient_options.steps == 40
+    assert hypergradient_arm.hypergradient_options.blocks == 10  # the default
+    assert not hasattr(hypergradient_arm, "fixed")
+
+
+def test_an_unknown_tuner_is_named_with_the_known_ones() -> None:
+    errors = _errors(_spec(arms=[{"optimizer": "sgd"}, {"optimizer": "sgd", "tuner": "bohb"}]))
+    assert errors == {"arms.1.tuner": "unknown tuner 'bohb'; known: optuna, hypergradient"}
+
+
+def test_an_arm_reports_its_errors_at_its_own_fields_not_under_its_tuner() -> None:
+    arms = [
+        {"optimizer": "sgd", "fixed": {"momentum": 3.0}, "label": "!"},
+        {"optimizer": "sgd", "tuner": "hypergradient", "hypergradient": {"steps": 0}},
+        {"optimizer": "sgd", "hypergradient": {"steps": 10}},
+    ]
+    with pytest.raises(ValidationError) as info:
+        StudySpec.model_validate(_spec(arms=arms, objective={"metric": "val_loss"}))
+    errors = {e["loc"]: e for e in info.value.errors()}
+    assert set(errors) == {
+        ("arms", 0, "label"),
+        ("arms", 1, "hypergradient", "steps"),
+        ("arms", 2, "hypergradient"),
+    }
+    assert errors[("arms", 0, "label")]["type"] == "string_pattern_mismatch"
+    steps = errors[("arms", 1, "hypergradient", "steps")]
+    assert steps["type"] == "greater_than_equal" and steps["ctx"] == {"ge": 1}
+    assert "options of the hypergradient tuner" in errors[("arms", 2, "hypergradient")]["msg"]
+    # once the fields are valid, the cross-field checks use the same paths
+    errors_ = _errors(_spec(arms=[{"optimizer": "sgd", "fixed": {"momentum": 3.0}}]))
+    assert errors_ == {"arms.0.fixed.momentum": "must be <= 0.999, got 3"}
+
+
+def test_a_dump_has_every_tuners_fields_and_loads_back() -> None:
+    """Stored specs (dumps of the one arm model arms had before) hold every tuner's fields,
+    the other tuners' empty; a dump stays so, and loads back."""
+    arms = [{"optimizer": "sgd"}, {"optimizer": "sgd", "tuner": "hypergradient"}]
+    spec = StudySpec.model_validate(
+        _spec(arms=arms, objective={"metric": "val_loss"}, budget={"steps_per_epoch": 5})
+    )
+    stored = spec.model_dump(mode="json")
+    optuna_arm, hypergradient_arm = stored["arms"]
+    every = {"optimizer", "label", "model", "tuner", "fixed", "search_space", "hypergradient"}
+    assert set(optuna_arm) == set(hypergradient_arm) == every
+    assert (optuna_arm["tuner"], optuna_arm["hypergradient"]) == ("optuna", None)
+    assert (hypergradient_arm["fixed"], hypergradient_arm["search_space"]) == ({}, None)
+    again = StudySpec.from_stored(stored)
+    assert again.model_dump(mode="json") == stored
+    assert StudySpec.model_validate(stored).model_dump(mode="json") == stored
+    assert spec.arms[0].model_dump(exclude_none=True) == {
+        "optimizer": "sgd",
+        "label": "sgd",
+        "model": {},
+        "tuner": "optuna",
+        "fixed": {},
+    }
+
+
 def test_direction_must_agree_with_the_metric() -> None:
     errors = _errors(_spec(objective={"metric": "val_loss", "direction": "maximize"}))
     assert errors["objective"] == "val_loss is to minimize, got direction 'maximize'"
@@ -168,6 +250,12 @@ def test_the_json_schema_carries_an_example_that_validates() -> None:
     schema = StudySpec.model_json_schema()
     (example,) = schema["examples"]
     StudySpec.model_validate(example)
+    arms = schema["properties"]["arms"]["items"]["oneOf"]
+    assert arms == [
+        {"$ref": "#/$defs/OptunaArmSpec"},
+        {"$ref": "#/$defs/HypergradientArmSpec"},
+    ]
+    assert "sgd" in schema["$defs"]["OptunaArmSpec"]["properties"]["optimizer"]["enum"]
 
 
 def test_bmp_variants_get_their_own_labels_and_no_label_can_pool_them() -> None:

@@ -10,7 +10,8 @@
   `worker.arms.hypergradient_arm`: its `HypergradArmRun`; `worker.arms.hypergradient_jobs`: what
   its Ray tasks run (the tuning, and a schedule retrained on a final seed).
 
-A new tuner is a module with `check_arm` and `check_build` (`worker.spec_checks.TUNERS`) and an
-`ArmRun` subclass (`worker.sweep`). This package's `__init__` imports nothing: `worker.spec`
-imports `worker.arms.hypergradient` for its options without Optuna or PyTorch.
+A new tuner is an arm model (an `worker.spec_base.ArmSpecBase` subclass, tagged in
+`worker.spec.ArmSpec`), a module with `check_arm` and `check_build` (`worker.spec_checks.TUNERS`)
+and an `ArmRun` subclass (`worker.sweep`). This package's `__init__` imports nothing:
+`worker.spec` imports `worker.arms.hypergradient` for its arm without Optuna or PyTorch.
 """

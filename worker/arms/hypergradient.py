@@ -1,13 +1,14 @@
 """The hypergradient tuner (`tuner: "hypergradient"`): what a spec may ask of it.
 
-Its options (`HypergradientOptions`, an arm's `hypergradient` object), the length of its runs
+Its arm (`HypergradientArmSpec`), its options (`HypergradientOptions`, the arm's
+`hypergradient` object), the length of its runs
 (`hypergradient_steps`) and its cross-field checks (`check_arm`): it needs the `sgd` scheme,
 optim.hypergrad's ReLU `mlp` on feature vectors, the `val_loss` objective (what the tuner
 minimises) and a model within the `MAX_HYPERGRAD_*` limits, so that a run's memory stays
 bounded. How the arm runs: `worker.arms.hypergradient_arm` (the driver's side) and
 `worker.arms.hypergradient_jobs` (what runs in its Ray tasks).
 
-This module imports only pydantic at load time: `worker.spec` takes the options from here.
+This module imports only pydantic at load time: `worker.spec` takes the arm from here.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -26,15 +27,17 @@ from worker.spec_base import (
     MAX_HYPERGRAD_PARAMETERS,
     MAX_HYPERGRAD_STEPS,
     MAX_HYPERGRAD_WIDTH,
+    ArmSpecBase,
     Problem,
     Strict,
     spec_error,
 )
 
 if TYPE_CHECKING:
-    from worker.spec import ArmSpec, Budget, DataOptions, ModelOptions, StudySpec
+    from worker.spec import Budget, DataOptions, ModelOptions, StudySpec
 
 __all__ = [
+    "HypergradientArmSpec",
     "HypergradientOptions",
     "Learnable",
     "check_arm",
@@ -90,6 +93,28 @@ class HypergradientOptions(Strict):
         return self
 
 
+class HypergradientArmSpec(ArmSpecBase):
+    """An arm whose SGD schedule `optim.hypergrad` learns (`tuner: "hypergradient"`); its
+    options are its `hypergradient` object (defaults when omitted). It fixes and searches
+    nothing: its starting values are its options."""
+
+    other_tuners_fields: ClassVar[dict[str, str]] = {
+        "fixed": "a hypergradient arm takes its starting values from its hypergradient options "
+        "(lr, momentum, init_scale, l2), not fixed",
+        "search_space": "a hypergradient arm learns its schedule; it searches nothing (drop this)",
+    }
+
+    tuner: Literal["hypergradient"]
+    hypergradient: HypergradientOptions | None = Field(
+        None, description="the tuner's options; default options when omitted"
+    )
+
+    @property
+    def hypergradient_options(self) -> HypergradientOptions:
+        """The tuner's options, defaults filled in."""
+        return self.hypergradient or HypergradientOptions()
+
+
 def hypergradient_steps(options: HypergradientOptions, budget: Budget) -> int | None:
     """T of a hypergradient arm: its own `steps`, else as long as the other arms train
     (`budget.epochs × budget.steps_per_epoch`); None when neither is given."""
@@ -118,7 +143,7 @@ def mlp_parameter_count(sizes: Sequence[int]) -> int:
 _DATASETS = ("mnist1d", "digits", "synthetic")
 
 
-def _check_model(spec: StudySpec, index: int, arm: ArmSpec) -> Problem | None:
+def _check_model(spec: StudySpec, index: int, arm: HypergradientArmSpec) -> Problem | None:
     """The model and data a hypergradient arm needs: optim.hypergrad's ReLU MLP on vectors."""
     from worker.tasks import get_task
 
@@ -156,7 +181,7 @@ def _check_model(spec: StudySpec, index: int, arm: ArmSpec) -> Problem | None:
     return None
 
 
-def check_arm(spec: StudySpec, index: int, arm: ArmSpec) -> list[Problem]:
+def check_arm(spec: StudySpec, index: int, arm: HypergradientArmSpec) -> list[Problem]:
     """A hypergradient arm: sgd on optim.hypergrad's MLP, judged by val_loss, bounded size."""
     where: tuple[str | int, ...] = ("arms", index)
     problems: list[Problem] = []
@@ -173,15 +198,6 @@ def check_arm(spec: StudySpec, index: int, arm: ArmSpec) -> list[Problem]:
             f"(got {spec.objective.metric!r})"
         )
         problems.append(((*where, "tuner"), message, arm.tuner))
-    if arm.fixed:
-        message = (
-            "a hypergradient arm takes its starting values from its hypergradient options "
-            f"(lr, momentum, init_scale, l2), not fixed; got {', '.join(arm.fixed)}"
-        )
-        problems.append(((*where, "fixed"), message, None))
-    if arm.search_space is not None:
-        message = "a hypergradient arm learns its schedule; it searches nothing (drop this)"
-        problems.append(((*where, "search_space"), message, None))
     if (problem := _check_model(spec, index, arm)) is not None:
         problems.append(problem)
     options = arm.hypergradient_options
@@ -209,6 +225,6 @@ def check_arm(spec: StudySpec, index: int, arm: ArmSpec) -> list[Problem]:
     return problems
 
 
-def check_build(spec: StudySpec, index: int, arm: ArmSpec) -> Problem | None:
+def check_build(spec: StudySpec, index: int, arm: HypergradientArmSpec) -> Problem | None:
     """Nothing to probe: `check_arm` already pinned the model and the scheme."""
     return None

@@ -50,6 +50,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from worker.arms.base import FINAL, SWEEP, ArmRun, Assignment, Counts, Job, best_trial
+from worker.arms.hypergradient import HypergradientArmSpec
 from worker.arms.hypergradient_jobs import ScheduleConfig, TuneConfig, TuneSummary
 
 if TYPE_CHECKING:
@@ -70,14 +71,18 @@ class TuneJob(Job):
     run: int  # tuning runs this driver started for the arm (makes the key unique)
     started: float = field(default_factory=time.monotonic)
     num_gpus: float | None = 0.0
-    where: dict[str, Any] = field(default_factory=dict)  # pid, host, started_at
+    where: dict[str, Any] = field(default_factory=dict)  # pid, host, started_at, node
 
     @property
     def key(self) -> str:
         return f"{self.arm.label}/{SWEEP}/tune-{self.run}"
 
-    def record_start(self, pid: int, host: str, at: float) -> None:
+    def record_start(
+        self, pid: int, host: str, at: float, node: dict[str, Any] | None = None
+    ) -> None:
         self.where = {"pid": pid, "host": host, "started_at": at}
+        if node is not None:
+            self.where["node"] = node
 
     def record_report(self, index: int, payload: Any) -> bool:
         """A meta-iteration's record (`TuneConfig.run`); True stops the tuning."""
@@ -96,8 +101,10 @@ class HypergradArmRun(ArmRun):
 
     def __init__(self, spec: StudySpec, index: int, storage: Any, study_key: str) -> None:
         super().__init__(spec, index, storage, study_key)
-        self.options = self.arm.hypergradient_options
-        steps = spec.arm_hypergradient_steps(self.arm)
+        arm = spec.arms[index]
+        assert isinstance(arm, HypergradientArmSpec), "the driver runs an arm by its tuner"
+        self.options = arm.hypergradient_options
+        steps = spec.arm_hypergradient_steps(arm)
         assert steps is not None, "validated by the spec"
         self.steps = steps
         self.batch_size = self.options.batch_size or spec.data.batch_size

@@ -20,12 +20,13 @@ import optim
 from worker.arms.base import FINAL, SWEEP, ArmRun, Assignment, Job
 from worker.arms.sampling import make_pruner, make_sampler, suggest
 from worker.runner import TrialConfig
+from worker.spec import OptunaArmSpec
 from worker.spec_base import Problem
 from worker.tasks import get_task
 from worker.tasks.models import build_model
 
 if TYPE_CHECKING:
-    from worker.spec import ArmSpec, SearchDimension, StudySpec
+    from worker.spec import SearchDimension, StudySpec
 
 __all__ = ["OptunaArmRun", "check_arm", "check_build"]
 
@@ -33,19 +34,12 @@ __all__ = ["OptunaArmRun", "check_arm", "check_build"]
 # -- the spec ----------------------------------------------------------------------------------
 
 
-def _strip(scheme: str, name: str, message: str) -> str:
-    """optim's messages start with "<scheme>: <name>: "; the field path already says that."""
-    for prefix in (f"{scheme}: {name}: ", f"{scheme}: "):
-        if message.startswith(prefix):
-            return message[len(prefix) :]
-    return message
-
-
 def _check_value(scheme: str, name: str, value: Any) -> str | None:
+    """The rule `value` breaks, without the scheme and the name: the field path says them."""
     try:
         optim.SCHEMES[scheme].hyperparameter(name).check(scheme, value)
-    except ValueError as exc:
-        return _strip(scheme, name, str(exc))
+    except optim.HyperparameterError as exc:
+        return exc.detail
     return None
 
 
@@ -72,12 +66,9 @@ def _check_dimension(scheme: str, name: str, dim: SearchDimension) -> str | None
     return None
 
 
-def check_arm(spec: StudySpec, index: int, arm: ArmSpec) -> list[Problem]:
+def check_arm(spec: StudySpec, index: int, arm: OptunaArmSpec) -> list[Problem]:
     """An optuna arm's fixed values and search space against its scheme's hyperparameters."""
     where: tuple[str | int, ...] = ("arms", index)
-    if arm.hypergradient is not None:
-        message = "options of the hypergradient tuner; this arm's tuner is 'optuna'"
-        return [((*where, "hypergradient"), message, None)]
     problems: list[Problem] = []
     scheme = arm.optimizer
     hyperparameters = {h.name for h in optim.SCHEMES[scheme].hyperparameters}
@@ -133,12 +124,14 @@ def _build_error(
         )
         try:
             optim.build(scheme, net, **dict(hyperparameters))
-        except ValueError as exc:  # optim's errors: "<scheme>: <what>"
-            return _strip(scheme, "", str(exc))
+        except optim.HyperparameterError as exc:
+            return f"{exc.name}: {exc.detail}" if exc.name else exc.detail
+        except optim.UnsupportedModelError as exc:
+            return exc.detail
     return None
 
 
-def _probe_values(arm: ArmSpec, space: dict[str, SearchDimension]) -> dict[str, Any]:
+def _probe_values(arm: OptunaArmSpec, space: dict[str, SearchDimension]) -> dict[str, Any]:
     """The arm's fixed values, and each searched hyperparameter at its top (a range's high,
     a list's last value), where a combination like nesterov without momentum shows."""
     values: dict[str, Any] = dict(arm.fixed)
@@ -148,7 +141,7 @@ def _probe_values(arm: ArmSpec, space: dict[str, SearchDimension]) -> dict[str, 
     return values
 
 
-def check_build(spec: StudySpec, index: int, arm: ArmSpec) -> Problem | None:
+def check_build(spec: StudySpec, index: int, arm: OptunaArmSpec) -> Problem | None:
     """An arm whose scheme cannot be built on the task's model (bmp_exact on a convolutional
     or residual network), or not with its fixed values: refused now rather than failing every
     trial. Run once the arms and the models are otherwise valid."""
@@ -179,7 +172,10 @@ class OptunaArmRun(ArmRun):
     """An arm whose sweep trials are asked from the spec's sampler, one trial per Ray task."""
 
     def __init__(self, spec: StudySpec, index: int, storage: Any, study_key: str) -> None:
-        self.space = spec.arm_search_space(spec.arms[index])
+        arm = spec.arms[index]
+        assert isinstance(arm, OptunaArmSpec), "the driver runs an arm by its tuner"
+        self.space = spec.arm_search_space(arm)
+        self.fixed = dict(arm.fixed)
         super().__init__(spec, index, storage, study_key)
 
     def sweep_sampler(self) -> optuna.samplers.BaseSampler:
@@ -213,7 +209,7 @@ class OptunaArmRun(ArmRun):
         trial = study.ask()
         attrs = trial.user_attrs
         params = suggest(trial, self.space, self.scheme)
-        hyperparameters = {**self.arm.fixed, **params}
+        hyperparameters = {**self.fixed, **params}
         lr = hyperparameters.get("lr", optim.SCHEMES[self.scheme].hyperparameter("lr").default)
         seed = int(attrs.get("seed", self.spec.seed))
         attempt = int(attrs.get("attempt", 1))
@@ -226,8 +222,8 @@ class OptunaArmRun(ArmRun):
             "attempt": attempt,
         }.items():
             trial.set_user_attr(key, value)
-        if self.arm.fixed:
-            trial.set_user_attr("fixed", dict(self.arm.fixed))
+        if self.fixed:
+            trial.set_user_attr("fixed", dict(self.fixed))
         spec = self.spec
         config = TrialConfig(
             task=spec.task,
