@@ -3,7 +3,13 @@
 `ray.init` must run on the main thread: a runtime initialised from another thread hangs the
 first call made afterwards (seen with Ray 2.60), so the service connects during its start-up,
 before it serves requests. A failed connection does not stop the API: `/health` reports it and
-the scheduler waits for Ray.
+the scheduler waits for Ray. A setting that can never connect (token authentication without a
+token, `worker.cluster.ClusterConfigError`) is refused when the runtime is made, so that
+`ratebench serve` stops with one line instead of serving without its scheduler.
+
+An API that does not run the scheduler (`RATEBENCH_RUN_SCHEDULER=false`) gets a disabled
+runtime and never calls `ray.init`: a driver needs a Ray node (a raylet) on its own machine,
+which an API container does not have. `/health` then reports Ray as "disabled" (not used).
 """
 
 from __future__ import annotations
@@ -37,9 +43,12 @@ class RayStatus:
 
 
 class RayRuntime:
-    """Connects to Ray (`address`, or a local runtime when None) once, on the calling thread."""
+    """Connects to Ray (`address`, or a local runtime when None) once, on the calling thread;
+    `enabled=False`: never (the state stays "disabled")."""
 
     def __init__(self, address: str | None, *, enabled: bool = True) -> None:
+        if enabled:
+            cluster.check_auth(address)  # ClusterConfigError: no connection could ever succeed
         self.address = address
         self._state = "starting" if enabled else "disabled"
         self._error: str | None = None

@@ -1,14 +1,23 @@
-"""docker-compose.yml cannot run here (no Docker engine), so check what it declares."""
+"""docker-compose.yml and docker/Dockerfile cannot run here (no Docker engine), so check what
+they declare: one Python and one pinned Ray on every node, the CIFAR folder where CIFAR is read,
+a small build context, and a GPU example spec that a GPU worker can run."""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from worker.spec import StudySpec
+
 ROOT = Path(__file__).resolve().parents[1]
+BUILT = ("api", "ray-head", "ray-worker")
+RAY_NODES = ("ray-head", "ray-worker")
+DATASETS = "/datasets"
 
 
 @pytest.fixture(scope="module")
@@ -17,17 +26,82 @@ def compose() -> dict[str, Any]:
     return loaded
 
 
+@pytest.fixture(scope="module")
+def dockerfile() -> str:
+    return (ROOT / "docker" / "Dockerfile").read_text()
+
+
+def _arg_defaults(dockerfile: str) -> dict[str, str]:
+    """`ARG NAME=value` defaults of the Dockerfile (an ARG redeclared without one inherits)."""
+    return dict(re.findall(r"^ARG (\w+)=(\S+)$", dockerfile, flags=re.MULTILINE))
+
+
+def _lock_pin(name: str) -> str:
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        if line.lower().startswith(f"{name}=="):
+            return line.split("==", 1)[1].strip()
+    raise AssertionError(f"requirements.lock pins no {name}")
+
+
+def _build_args(service: dict[str, Any]) -> dict[str, str]:
+    return {k: str(v) for k, v in (service["build"].get("args") or {}).items()}
+
+
 def test_declares_the_four_roles(compose: dict[str, Any]) -> None:
     assert set(compose["services"]) == {"postgres", "ray-head", "api", "ray-worker"}
 
 
-def test_every_built_service_uses_a_dockerfile_that_exists(compose: dict[str, Any]) -> None:
-    for name, service in compose["services"].items():
-        if "build" in service:
-            assert (ROOT / service["build"]["context"] / service["build"]["dockerfile"]).is_file()
-        else:
-            assert "image" in service, name
-    assert compose["services"]["api"]["image"] == compose["services"]["ray-head"]["image"]
+def test_every_ratebench_service_is_built_from_the_one_dockerfile(
+    compose: dict[str, Any],
+) -> None:
+    services = compose["services"]
+    for name in BUILT:
+        build = services[name]["build"]
+        assert (build["context"], build["dockerfile"]) == (".", "docker/Dockerfile"), name
+        assert (ROOT / build["context"] / build["dockerfile"]).is_file()
+    assert services["api"]["image"] == services["ray-head"]["image"]
+    assert services["api"]["build"] == services["ray-head"]["build"]
+    assert _build_args(services["ray-head"])["TORCH_VARIANT"] == "cpu"
+    assert _build_args(services["ray-worker"])["TORCH_VARIANT"] == "gpu"
+    assert "image" in services["postgres"] and "build" not in services["postgres"]
+
+
+def test_one_base_image_and_python_for_every_variant(
+    compose: dict[str, Any], dockerfile: str
+) -> None:
+    """Ray refuses nodes on another Python minor version: the CPU and GPU variants both start
+    from the same Python image, and no service overrides its version."""
+    stages = re.findall(r"^FROM (\S+)(?: AS (\S+))?$", dockerfile, flags=re.MULTILINE)
+    names = {alias for _, alias in stages if alias}
+
+    def is_stage(image: str) -> bool:  # FROM torch-${TORCH_VARIANT}: a stage for each variant
+        return all(image.replace("${TORCH_VARIANT}", v) in names for v in ("cpu", "gpu"))
+
+    external = {image for image, _ in stages if not is_stage(image)}
+    assert external == {"python:${PYTHON_VERSION}-slim"}  # the only image from outside
+    defaults = _arg_defaults(dockerfile)
+    assert re.fullmatch(r"3\.\d+", defaults["PYTHON_VERSION"])
+    assert {"torch-cpu", "torch-gpu"} <= names
+    assert "FROM torch-${TORCH_VARIANT}" in dockerfile
+    for name in BUILT:
+        args = _build_args(compose["services"][name])
+        assert "PYTHON_VERSION" not in args and "RAY_VERSION" not in args, name
+
+
+def test_ray_is_pinned_to_the_locked_version(dockerfile: str) -> None:
+    defaults = _arg_defaults(dockerfile)
+    assert defaults["RAY_VERSION"] == _lock_pin("ray")
+    assert '"ray[default]==${RAY_VERSION}"' in dockerfile
+    assert "-c requirements.lock" in dockerfile  # every other package at its pinned version
+
+
+def test_torch_is_the_version_the_tests_run_on(dockerfile: str) -> None:
+    setup = (ROOT / "scripts" / "setup").read_text()
+    [tested] = re.findall(r"RATEBENCH_TORCH_SPEC:-torch==([\w.]+)", setup)
+    assert _arg_defaults(dockerfile)["TORCH_VERSION"] == tested
+    assert "https://download.pytorch.org/whl/cpu" in dockerfile
+    assert "https://download.pytorch.org/whl/${CUDA_WHEELS}" in dockerfile
+    assert re.fullmatch(r"cu\d+", _arg_defaults(dockerfile)["CUDA_WHEELS"])
 
 
 def test_postgres_has_a_volume_and_a_healthcheck(compose: dict[str, Any]) -> None:
@@ -37,26 +111,66 @@ def test_postgres_has_a_volume_and_a_healthcheck(compose: dict[str, Any]) -> Non
     assert "pgdata" in compose["volumes"]
 
 
-def test_ratebench_services_point_at_postgres_and_the_ray_head(compose: dict[str, Any]) -> None:
-    for name in ("api", "ray-head", "ray-worker"):
+def test_ray_nodes_share_the_token_and_the_head(compose: dict[str, Any]) -> None:
+    for name in BUILT:
         env = compose["services"][name]["environment"]
         assert env["RATEBENCH_DATABASE_URL"].startswith("postgresql+psycopg://"), name
         assert "@postgres:5432/" in env["RATEBENCH_DATABASE_URL"], name
+    for name in RAY_NODES:
+        env = compose["services"][name]["environment"]
         assert env["RAY_AUTH_MODE"] == "token", name
-    assert compose["services"]["api"]["environment"]["RAY_ADDRESS"] == "ray-head:6379"
-    assert compose["services"]["ray-worker"]["environment"]["RAY_ADDRESS"] == "ray-head:6379"
-    assert "--address=ray-head:6379" in compose["services"]["ray-worker"]["command"]
+        assert env["RAY_AUTH_TOKEN"].startswith("${RAY_AUTH_TOKEN:?"), name  # no default token
+    worker = compose["services"]["ray-worker"]
+    assert worker["environment"]["RAY_ADDRESS"] == "ray-head:6379"
+    assert "--address=ray-head:6379" in worker["command"]
 
 
-def test_api_port_healthcheck_and_dependencies(compose: dict[str, Any]) -> None:
+def test_the_api_serves_only_and_never_joins_ray(compose: dict[str, Any]) -> None:
     api = compose["services"]["api"]
+    assert api["environment"]["RATEBENCH_RUN_SCHEDULER"] == "false"
+    assert not any(k.startswith("RAY_") for k in api["environment"])  # no address, no token
     assert "8000:8000" in api["ports"]
     assert "/api/v1/health" in " ".join(api["healthcheck"]["test"])
     assert api["depends_on"]["postgres"]["condition"] == "service_healthy"
-    assert api["environment"]["RATEBENCH_RUN_SCHEDULER"] == "false"
     assert "ratebench scheduler" in compose["services"]["ray-head"]["command"]
+
+
+def test_cifar_is_mounted_where_it_is_read_and_is_the_data_root(compose: dict[str, Any]) -> None:
+    """Workers read CIFAR; the API checks a submitted spec's files; the scheduler redacts
+    paths outside the roots. All three see the same folder, read-only, as their only root."""
+    for name in BUILT:
+        service = compose["services"][name]
+        [mount] = [v for v in service["volumes"] if f":{DATASETS}" in v]
+        assert mount.endswith(f":{DATASETS}:ro"), name
+        env = service["environment"]
+        assert env["RATEBENCH_CIFAR_DIR"] == DATASETS, name
+        assert env["RATEBENCH_DATA_ROOTS"] == DATASETS, name
 
 
 def test_ray_worker_reserves_nvidia_gpus(compose: dict[str, Any]) -> None:
     devices = compose["services"]["ray-worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+
+
+def test_the_build_context_leaves_out_the_venv_git_and_outputs() -> None:
+    ignored = {
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    assert {".venv", ".git", "data", "datasets", "*.db"} <= ignored
+    for copied in re.findall(
+        r"^COPY (.+) \S+$", (ROOT / "docker" / "Dockerfile").read_text(), re.M
+    ):
+        for path in copied.split():
+            assert path not in ignored, path  # what the image needs reaches the build
+
+
+def test_the_gpu_example_spec_runs_on_gpu_workers() -> None:
+    spec = StudySpec.model_validate(
+        json.loads((ROOT / "examples/cifar10-resnet-gpu.json").read_text())
+    )
+    assert spec.resources.gpus_per_trial > 0
+    assert spec.resources.device == "cuda"
+    assert spec.task.startswith("cifar10-")
+    assert spec.data.data_dir is None  # the workers' RATEBENCH_CIFAR_DIR

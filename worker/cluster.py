@@ -8,26 +8,48 @@ interfaces).
 
 Start-up timeout: on a loaded machine a local runtime can take longer than Ray's default 30 s to
 register its raylet ("The current node timed out during startup"), and its worker processes
-longer than 60 s to register. `RATEBENCH_RAY_START_TIMEOUT_S` raises both limits. Ray reads them
-from its own settings `RAY_raylet_start_wait_time_s` and `RAY_worker_register_timeout_seconds`,
+longer than 60 s to register, and the raylet gives up on its agents after 30 s.
+`RATEBENCH_RAY_START_TIMEOUT_S` raises all three limits. Ray reads them from its own settings
+`RAY_raylet_start_wait_time_s`, `RAY_worker_register_timeout_seconds` and
+`RAY_agent_register_timeout_ms`,
 environment variables read by each Ray process when its core library loads: the raylet, the GCS
 and the workers started later inherit them from this process, and this process's own wait (the
 driver's) sees them when they are exported before `ray` is first imported, which importing this
 module does (`export_start_timeout`). A value already set in those variables is kept.
+
+Token authentication: a cluster started with `RAY_AUTH_MODE=token` admits only processes that
+hold its token. Joining one with that mode set but no token anywhere Ray looks
+(`RAY_AUTH_TOKEN`, the file `RAY_AUTH_TOKEN_PATH` names, `~/.ray/auth_token`) fails with Ray's
+multi-line advice; `connect` refuses it first with `ClusterConfigError`, one line that the
+commands print as it is. A local runtime needs no check: Ray writes a token for it.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
-__all__ = ["LOOPBACK", "START_TIMEOUT_ENV", "connect", "export_start_timeout", "start_timeout_s"]
+__all__ = [
+    "LOOPBACK",
+    "START_TIMEOUT_ENV",
+    "ClusterConfigError",
+    "check_auth",
+    "connect",
+    "export_start_timeout",
+    "start_timeout_s",
+]
 
 LOOPBACK = "127.0.0.1"
 START_TIMEOUT_ENV = "RATEBENCH_RAY_START_TIMEOUT_S"
-# Ray's own settings that bound its start-up: the raylet's registration with the GCS (the
-# driver's wait) and a worker process's registration with its raylet.
-_RAY_START_SETTINGS = ("RAY_raylet_start_wait_time_s", "RAY_worker_register_timeout_seconds")
+# Ray's own settings that bound its start-up, with their units: the raylet's registration with
+# the GCS (the driver's wait), a worker process's registration with its raylet, and the raylet's
+# wait for its agents (dashboard and runtime-env agents start even without the dashboard UI).
+_RAY_START_SETTINGS = {
+    "RAY_raylet_start_wait_time_s": 1,
+    "RAY_worker_register_timeout_seconds": 1,
+    "RAY_agent_register_timeout_ms": 1000,
+}
 
 
 def start_timeout_s() -> int | None:
@@ -49,12 +71,40 @@ def export_start_timeout() -> None:
     seconds = start_timeout_s()
     if seconds is None:
         return
-    for name in _RAY_START_SETTINGS:
-        os.environ.setdefault(name, str(seconds))
+    for name, per_second in _RAY_START_SETTINGS.items():
+        os.environ.setdefault(name, str(seconds * per_second))
+
+
+class ClusterConfigError(ValueError):
+    """A Ray setting that makes joining the cluster impossible; the message is one line."""
+
+
+def _has_token() -> bool:
+    """Whether a token is where Ray looks for one, in Ray's order."""
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return True
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path:
+        return Path(path).expanduser().is_file()
+    return (Path.home() / ".ray" / "auth_token").is_file()
+
+
+def check_auth(address: str | None) -> None:
+    """Raise ClusterConfigError when joining the cluster at `address` (None: `RAY_ADDRESS`, or
+    a local runtime when that is unset too) needs a token that this process lacks."""
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        return
+    if os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "token" and not _has_token():
+        raise ClusterConfigError(
+            "RAY_AUTH_MODE=token but no Ray token: set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) "
+            "to the token the cluster was started with"
+        )
 
 
 def connect(address: str | None, **options: Any) -> None:
-    """`ray.init` for a local runtime (`address` None) or a cluster; a no-op when connected."""
+    """`ray.init` for a local runtime (`address` None) or a cluster; a no-op when connected.
+    Raises ClusterConfigError, before contacting anything, for a missing token."""
+    check_auth(address)
     export_start_timeout()
     import ray
 

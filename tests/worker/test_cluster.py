@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -48,6 +49,49 @@ def test_an_explicit_ray_setting_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(raylet, "45")
     monkeypatch.setenv(worker, "restored afterwards")
     monkeypatch.delenv(worker)
+    agent = "RAY_agent_register_timeout_ms"
+    monkeypatch.setenv(agent, "restored afterwards")
+    monkeypatch.delenv(agent)
     cluster.export_start_timeout()
     assert os.environ[raylet] == "45"
     assert os.environ[worker] == "200"
+    assert os.environ[agent] == "200000"  # Ray reads milliseconds
+
+
+@pytest.fixture
+def token_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """RAY_AUTH_MODE=token with no token anywhere Ray looks; returns the home folder."""
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    return tmp_path
+
+
+def test_joining_without_the_token_fails_at_once_in_one_line(token_mode: Path) -> None:
+    with pytest.raises(cluster.ClusterConfigError) as info:
+        cluster.connect("10.255.255.1:6379")  # unreachable: only a refusal returns at once
+    assert "\n" not in str(info.value)
+    assert "RAY_AUTH_TOKEN" in str(info.value)
+
+
+def test_a_token_anywhere_ray_looks_is_enough(
+    token_mode: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cluster.check_auth(None)  # a local runtime: Ray writes its own token
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "secret")
+    cluster.check_auth("head:6379")
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    token_file = token_mode / "token"
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))
+    with pytest.raises(cluster.ClusterConfigError):
+        cluster.check_auth("head:6379")  # the file it names does not exist
+    token_file.write_text("secret")
+    cluster.check_auth("head:6379")
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH")
+    (token_mode / ".ray").mkdir()
+    (token_mode / ".ray" / "auth_token").write_text("secret")
+    cluster.check_auth("head:6379")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    (token_mode / ".ray" / "auth_token").unlink()
+    cluster.check_auth("head:6379")
