@@ -6,6 +6,8 @@ start the study scheduler. Routes live in `service/api/`, one router per resourc
 While the database cannot be reached (server down or restarting, no free connection within
 `db_pool_timeout`, SQLite lock not granted), every endpoint answers 503 with `Retry-After`,
 never a 500: the client should retry, and nothing it sent was half stored.
+
+`GET /metrics` serves Prometheus metrics (`service.metrics`), counted per app.
 """
 
 from __future__ import annotations
@@ -13,20 +15,24 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import sqlalchemy as sa
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute, iter_route_contexts
 from fastapi.staticfiles import StaticFiles
 from optuna.exceptions import StorageInternalError
 
 from service import __version__
-from service.api import catalog, health, leaderboard, plots, studies
-from service.api.deps import set_up_limiters
+from service.api import catalog, health, leaderboard, metrics, plots, studies
+from service.api.auth import BEARER
+from service.api.deps import read_db, set_up_limiters, uses_dependency
 from service.config import Settings, get_settings
 from service.db import get_engine, is_unavailable, migrate
 from service.errors import install_error_handlers
 from service.limits import BodySizeLimit, NoNulInUrl
+from service.metrics import AppMetrics, LeaseCounters, RequestMetrics
 from service.ray_runtime import RayRuntime
 from service.scheduler import Scheduler, SchedulerConfig
 from service.web import pages
@@ -83,6 +89,7 @@ def create_app(settings: Settings | None = None, *, start_ray: bool = True) -> F
                     max_running_per_key=settings.max_running_per_key,
                 ),
             )
+            app.state.scheduler = scheduler
             scheduler.start_in_thread()
         yield
         if scheduler is not None:
@@ -97,17 +104,47 @@ def create_app(settings: Settings | None = None, *, start_ray: bool = True) -> F
     )
     app.state.settings = settings
     app.state.engine = get_engine(url, settings.resolved_pool_size(), settings.db_pool_timeout)
+    app.state.scheduler = None  # set by the lifespan when this process runs the scheduler
+
+    def scheduler_leases() -> LeaseCounters | None:
+        scheduler: Scheduler | None = app.state.scheduler
+        return scheduler.leases if scheduler is not None else None
+
+    app.state.metrics = AppMetrics(app.state.engine, scheduler_leases)
     # Ray is needed to run studies; an API that only serves (the scheduler runs elsewhere)
-    # connects only when given a cluster address, to report its state on /health.
-    needs_ray = settings.run_scheduler or settings.ray_address is not None
+    # never joins it: a Ray driver needs a raylet on its own machine (service.ray_runtime).
+    needs_ray = settings.run_scheduler
     app.state.ray = RayRuntime(settings.ray_address, enabled=start_ray and needs_ray)
     for module in (health, studies, plots, leaderboard, catalog):
         app.include_router(module.router, prefix=API_PREFIX)
+    app.include_router(metrics.router)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=pages.STATIC_DIR), name="static")
     app.add_middleware(NoNulInUrl)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=app.state.metrics)  # outermost: counts all
     install_error_handlers(app)
     for error in _MAYBE_UNAVAILABLE:
         app.add_exception_handler(error, _database_unavailable)
+    if not settings.anonymous_reads:
+        app.openapi = lambda: _openapi_with_keyed_reads(app)  # type: ignore[method-assign]
     return app
+
+
+def _openapi_with_keyed_reads(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI document of an app whose reads need a key: every operation that reads
+    through `read_db` lists the bearer scheme too (writes list it by their dependency)."""
+    schema = app.openapi_schema
+    if schema is None:
+        schema = FastAPI.openapi(app)  # FastAPI's document, cached on the app
+        requirement: dict[str, list[str]] = {BEARER.scheme_name: []}
+        for route in iter_route_contexts(app.routes):
+            if not isinstance(route.original_route, APIRoute) or not uses_dependency(
+                route.original_route.dependant, read_db
+            ):
+                continue
+            for method in route.methods or ():
+                operation = schema["paths"].get(route.path_format, {}).get(method.lower())
+                if operation is not None and requirement not in operation.get("security", []):
+                    operation.setdefault("security", []).append(requirement)
+    return schema

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -78,6 +78,12 @@ class Settings(BaseSettings):
         None,
         description="folders (separated by os.pathsep, ':' on POSIX) that a spec's data.data_dir "
         "may name; default data_dir plus cifar_dir. A relative data_dir starts at the first",
+    )
+
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="`json` logs one JSON object per line (timestamp, level, logger, message, "
+        "study_id, trial_id) for log collectors; `text` is for people",
     )
 
     url: str = Field("http://127.0.0.1:8000", description="the API the CLI client talks to")

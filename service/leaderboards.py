@@ -1,10 +1,15 @@
-"""Leaderboards across studies, as SQL aggregates over `ratebench_arm_results`, and one
-study's leaderboard with the statistics that say how far its order can be trusted.
+"""Leaderboards across studies, over `ratebench_arm_results`, and one study's leaderboard
+with the statistics that say how far its order can be trusted.
 
 One row per arm per finished study is stored when the study ends, so these queries cost in the
 number of studies on a task, never in the number of trials. Task leaderboards count the arms
 with results of finished studies: `completed` ones and the arms that did not fail in
 `completed_with_errors` ones (a failed arm has no score: it is neither 0 nor a rank).
+A task board (`task_board`) reads those rows with their study's spec and groups them by
+setting (`service.settings`): one group per study-level setting (model, data, budget,
+objective), and in it one row per (arm setting, arm label). A row pools the final seeds of
+every study in it into one mean with a Student-t interval: results of 2-epoch and 15-epoch
+studies, or of sgd with and without momentum, are never averaged together.
 A study's arms (`study_arms`) carry the final seeds' confidence interval, clipped to the
 metric's range, and which other arms Welch's test could not separate them from: ties, or
 "too few seeds to tell" (`worker.report.stats`). The JSON API, the CLI and the web page all
@@ -14,15 +19,18 @@ every arm with results.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from service.models import ArmResult, StudyRecord, StudyStatus
-from service.schemas import ArmRow, TaskArmRow, TaskLeaderboard
-from worker.report.stats import metric_range, rank_arms
+from service.schemas import ArmRow, SettingGroup, TaskArmRow, TaskLeaderboard
+from service.settings import Setting, arm_setting, filter_fields, matches, study_setting
+from worker.report.stats import mean_interval, metric_range, rank_arms
+from worker.spec import StudySpec
 
 __all__ = ["CONFIDENCE", "TaskScores", "study_arms", "task_board", "task_scores"]
 
@@ -55,9 +63,52 @@ def _main_metric(session: Session, task: str) -> tuple[str, str] | None:
     return (row[0], row[1]) if row else None
 
 
-def task_board(session: Session, task: str, metric: str | None = None) -> TaskLeaderboard | None:
-    """Every arm with results in the task's finished studies with `metric` (default: the most
-    used one), best first; None when there is none."""
+@dataclass
+class _Pool:
+    """One row of a task board: an arm label in one setting, over the studies that ran it."""
+
+    arm: str
+    scheme: str
+    setting: Setting
+    studies: list[str] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
+    means: list[tuple[float, float | None, str]] = field(default_factory=list)  # mean, lr, study
+    n_trials: int = 0
+    n_diverged: int = 0
+
+
+def _specs(rows: Sequence[tuple[ArmResult, dict[str, Any]]]) -> dict[str, StudySpec | None]:
+    """Each study's typed spec, read once per study (None: a stored spec that no longer reads)."""
+    specs: dict[str, StudySpec | None] = {}
+    for arm_row, spec in rows:
+        if arm_row.study_id not in specs:
+            try:
+                specs[arm_row.study_id] = StudySpec.from_stored(spec)
+            except ValueError:
+                specs[arm_row.study_id] = None
+    return specs
+
+
+_UNREADABLE = Setting("unreadable", {}, "the study's stored spec could not be read")
+
+
+def _settings(spec: StudySpec | None, arm: str) -> tuple[Setting, Setting]:
+    if spec is None:
+        return _UNREADABLE, _UNREADABLE
+    by_label = {a.label: a for a in spec.arms}
+    return study_setting(spec), arm_setting(spec, by_label.get(arm))
+
+
+def task_board(
+    session: Session,
+    task: str,
+    metric: str | None = None,
+    filters: Mapping[str, Any] | None = None,
+    confidence: float = CONFIDENCE,
+) -> TaskLeaderboard | None:
+    """The task's arms with results on `metric` (default: the most used one), grouped by
+    setting and pooled per (setting, arm label), each group best first; only the arms that
+    pass `filters` (`service.settings.matches`). None when the task has no such result."""
     main = _main_metric(session, task)
     if main is None:
         return None
@@ -72,39 +123,87 @@ def task_board(session: Session, task: str, metric: str | None = None) -> TaskLe
         if found is None:
             return None
         direction = found
-    maximize = direction == "maximize"
-    scope = _completed().where(ArmResult.task == task, ArmResult.metric == metric).subquery()
-    best = sa.func.max if maximize else sa.func.min
-    aggregates = session.execute(
-        sa.select(
-            scope.c.arm,
-            scope.c.scheme,
-            sa.func.count(sa.distinct(scope.c.study_id)),
-            sa.func.avg(scope.c.objective_mean),
-            best(scope.c.objective_mean),
-            sa.func.sum(scope.c.n_trials),
-            sa.func.sum(scope.c.n_diverged),
-        ).group_by(scope.c.arm, scope.c.scheme)
-    ).all()
-    order = scope.c.objective_mean.desc() if maximize else scope.c.objective_mean.asc()
-    ranked = sa.select(
-        scope.c.arm,
-        scope.c.best_lr,
-        sa.func.row_number().over(partition_by=scope.c.arm, order_by=order).label("n"),
-    ).subquery()
-    best_lr = dict(
-        session.execute(sa.select(ranked.c.arm, ranked.c.best_lr).where(ranked.c.n == 1)).all()
-    )
-    rows = [
-        TaskArmRow(
-            arm=arm, scheme=scheme, studies=studies, objective_mean=mean, objective_best=top,
-            best_lr=best_lr.get(arm), n_trials=int(trials or 0), n_diverged=int(diverged or 0),
+    filters = dict(filters or {})
+    query = _completed().add_columns(StudyRecord.spec)
+    query = query.where(ArmResult.task == task, ArmResult.metric == metric)
+    rows = [(arm_row, spec) for arm_row, spec in session.execute(query.order_by(ArmResult.id))]
+    specs = _specs(rows)
+    groups: dict[str, tuple[Setting, dict[tuple[str, str], _Pool]]] = {}
+    values: dict[str, list[Any]] = {}
+    for arm_row, _ in rows:
+        group, setting = _settings(specs[arm_row.study_id], arm_row.arm)
+        if group is _UNREADABLE:
+            if filters:  # nothing to match a filter against
+                continue
+        else:
+            for name, value in filter_fields(group, setting).items():
+                if value not in values.setdefault(name, []):
+                    values[name].append(value)
+            if not matches(filters, group, setting):
+                continue
+        pools = groups.setdefault(group.id, (group, {}))[1]
+        pool = pools.setdefault(
+            (setting.id, arm_row.arm), _Pool(arm_row.arm, arm_row.scheme, setting)
         )
-        for arm, scheme, studies, mean, top, trials, diverged in aggregates
-    ]  # fmt: skip
+        _add(pool, arm_row)
+    maximize = direction == "maximize"
+    out = [
+        _group(group, list(pools.values()), maximize, metric, confidence)
+        for group, pools in groups.values()
+    ]
+    out.sort(key=lambda g: (-len(g.studies), g.description))
+    narrowing = {name: v for name, v in sorted(values.items()) if len(v) > 1}
+    return TaskLeaderboard(
+        task=task, metric=metric, direction=direction, filters=filters,
+        filter_values=narrowing, groups=out,
+    )  # fmt: skip
+
+
+def _add(pool: _Pool, row: ArmResult) -> None:
+    pool.studies.append(row.study_id)
+    pool.values.extend(float(v) for v in (row.summary or {}).get("final_values") or [])
+    if row.objective_mean is not None:
+        pool.means.append((row.objective_mean, row.best_lr, row.study_id))
+    pool.n_trials += row.n_trials
+    pool.n_diverged += row.n_diverged
+
+
+def _group(
+    group: Setting, pools: list[_Pool], maximize: bool, metric: str, confidence: float
+) -> SettingGroup:
+    """A group's rows: each pool's seeds pooled into one mean and interval, best first."""
     sign = -1.0 if maximize else 1.0
-    rows.sort(key=lambda r: (r.objective_mean is None, sign * (r.objective_mean or 0.0)))
-    return TaskLeaderboard(task=task, metric=metric, direction=direction, arms=rows)
+    rows = []
+    for pool in pools:
+        mean: float | None = None
+        low = high = None
+        if pool.values:
+            interval = mean_interval(pool.values, confidence, metric_range(metric))
+            mean, low, high = interval.mean, interval.low, interval.high
+        elif pool.means:  # rows stored without per-seed values: the studies' means
+            mean = sum(m for m, _, _ in pool.means) / len(pool.means)
+        best = min(pool.means, key=lambda m: sign * m[0]) if pool.means else None
+        rows.append(
+            TaskArmRow(
+                rank=0, arm=pool.arm, scheme=pool.scheme, setting=pool.setting.id,
+                setting_description=pool.setting.description,
+                fixed=pool.setting.fields.get("fixed") or {},
+                model=pool.setting.fields.get("model") or {}, studies=pool.studies,
+                n_seeds=len(pool.values), objective_mean=mean, confidence=confidence,
+                interval_low=low, interval_high=high,
+                objective_best=best[0] if best else None, best_lr=best[1] if best else None,
+                best_study=best[2] if best else None, n_trials=pool.n_trials,
+                n_diverged=pool.n_diverged,
+            )
+        )  # fmt: skip
+    rows.sort(key=lambda r: (r.objective_mean is None, sign * (r.objective_mean or 0.0), r.arm))
+    for rank, row in enumerate(rows, start=1):
+        row.rank = rank
+    studies = sorted({study for pool in pools for study in pool.studies})
+    return SettingGroup(
+        id=group.id, description=group.description, setting=group.fields, studies=studies,
+        arms=rows,
+    )  # fmt: skip
 
 
 def study_arms(rows: Sequence[ArmResult], confidence: float = CONFIDENCE) -> list[ArmRow]:
@@ -146,12 +245,19 @@ def _failed(row: ArmResult) -> bool:
     return (row.summary or {}).get("status") == "failed"
 
 
+_LIFTED = set(ArmRow.model_fields) - {"details"}
+
+
 def _row(row: ArmResult) -> ArmRow:
-    """The stored row with its status and error lifted out of the summary."""
-    base = ArmRow.model_validate(row, from_attributes=True)
+    """The stored row with its status and error lifted out of the summary; the summary's other
+    fields, and only those, become `details` (the row's own fields are not repeated)."""
     summary = row.summary or {}
-    return base.model_copy(
-        update={"status": summary.get("status") or "ok", "error": summary.get("error")}
+    fields = {name: getattr(row, name) for name in _LIFTED if hasattr(ArmResult, name)}
+    return ArmRow(
+        **fields,
+        status=summary.get("status") or "ok",
+        error=summary.get("error"),
+        details={k: v for k, v in summary.items() if k not in _LIFTED},
     )
 
 
@@ -166,16 +272,27 @@ class TaskScores:
 
 
 def task_scores(session: Session) -> dict[str, TaskScores]:
-    """Per task (its main metric): each arm's mean objective over the rows that count; an arm
-    absent from a task was not run on it (or only failed on it)."""
+    """Per task (its main metric): each arm label's mean over studies of its final mean, over
+    the rows that count, every setting together (the cross-task profile asks how a scheme does
+    on a task, not in which setting); an arm absent from a task was not run on it (or only
+    failed on it)."""
     tasks = session.scalars(_completed().with_only_columns(ArmResult.task).distinct()).all()
     scores: dict[str, TaskScores] = {}
     for task in tasks:
-        board = task_board(session, task)
-        if board is None:
+        main = _main_metric(session, task)
+        if main is None:
             continue
-        arms = {r.arm: r.objective_mean for r in board.arms}
-        if arms:
-            studies = max(r.studies for r in board.arms)
-            scores[task] = TaskScores(board.metric, board.direction == "maximize", studies, arms)
+        metric, direction = main
+        scope = _completed().where(ArmResult.task == task, ArmResult.metric == metric).subquery()
+        rows = session.execute(
+            sa.select(
+                scope.c.arm,
+                sa.func.avg(scope.c.objective_mean),
+                sa.func.count(sa.distinct(scope.c.study_id)),
+            ).group_by(scope.c.arm)
+        ).all()
+        if rows:
+            arms = {arm: mean for arm, mean, _ in rows}
+            studies = max(n for _, _, n in rows)
+            scores[task] = TaskScores(metric, direction == "maximize", studies, arms)
     return scores

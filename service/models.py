@@ -4,6 +4,10 @@
   queued → running → completed | completed_with_errors | failed | cancelled. A scheduler owns
   a running row while its lease (`lease_expires_at`) is fresh; an expired lease means the
   scheduler died and the study may be claimed again, which resumes it from the Optuna storage.
+  `source` says who runs it: "api" (submitted, run by a scheduler) or "cli" (`ratebench run`,
+  whose id is the run's study key and which only that command claims). `environment` records
+  what ran it (`worker.environment.collect()` of the host that started it, and under `nodes`
+  the distinct machines its trials trained on).
 - `ratebench_arm_results`: one leaderboard row per arm of a finished study, written once, so
   leaderboards are aggregates over these rows and their cost does not grow with trials.
 - `ratebench_api_keys`: API keys, stored as SHA-256 hashes (keys are 256-bit random tokens, so
@@ -24,7 +28,18 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from service.db import UtcDateTime
 
-__all__ = ["ApiKey", "ArmResult", "Base", "StudyRecord", "StudyStatus", "utcnow"]
+__all__ = [
+    "STUDY_ID_LENGTH",
+    "ApiKey",
+    "ArmResult",
+    "Base",
+    "StudyRecord",
+    "StudySource",
+    "StudyStatus",
+    "utcnow",
+]
+
+STUDY_ID_LENGTH = 100  # an API study's id is 32 hex digits; a `ratebench run` key may be longer
 
 
 def utcnow() -> datetime:
@@ -51,6 +66,11 @@ class StudyStatus(enum.StrEnum):
         return self not in {StudyStatus.QUEUED, StudyStatus.RUNNING}
 
 
+class StudySource(enum.StrEnum):
+    API = "api"  # submitted to the API, run by a scheduler
+    CLI = "cli"  # run by `ratebench run` in its own process; no scheduler claims it
+
+
 class ApiKey(Base):
     __tablename__ = "ratebench_api_keys"
 
@@ -74,7 +94,7 @@ class StudyRecord(Base):
         ),
     )
 
-    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    id: Mapped[str] = mapped_column(sa.String(STUDY_ID_LENGTH), primary_key=True)
     name: Mapped[str] = mapped_column(sa.String(200))
     task: Mapped[str] = mapped_column(sa.String(100))
     spec: Mapped[dict[str, Any]]
@@ -93,6 +113,10 @@ class StudyRecord(Base):
     attempts: Mapped[int] = mapped_column(default=0)
     progress: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON, default=None)
     error: Mapped[str | None] = mapped_column(sa.Text, default=None)
+    source: Mapped[str] = mapped_column(
+        sa.String(16), default=StudySource.API.value, server_default=StudySource.API.value
+    )
+    environment: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON, default=None)
 
     arm_results: Mapped[list[ArmResult]] = relationship(
         back_populates="study", cascade="all, delete-orphan", order_by="ArmResult.rank"

@@ -35,7 +35,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from service.models import ApiKey, StudyRecord, StudyStatus, utcnow
+from service.models import ApiKey, StudyRecord, StudySource, StudyStatus, utcnow
 
 __all__ = [
     "BudgetExceededError",
@@ -43,6 +43,7 @@ __all__ = [
     "KeyLimits",
     "NotOwnerError",
     "QueueRefusalError",
+    "StudyBusyError",
     "TooManyStudiesError",
     "check_budget",
     "check_owner",
@@ -52,7 +53,9 @@ __all__ = [
     "renew_lease",
     "request_cancel",
     "spec_hash",
+    "start_local",
     "submit",
+    "trial_nodes",
 ]
 
 
@@ -76,6 +79,10 @@ class BudgetExceededError(QueueRefusalError):
 
 class TooManyStudiesError(QueueRefusalError):
     """The key already has as many queued studies as it may."""
+
+
+class StudyBusyError(QueueRefusalError):
+    """`ratebench run` found its study key taken: running elsewhere, or not a study of its own."""
 
 
 @dataclass(frozen=True)
@@ -244,6 +251,7 @@ def claim_next(
             sa.select(StudyRecord.id)
             .where(
                 _claimable(now),
+                StudyRecord.source == StudySource.API.value,  # `ratebench run` drives its own
                 StudyRecord.cancel_requested.is_(False),
                 _key_not_busy(now, max_running_per_key),
             )
@@ -266,8 +274,106 @@ def claim_next(
         ).rowcount
     if claimed != 1:
         return None
+    _record_environment(engine, candidate, scheduler_id)
     with Session(engine, expire_on_commit=False) as session:
         return session.get(StudyRecord, candidate)
+
+
+def _record_environment(engine: sa.Engine, study_id: str, owner: str) -> None:
+    """The environment of the host that starts (or resumes) the study; gathered once per
+    process and written after the claim, so the claim's write lock is not held meanwhile."""
+    from worker.environment import collect
+
+    environment = collect()
+    with engine.begin() as conn:
+        conn.execute(
+            sa.update(StudyRecord).where(_owned(study_id, owner)).values(environment=environment)
+        )
+
+
+def start_local(
+    engine: sa.Engine,
+    study_id: str,
+    owner: str,
+    lease: timedelta,
+    spec: dict[str, Any],
+    *,
+    name: str,
+    task: str,
+) -> StudyRecord:
+    """Create or find `ratebench run`'s study `study_id` (source "cli") and claim it for
+    `owner`, as `claim_next` claims an API study: running, leased, its environment recorded.
+    A re-run of the same spec claims the same row again (resuming its Optuna studies); a
+    finished row starts over as running (its results are written again at the end).
+    `StudyBusyError` when the row runs under a fresh lease elsewhere, belongs to the API, or
+    holds a different spec."""
+    digest = spec_hash(spec)
+    now = utcnow()
+    try:
+        claimed = _claim_local(engine, study_id, owner, now + lease, spec, digest, name, task)
+    except sa.exc.IntegrityError:  # another process created the row meanwhile
+        claimed = False
+    if not claimed:
+        raise StudyBusyError(f"study {study_id} is running in another process")
+    _record_environment(engine, study_id, owner)
+    with Session(engine, expire_on_commit=False) as session:
+        found = session.get(StudyRecord, study_id)
+    assert found is not None
+    return found
+
+
+def _claim_local(
+    engine: sa.Engine,
+    study_id: str,
+    owner: str,
+    until: datetime,
+    spec: dict[str, Any],
+    digest: str,
+    name: str,
+    task: str,
+) -> bool:
+    now = utcnow()
+    with Session(engine) as session, session.begin():
+        study = session.get(StudyRecord, study_id)
+        if study is None:
+            session.add(
+                StudyRecord(
+                    id=study_id,
+                    name=name,
+                    task=task,
+                    spec=spec,
+                    spec_hash=digest,
+                    source=StudySource.CLI.value,
+                )
+            )
+            session.flush()
+        elif study.source != StudySource.CLI.value:
+            raise StudyBusyError(f"study {study_id} was submitted to the API; choose another key")
+        elif study.spec_hash != digest:
+            raise StudyBusyError(
+                f"study {study_id} holds a different spec; run this one under another key"
+            )
+        claimed = session.execute(
+            sa.update(StudyRecord)
+            .where(
+                StudyRecord.id == study_id,
+                sa.or_(
+                    StudyRecord.status != StudyStatus.RUNNING.value,
+                    StudyRecord.lease_expires_at < now,
+                ),
+            )
+            .values(
+                status=StudyStatus.RUNNING.value,
+                claimed_by=owner,
+                lease_expires_at=until,
+                started_at=now,
+                finished_at=None,
+                error=None,
+                cancel_requested=False,
+                attempts=StudyRecord.attempts + 1,
+            )
+        ).rowcount  # type: ignore[attr-defined]
+    return bool(claimed == 1)
 
 
 def _owned(study_id: str, scheduler_id: str) -> sa.ColumnElement[bool]:
@@ -327,10 +433,52 @@ def finish(
     }
     if progress is not None:
         values["progress"] = progress
+    environment = session.scalar(
+        sa.select(StudyRecord.environment).where(_owned(study_id, scheduler_id))
+    )
+    nodes = trial_nodes(session, study_id)
+    if environment is not None or nodes:
+        values["environment"] = {**(environment or {}), "nodes": nodes}
     done = session.execute(
         sa.update(StudyRecord).where(_owned(study_id, scheduler_id)).values(**values)
     )
     return bool(done.rowcount == 1)  # type: ignore[attr-defined]
+
+
+# Optuna's own tables (optuna.storages._rdb.models), read-only and only these columns.
+_optuna_studies = sa.table("studies", sa.column("study_id"), sa.column("study_name"))
+_optuna_trials = sa.table("trials", sa.column("trial_id"), sa.column("study_id"))
+_optuna_user_attrs = sa.table(
+    "trial_user_attributes", sa.column("trial_id"), sa.column("key"), sa.column("value_json")
+)
+MAX_NODES = 100  # a study's environment lists at most this many distinct machines
+
+
+def trial_nodes(session: Session, study_id: str) -> list[dict[str, Any]]:
+    """The distinct machines the study's trials ran on (their `node` attribute, set by
+    `worker.remote`), read in one query from Optuna's tables; [] before any trial ran."""
+    if not sa.inspect(session.connection()).has_table("trial_user_attributes"):
+        return []
+    studies, trials, attrs = _optuna_studies.c, _optuna_trials.c, _optuna_user_attrs.c
+    values = session.scalars(
+        sa.select(attrs.value_json)
+        .distinct()
+        .select_from(
+            _optuna_user_attrs.join(_optuna_trials, trials.trial_id == attrs.trial_id).join(
+                _optuna_studies, studies.study_id == trials.study_id
+            )
+        )
+        .where(
+            attrs.key == "node",
+            studies.study_name.startswith(f"{study_id}/", autoescape=True),
+        )
+    )
+    nodes: dict[str, dict[str, Any]] = {}
+    for value in values:
+        node = json.loads(value)
+        if isinstance(node, dict):
+            nodes.setdefault(json.dumps(node, sort_keys=True), node)
+    return [nodes[key] for key in sorted(nodes)][:MAX_NODES]
 
 
 def request_cancel(session: Session, study: StudyRecord) -> None:

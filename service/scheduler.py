@@ -10,6 +10,7 @@ only records progress, honours cancellation, and stores the leaderboard rows at 
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import socket
@@ -24,9 +25,11 @@ import sqlalchemy as sa
 
 from service import queue
 from service.db import is_unavailable, retry_while_unavailable, session_scope
+from service.logs import log_context
+from service.metrics import LeaseCounters
 from service.models import ArmResult, StudyRecord, StudyStatus
 
-__all__ = ["Scheduler", "SchedulerConfig"]
+__all__ = ["Scheduler", "SchedulerConfig", "StudyDriver", "final_status"]
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,7 @@ class SchedulerConfig:
         return timedelta(seconds=self.lease_seconds)
 
 
-class _StudyDriver:
+class StudyDriver:
     """Holds the lease of one claimed study while the sweep runs, and answers should_stop.
 
     A heartbeat thread renews the lease every lease/3 seconds (storing the latest progress),
@@ -56,17 +59,27 @@ class _StudyDriver:
     while this scheduler is alive, or another scheduler would claim the study a second time.
     """
 
-    def __init__(self, engine: sa.Engine, study_id: str, config: SchedulerConfig) -> None:
+    def __init__(
+        self,
+        engine: sa.Engine,
+        study_id: str,
+        config: SchedulerConfig,
+        leases: LeaseCounters | None = None,
+    ) -> None:
         self.engine, self.study_id, self.config = engine, study_id, config
+        self.leases = leases if leases is not None else LeaseCounters()
         self.progress: dict[str, Any] | None = None
         self.cancelled = False
         self.lost = False
         self._done = threading.Event()
+        context = contextvars.copy_context()  # the heartbeat logs with the study's log_context
         self._heartbeat = threading.Thread(
-            target=self._renew_until_done, name=f"lease-{study_id[:8]}", daemon=True
+            target=partial(context.run, self._renew_until_done),
+            name=f"lease-{study_id[:8]}",
+            daemon=True,
         )
 
-    def __enter__(self) -> _StudyDriver:
+    def __enter__(self) -> StudyDriver:
         self._heartbeat.start()
         return self
 
@@ -90,7 +103,9 @@ class _StudyDriver:
                 continue
             self.lost, self.cancelled = not owned, cancel
             if self.lost:
+                self.leases.lost()
                 return
+            self.leases.renewed()
 
     def on_progress(self, progress: Any) -> None:
         self.progress = progress.to_dict() if hasattr(progress, "to_dict") else dict(progress)
@@ -106,6 +121,7 @@ class Scheduler:
     def __init__(self, engine: sa.Engine, config: SchedulerConfig) -> None:
         self.engine = engine
         self.config = config
+        self.leases = LeaseCounters()  # exported by the app's /metrics when it runs here
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -153,10 +169,13 @@ class Scheduler:
         from worker.spec import StudySpec
 
         spec = StudySpec.from_stored(study.spec)
-        with _StudyDriver(self.engine, study.id, self.config) as driver:
+        with (
+            log_context(study_id=study.id),
+            StudyDriver(self.engine, study.id, self.config, self.leases) as driver,
+        ):
             self._run_and_record(study, spec, driver)
 
-    def _run_and_record(self, study: StudyRecord, spec: Any, driver: _StudyDriver) -> None:
+    def _run_and_record(self, study: StudyRecord, spec: Any, driver: StudyDriver) -> None:
         """Run the sweep and store its outcome, all while `driver` holds the lease."""
         from worker.sweep import run_study
 
@@ -178,7 +197,7 @@ class Scheduler:
                 log.exception("study %s failed", study.id)
                 self._retry(
                     f"study {study.id}: recording the failure",
-                    partial(self._finish, study.id, StudyStatus.FAILED, driver, exc=exc),
+                    partial(self.finish_study, study.id, StudyStatus.FAILED, driver, exc=exc),
                 )
                 return
         if driver.lost:
@@ -191,20 +210,20 @@ class Scheduler:
             )
             return
         summaries = result.arms  # the leaderboard rows run_study read once the trials ended
-        status, error = _final_status(driver.cancelled, summaries)
+        status, error = final_status(driver.cancelled, summaries)
         self._retry(
             f"study {study.id}: recording the result",
-            lambda: self._finish(
+            lambda: self.finish_study(
                 study.id, status, driver, error=error, store=(study, spec, summaries)
             ),
         )
         log.info("study %s %s", study.id, status.value)
 
-    def _finish(
+    def finish_study(
         self,
         study_id: str,
         status: StudyStatus,
-        driver: _StudyDriver,
+        driver: StudyDriver,
         *,
         exc: Exception | None = None,
         error: str | None = None,
@@ -240,7 +259,7 @@ class Scheduler:
         )  # fmt: skip
 
 
-def _final_status(cancelled: bool, summaries: list[Any]) -> tuple[StudyStatus, str | None]:
+def final_status(cancelled: bool, summaries: list[Any]) -> tuple[StudyStatus, str | None]:
     """A finished study's status and error: cancelled, or what its arms' rows say
     (`worker.summary.study_outcome`: completed, completed_with_errors or failed)."""
     from worker.summary import study_outcome

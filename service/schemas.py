@@ -38,6 +38,10 @@ class StudyOut(BaseModel):
         "budget, best so far",
     )
     spec: dict[str, Any]
+    source: str = Field("api", description="'api' (submitted) or 'cli' (`ratebench run`)")
+    environment: dict[str, Any] | None = Field(
+        None, description="versions and hardware of the host that ran it; `nodes`: its trials'"
+    )
     warnings: list[str] = Field(
         default_factory=list,
         description="e.g. an arm whose best rate lies at an edge of its searched range",
@@ -100,7 +104,12 @@ class ArmRow(BaseModel):
         "ok", description="'failed': every sweep trial or every final seed failed; no result"
     )
     error: str | None = Field(None, description="a failed arm's first error")
-    summary: dict[str, Any]
+    details: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the stored summary's other fields (`worker.summary.ArmSummary`: per-seed "
+        "`final_values`, test metrics, steps and time to target, rate band, trial counts, the "
+        "searched range, `best_lr_at_edge`); the fields above are not repeated here",
+    )
 
 
 class StudyLeaderboard(BaseModel):
@@ -110,18 +119,45 @@ class StudyLeaderboard(BaseModel):
 
 
 class TaskArmRow(BaseModel):
+    rank: int = Field(description="within its group, by the pooled mean (arms without one last)")
     arm: str
     scheme: str
-    studies: int
-    objective_mean: float | None = Field(description="mean over studies of the arm's final mean")
-    objective_best: float | None
+    setting: str = Field(description="id of the arm's setting (`service.settings`)")
+    setting_description: str = Field(description="what the arm sets beyond its group")
+    fixed: dict[str, Any] = Field(description="the arm's fixed hyperparameters")
+    model: dict[str, Any] = Field(description="the model options after the arm's overrides")
+    studies: list[str] = Field(description="ids of the studies pooled in this row")
+    n_seeds: int = Field(description="final seeds pooled across those studies")
+    objective_mean: float | None = Field(description="mean of the pooled final seeds")
+    confidence: float = Field(description="level of the interval")
+    interval_low: float | None = Field(
+        description="Student-t interval of the pooled seeds' mean, clipped to the metric's range "
+        "(None below two seeds)"
+    )
+    interval_high: float | None
+    objective_best: float | None = Field(description="the best study's final mean")
     best_lr: float | None = Field(description="rate of the study where the arm did best")
+    best_study: str | None = Field(description="that study's id")
     n_trials: int
     n_diverged: int
+
+
+class SettingGroup(BaseModel):
+    id: str = Field(description="id of the group's setting: what its studies share")
+    description: str
+    setting: dict[str, Any] = Field(description="model, data, budget and objective")
+    studies: list[str]
+    arms: list[TaskArmRow]
 
 
 class TaskLeaderboard(BaseModel):
     task: str
     metric: str
     direction: str
-    arms: list[TaskArmRow]
+    filters: dict[str, Any] = Field(description="the filters applied")
+    filter_values: dict[str, list[Any]] = Field(
+        description="filters that would narrow this board (before filtering): their values"
+    )
+    groups: list[SettingGroup] = Field(
+        description="one per setting, most studies first; rows pool only within a group"
+    )

@@ -7,8 +7,8 @@ to the `Mailbox` actor, and the task waits for the answer; the driver (the only 
 writer) takes the reports from the mailbox, hands each to its job (`Job.record_report`: Optuna
 and its pruner, or a meta-iteration trial stored), and answers (True stops the work). So every
 report is recorded before the task's result arrives. The task also announces its process id,
-host and start time when it starts, so the trial records where and when it ran (and a test can
-kill that process). This module knows no tuner.
+host, start time and machine (`worker.environment.node`) when it starts, so the trial records
+where and when it ran (and a test can kill that process). This module knows no tuner.
 
 Trials that use GPUs run in a fresh worker process each (`max_calls=1`): the process exits
 after the trial, so CUDA memory, caches and allocator state never leak into the next trial.
@@ -27,6 +27,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import ray
+
+from worker import environment
 
 if TYPE_CHECKING:  # not at run time: a Ray worker process need not import Optuna
     from worker.arms.base import Work
@@ -48,8 +50,10 @@ class Mailbox:
             self._arrived = asyncio.Event()
         return self._arrived
 
-    async def started(self, key: str, pid: int, host: str, at: float) -> None:
-        self._messages.append(("started", key, pid, host, at))
+    async def started(
+        self, key: str, pid: int, host: str, at: float, node: dict[str, Any] | None = None
+    ) -> None:
+        self._messages.append(("started", key, pid, host, at, node))
         self._event().set()
 
     async def report(self, key: str, index: int, payload: Any) -> bool:
@@ -93,7 +97,7 @@ class _MailboxReporter:
 
 
 def _train(work: Work, key: str, mailbox: Any) -> Any:
-    mailbox.started.remote(key, os.getpid(), socket.gethostname(), time.time())
+    mailbox.started.remote(key, os.getpid(), socket.gethostname(), time.time(), environment.node())
     return work.run(_MailboxReporter(mailbox, key))
 
 

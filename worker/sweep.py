@@ -295,7 +295,7 @@ class _Driver:
             kind, key = message[0], message[1]
             a = self.by_key.get(key)
             if kind == "started" and a is not None:
-                a.record_start(*message[2:5])
+                a.record_start(*message[2:6])
             elif kind == "report":  # an epoch's value, a meta-iteration's record, ...
                 index, payload = message[2], message[3]
                 stop = a.record_report(index, payload) if a is not None else True
@@ -316,7 +316,8 @@ class _Driver:
         except ray.exceptions.RayError as exc:
             failure = classify(exc)  # a deterministic error is not retried
             error = redact_paths(failure.error, DataRoots.from_env())  # readers see it
-            log.warning("trial %s failed (attempt %d): %s", a.key, a.attempt, error)
+            log.warning("trial %s failed (attempt %d): %s", a.key, a.attempt, error,
+                        extra={"trial_id": a.key})  # fmt: skip
             a.record_failure(error, retry=failure.retry)
             return
         a.record_result(result)
@@ -330,7 +331,8 @@ class _Driver:
             if now - a.started > limit:
                 ray.cancel(ref, force=True)
                 self._release(ref)
-                log.warning("trial %s timed out after %g s", a.key, limit)
+                log.warning("trial %s timed out after %g s", a.key, limit,
+                            extra={"trial_id": a.key})  # fmt: skip
                 a.record_failure(f"timed out after {limit:g} s")
 
     def _interrupt(self, reason: str) -> None:

@@ -7,17 +7,33 @@ request never holds a connection while it waits for a thread.
 
 A missing, unknown or revoked key gets the same 401 before anything else is looked up, so the
 answer never tells whether a study exists.
+
+The token is read by FastAPI's `HTTPBearer` (without its own 401: ours says how to get a key),
+so the OpenAPI document declares the bearer scheme and /docs offers to authorize. Writes declare
+it as a dependency (`BearerCredentials`); reads call `bearer_token` directly, declaring nothing,
+because most deployments serve them without a key (the app documents reads as needing one when
+`anonymous_reads` is off).
 """
 
 from __future__ import annotations
 
-from fastapi import HTTPException, Request, status
+from typing import Annotated
+
+from fastapi import HTTPException, Request, Security, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from service.auth import verify_key
 from service.models import ApiKey
 
-__all__ = ["UNAUTHORIZED", "authenticate", "bearer_token"]
+__all__ = [
+    "BEARER",
+    "UNAUTHORIZED",
+    "BearerCredentials",
+    "authenticate",
+    "bearer_token",
+    "credentials_token",
+]
 
 UNAUTHORIZED = HTTPException(
     status.HTTP_401_UNAUTHORIZED,
@@ -27,13 +43,23 @@ UNAUTHORIZED = HTTPException(
 )
 
 
-def bearer_token(request: Request) -> str | None:
+BEARER = HTTPBearer(
+    scheme_name="BearerAuth",
+    description="An API key, sent as `Authorization: Bearer <key>`; create one with "
+    "`ratebench keys create --name NAME`.",
+    auto_error=False,  # a missing key is refused by `authenticate`, with UNAUTHORIZED
+)
+BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)]
+
+
+def credentials_token(credentials: HTTPAuthorizationCredentials | None) -> str | None:
     """The token of an `Authorization: Bearer <token>` header, or None."""
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return None
-    return token.strip()
+    return credentials.credentials if credentials is not None else None
+
+
+async def bearer_token(request: Request) -> str | None:
+    """The bearer token of a request whose route does not declare the scheme (a read)."""
+    return credentials_token(await BEARER(request))
 
 
 def authenticate(session: Session, token: str | None, *, required: bool) -> ApiKey | None:

@@ -19,9 +19,10 @@ from typing import Annotated, Concatenate, ParamSpec, TypeVar
 import anyio
 import sqlalchemy as sa
 from fastapi import Depends, FastAPI, HTTPException, Request, status
+from fastapi.dependencies.models import Dependant
 from sqlalchemy.orm import Session
 
-from service.api.auth import authenticate, bearer_token
+from service.api.auth import BearerCredentials, authenticate, bearer_token, credentials_token
 from service.config import Settings
 from service.db import is_sqlite, session_scope
 from service.models import ApiKey
@@ -38,7 +39,9 @@ __all__ = [
     "Tx",
     "WriteDb",
     "in_thread",
+    "read_db",
     "set_up_limiters",
+    "uses_dependency",
 ]
 
 HEAVY_THREADS = 4
@@ -140,13 +143,13 @@ def _nothing(_tx: Tx) -> None:
     return None
 
 
-def _db(request: Request, *, write: bool) -> Db:
+def _db(request: Request, token: str | None, *, write: bool) -> Db:
     settings: Settings = request.app.state.settings
     return Db(
         engine=request.app.state.engine,
         settings=settings,
         limiter=request.app.state.write_limiter if write else request.app.state.db_limiter,
-        token=bearer_token(request),
+        token=token,
         key_required=write or not settings.anonymous_reads,
         read_only=not write,
     )
@@ -154,12 +157,18 @@ def _db(request: Request, *, write: bool) -> Db:
 
 async def read_db(request: Request) -> Db:
     """Database work of a read: a key only when anonymous reads are off; a shared read."""
-    return _db(request, write=False)
+    return _db(request, await bearer_token(request), write=False)
 
 
-async def write_db(request: Request) -> Db:
-    """Database work of a write: always a key; on SQLite the write lock from the start."""
-    return _db(request, write=True)
+async def write_db(request: Request, credentials: BearerCredentials) -> Db:
+    """Database work of a write: always a key (declared in the OpenAPI document); on SQLite
+    the write lock from the start."""
+    return _db(request, credentials_token(credentials), write=True)
+
+
+def uses_dependency(dependant: Dependant, call: Callable[..., object]) -> bool:
+    """Whether `call` is among a route's dependencies, at any depth."""
+    return any(sub.call is call or uses_dependency(sub, call) for sub in dependant.dependencies)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -1,16 +1,19 @@
-"""`GET /leaderboard?task=…` (every arm across a task's finished studies) and the
+"""`GET /leaderboard?task=…` (a task's finished studies, grouped by setting, with filters on
+the setting's fields: `service.settings`) and the
 performance profile across tasks (`GET /leaderboard/profile`, `…/profile.{png,svg}`)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
 
 from service.api.deps import ReadDb, Tx, in_thread
 from service.leaderboards import task_board, task_scores
 from service.schemas import TaskLeaderboard
+from service.settings import FILTER_HELP, FilterError, parse_filters
 from worker.report import plots
 from worker.report.stats import performance_profile
 
@@ -19,17 +22,48 @@ router = APIRouter(tags=["leaderboard"])
 TAUS = [1.0 + 0.01 * i for i in range(0, 51)]
 
 
-@router.get("/leaderboard", response_model=TaskLeaderboard, responses={404: {}})
+_RESERVED = ("task", "metric")
+
+
+def read_filters(request: Request, skip_blank: bool = False) -> dict[str, Any]:
+    """The request's setting filters (every query parameter but `task` and `metric`); an
+    unknown or repeated name is a 422 that names the parameter, as FastAPI's own are."""
+    try:
+        return parse_filters(request.query_params.multi_items(), _RESERVED, skip_blank)
+    except FilterError as exc:
+        error = {"type": "value_error", "loc": ("query", exc.name), "msg": str(exc), "input": None}
+        raise RequestValidationError([error]) from None
+
+
+@router.get(
+    "/leaderboard",
+    response_model=TaskLeaderboard,
+    responses={404: {}, 422: {"description": "an unknown or repeated filter, named in `loc`"}},
+    description="Per setting (the model, data, budget and objective a study shares: "
+    "`service.settings`), one table; in it, per arm label and arm setting (its fixed "
+    "hyperparameters and model overrides), the final seeds of every study pooled into one mean "
+    "with a Student-t interval, the best study's value and rate, and trial and divergence "
+    "counts. Results of different settings are never averaged together. Cost grows with "
+    "studies, not trials.\n\n" + FILTER_HELP + " `filter_values` lists, for the whole board, "
+    "the filters that would narrow it and their values.",
+)
 async def task_leaderboard(
+    request: Request,
     db: ReadDb,
     task: Annotated[str, Query(description="task name, e.g. mnist1d-mlp")],
     metric: Annotated[
         str | None, Query(description="objective metric (default: most used)")
     ] = None,
+    setting: Annotated[str | None, Query(description="a group's or an arm setting's id")] = None,
+    epochs: Annotated[int | None, Query(ge=1, description="the budget's epochs")] = None,
+    steps_per_epoch: Annotated[
+        int | None, Query(ge=1, description="the budget's steps per epoch")
+    ] = None,
 ) -> TaskLeaderboard:
-    """Per arm: mean over studies of the final-seed mean, the best study's value and rate,
-    trial and divergence counts. Cost grows with studies, not trials."""
-    board = await db.run(lambda tx: task_board(tx.session, task, metric))
+    # `setting`, `epochs` and `steps_per_epoch` are declared for /docs and their types; they
+    # are read with the other filters, whose names are open-ended (`model.width`, …)
+    filters = read_filters(request)
+    board = await db.run(lambda tx: task_board(tx.session, task, metric, filters))
     if board is None:
         detail = f"no completed study on task {task!r}" + (f" with {metric!r}" if metric else "")
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=detail)

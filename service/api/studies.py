@@ -1,4 +1,5 @@
-"""`/studies`: submit, list, follow, cancel, and read a study's trials and leaderboard.
+"""`/studies`: submit, list, follow, cancel, and read a study's trials (JSON pages or one CSV
+file) and leaderboard. The JSON bundle of a whole study is `service.api.export`'s, mounted here.
 
 Each endpoint is `async def` and does all its database work in one function (`_submit`,
 `_list`, …) that `Db.run` calls in a database thread with its own session, the API-key check
@@ -9,14 +10,16 @@ read it at once.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 
 from service import queue
+from service.api import export
 from service.api.deps import ReadDb, Tx, WriteDb, in_thread
+from service.export import trial_csv
 from service.leaderboards import study_arms
 from service.models import ArmResult, StudyRecord, StudyStatus
 from service.schemas import Page, StudyLeaderboard, StudyOut, SubmittedStudy, TrialOut
@@ -182,6 +185,46 @@ async def list_trials(
                            study_id, spec, arm, limit, offset)  # fmt: skip
 
 
+@router.get(
+    "/{study_id}/trials.csv",
+    response_class=Response,
+    responses={200: {"content": {"text/csv": {}}}, 404: {}},
+)
+async def trials_csv(
+    study_id: str,
+    db: ReadDb,
+    request: Request,
+    form: Annotated[
+        Literal["wide", "long"],
+        Query(
+            description="`wide`: one row per trial, its history as `epoch_<n>_<metric>` "
+            "columns; `long`: one row per trial × epoch × metric"
+        ),
+    ] = "wide",
+    arm: str | None = None,
+) -> Response:
+    """Every trial (or one arm's) as CSV: arm, role, trial number, state and outcome
+    (complete, pruned, diverged, failed), objective, duration, seed, one `param_<name>` column
+    per hyperparameter, test metrics, error, and the per-epoch history (`service.export`)."""
+    spec = await db.run(_study_spec, study_id)
+    text = await in_thread(request, "heavy", _csv, db.settings.resolved_database_url(),
+                           study_id, spec, arm, form)  # fmt: skip
+    filename = f"{study_id}-trials{'' if form == 'wide' else '-long'}.csv"
+    return Response(
+        text,
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )
+
+
+def _csv(
+    url: str, study_id: str, spec: StudySpec, arm: str | None, form: Literal["wide", "long"]
+) -> str:
+    from worker.results import load_trials
+
+    return trial_csv(load_trials(url, study_id, spec, arm=arm), form)
+
+
 def _study_spec(tx: Tx, study_id: str) -> StudySpec:
     return StudySpec.from_stored(_get_study(tx, study_id).spec)
 
@@ -222,3 +265,6 @@ def _leaderboard(tx: Tx, study_id: str) -> StudyLeaderboard:
     )
     arms = study_arms(list(rows))
     return StudyLeaderboard(study_id=study.id, status=study.status, arms=arms)
+
+
+router.include_router(export.router)

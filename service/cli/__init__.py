@@ -11,7 +11,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+import service.cli._catalog as _catalog
 import service.cli._client as _client
+import service.cli._export as _export
 import service.cli._keys as _keys
 import service.cli._plot as _plot
 import service.cli._run as _run
@@ -21,7 +23,7 @@ from service.cli._common import CliError
 
 __all__ = ["CliError", "main"]
 
-_GROUPS = (_serve, _run, _scheduler, _keys, _client, _plot)
+_GROUPS = (_serve, _run, _scheduler, _keys, _client, _plot, _export, _catalog)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,7 +43,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         code: int = args.handler(args)
-    except CliError as exc:
+    except (CliError, ValueError) as exc:
+        if not isinstance(exc, CliError):  # one line too: a Ray setting that cannot connect
+            from worker.cluster import ClusterConfigError  # on use: it reads Ray's settings
+
+            if not isinstance(exc, ClusterConfigError):
+                raise
         print(f"ratebench {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

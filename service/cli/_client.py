@@ -1,4 +1,4 @@
-"""`ratebench submit|status|cancel|leaderboard`: the API's client over HTTP.
+"""`ratebench submit|status|cancel|list|trials|leaderboard`: the API's client over HTTP.
 
 The API is RATEBENCH_URL (default http://127.0.0.1:8000) and the key RATEBENCH_API_KEY, or
 `--url` / `--key`. Problems the API reports (401, 404, 422 with field paths) are printed as one
@@ -14,7 +14,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from service.cli._common import CliError, SubParsers
+from service.cli._common import (
+    CliError,
+    SubParsers,
+    add_connection,
+    api_json,
+    api_response,
+    console,
+)
+from service.cli._tables import arm_table
 
 FINISHED = {"completed", "completed_with_errors", "failed", "cancelled"}
 _STYLE = {"completed": "green", "completed_with_errors": "yellow", "failed": "red"}
@@ -25,68 +33,60 @@ def register(subparsers: SubParsers) -> None:
     submit.add_argument("spec", type=Path, help="study spec, e.g. examples/quick.json")
     submit.add_argument("--idempotency-key", help="retrying with the same key never duplicates")
     submit.add_argument("--wait", action="store_true", help="follow the study until it ends")
-    _add_connection(submit)
+    add_connection(submit)
     submit.set_defaults(handler=_submit)
 
     status = subparsers.add_parser("status", help="show a study's status and per-arm progress")
-    status.add_argument("id")
+    status.add_argument("id", help="study id (as `submit` printed it)")
     status.add_argument("--follow", action="store_true", help="refresh until the study ends")
-    _add_connection(status)
+    add_connection(status)
     status.set_defaults(handler=_status)
 
     cancel = subparsers.add_parser("cancel", help="cancel a queued or running study")
-    cancel.add_argument("id")
-    _add_connection(cancel)
+    cancel.add_argument("id", help="study id")
+    add_connection(cancel)
     cancel.set_defaults(handler=_cancel)
+
+    listing = subparsers.add_parser("list", help="list studies, newest first")
+    listing.add_argument(
+        "--status",
+        choices=["queued", "running", "completed", "completed_with_errors", "failed", "cancelled"],
+        help="only studies in this state",
+    )
+    listing.add_argument("--task", help="only studies of this task, e.g. mnist1d-mlp")
+    listing.add_argument(
+        "--limit", type=int, default=50, help="at most this many (1 to 200; default 50)"
+    )
+    listing.add_argument("--offset", type=int, default=0, help="skip this many (default 0)")
+    listing.add_argument("--json", action="store_true", help="print the API's JSON page")
+    add_connection(listing)
+    listing.set_defaults(handler=_list)
+
+    trials = subparsers.add_parser(
+        "trials", help="a study's trials: a table, or CSV with per-epoch history"
+    )
+    trials.add_argument("id", help="study id")
+    trials.add_argument("--arm", help="only this arm's trials (its label)")
+    trials.add_argument(
+        "--csv", action="store_true", help="print CSV (GET /studies/ID/trials.csv) for a file"
+    )
+    trials.add_argument(
+        "--form",
+        choices=["wide", "long"],
+        default="wide",
+        help="CSV shape: wide (a row per trial, history as epoch_<n>_<metric> columns; "
+        "default) or long (a row per trial × epoch × metric)",
+    )
+    add_connection(trials)
+    trials.set_defaults(handler=_trials)
 
     board = subparsers.add_parser("leaderboard", help="a study's or a task's leaderboard")
     which = board.add_mutually_exclusive_group(required=True)
     which.add_argument("--study", help="study id")
     which.add_argument("--task", help="task name (across all finished studies)")
     board.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    _add_connection(board)
+    add_connection(board)
     board.set_defaults(handler=_leaderboard)
-
-
-def _add_connection(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", help="API base URL (default RATEBENCH_URL or 127.0.0.1:8000)")
-    parser.add_argument("--key", help="API key (default RATEBENCH_API_KEY)")
-
-
-def _request(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -> Any:
-    import httpx
-
-    from service.config import get_settings
-
-    settings = get_settings()
-    base = (args.url or settings.url).rstrip("/")
-    key = args.key or settings.api_key
-    headers = dict(kwargs.pop("headers", {}))
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    try:
-        response = httpx.request(
-            method, f"{base}/api/v1{path}", headers=headers, timeout=30, **kwargs
-        )
-    except httpx.HTTPError as exc:
-        raise CliError(f"cannot reach the API at {base}: {exc}") from None
-    if response.status_code >= 400:
-        raise CliError(_describe_error(response.status_code, response.text))
-    return response.json()
-
-
-def _describe_error(code: int, text: str) -> str:
-    try:
-        detail = json.loads(text).get("detail", text)
-    except (ValueError, AttributeError):
-        detail = text
-    if isinstance(detail, list):  # FastAPI validation errors: one line per field
-        lines = []
-        for item in detail:
-            loc = ".".join(str(p) for p in item.get("loc", []) if p != "body")
-            lines.append(f"{loc or 'body'}: {item.get('msg', item)}")
-        detail = "\n  ".join(lines)
-    return f"HTTP {code}: {detail}"
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -97,7 +97,7 @@ def _submit(args: argparse.Namespace) -> int:
     except json.JSONDecodeError as exc:
         raise CliError(f"{args.spec} is not valid JSON: {exc}") from None
     headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}
-    answer = _request(args, "POST", "/studies", json=spec, headers=headers)
+    answer = api_json(args, "POST", "/studies", json=spec, headers=headers)
     print(answer["id"])
     for warning in answer.get("warnings") or []:
         print(f"warning: {warning}", file=sys.stderr)
@@ -109,13 +109,13 @@ def _submit(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     if args.follow:
         return _follow(args, args.id)
-    study = _request(args, "GET", f"/studies/{args.id}")
+    study = api_json(args, "GET", f"/studies/{args.id}")
     _print_status(study)
     return 0
 
 
 def _cancel(args: argparse.Namespace) -> int:
-    study = _request(args, "POST", f"/studies/{args.id}/cancel")
+    study = api_json(args, "POST", f"/studies/{args.id}/cancel")
     print(
         f"{study['id']} {study['status']}" + (" (stopping)" if study["status"] == "running" else "")
     )
@@ -126,14 +126,14 @@ def _print_status(study: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    out = Console()
     style = _STYLE.get(study["status"], "bold")
-    console.print(
+    out.print(
         f"[bold]{study['name']}[/] {study['id']}  task={study['task']}  "
         f"status=[bold {style}]{study['status']}[/]"
     )
     if study.get("error"):
-        console.print(f"[red]error:[/] {study['error']}")
+        out.print(f"[red]error:[/] {study['error']}")
     arms = (study.get("progress") or {}).get("arms", {})
     if arms:
         table = Table(
@@ -149,12 +149,12 @@ def _print_status(study: dict[str, Any]) -> None:
                 ),
                 _fmt(arm.get("best_value")),
             )
-        console.print(table)
+        out.print(table)
         for label, arm in arms.items():
             if arm.get("status") == "failed":
-                console.print(f"[red]arm {label} failed:[/] {arm.get('error') or '—'}")
+                out.print(f"[red]arm {label} failed:[/] {arm.get('error') or '—'}")
     for warning in study.get("warnings") or []:
-        console.print(f"[yellow]warning:[/] {warning}")
+        out.print(f"[yellow]warning:[/] {warning}")
 
 
 def _follow(args: argparse.Namespace, study_id: str) -> int:
@@ -168,7 +168,7 @@ def _follow(args: argparse.Namespace, study_id: str) -> int:
     ) as bar:
         task = bar.add_task(study_id, total=None)
         while True:
-            study = _request(args, "GET", f"/studies/{study_id}")
+            study = api_json(args, "GET", f"/studies/{study_id}")
             done, total = _counts(study.get("progress") or {})
             bar.update(
                 task,
@@ -192,78 +192,121 @@ def _fmt(value: Any) -> str:
     return "—" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _leaderboard(args: argparse.Namespace) -> int:
-    from rich.console import Console
+def _list(args: argparse.Namespace) -> int:
+    from rich.table import Table
 
-    if args.study:
-        board = _request(args, "GET", f"/studies/{args.study}/leaderboard")
-    else:
-        board = _request(args, "GET", "/leaderboard", params={"task": args.task})
+    params: dict[str, Any] = {"limit": args.limit, "offset": args.offset}
+    params.update({k: v for k in ("status", "task") if (v := getattr(args, k)) is not None})
+    page = api_json(args, "GET", "/studies", params=params)
     if args.json:
-        print(json.dumps(board, indent=2))
+        print(json.dumps(page, indent=2))
         return 0
-    console = Console()
-    if not console.is_terminal:  # a pipe or file gets the whole table, not 80 columns
-        console = Console(width=160)
-    console.print(_study_table(board) if args.study else _task_table(board))
+    table = Table("id", "name", "task", "status", "trials", "created", "finished")
+    for study in page["items"]:
+        done, total = _counts(study.get("progress") or {})
+        table.add_row(
+            study["id"], study["name"], study["task"],
+            f"[{_STYLE.get(study['status'], 'bold')}]{study['status']}[/]",
+            f"{done}/{total}" if total else "-",
+            _when(study.get("created_at")), _when(study.get("finished_at")),
+        )  # fmt: skip
+    shown = len(page["items"])
+    table.caption = f"{shown} of {page['total']} studies (offset {page['offset']})"
+    console().print(table)
     return 0
 
 
-def _interval(row: dict[str, Any]) -> str:
-    low, high = row.get("interval_low"), row.get("interval_high")
-    return "—" if low is None or high is None else f"[{low:.4g}, {high:.4g}]"
+def _when(value: str | None) -> str:
+    """An ISO timestamp to the minute, as `2026-01-31 14:05`."""
+    return "-" if not value else value[:16].replace("T", " ")
 
 
-def _study_table(board: dict[str, Any]) -> Any:
-    """A study's arms with their intervals and what the seeds can and cannot tell apart."""
+def _trials(args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {"arm": args.arm} if args.arm else {}
+    if args.csv:
+        params["form"] = args.form
+        text = api_response(args, "GET", f"/studies/{args.id}/trials.csv", params=params).text
+        sys.stdout.write(text)
+        return 0
     from rich.table import Table
 
-    table = Table(
-        "#", "arm", "scheme", "best lr", "mean", "interval", "seeds", "trials", "diverged",
-        "ties", "too few seeds to tell",
-    )  # fmt: skip
-    for row in board["arms"]:
-        failed = (row.get("summary") or {}).get("status") == "failed"
+    items: list[dict[str, Any]] = []
+    while True:  # every page
+        page = api_json(args, "GET", f"/studies/{args.id}/trials",
+                        params={**params, "limit": 200, "offset": len(items)})  # fmt: skip
+        items.extend(page["items"])
+        if not page["items"] or len(items) >= page["total"]:
+            break
+    table = Table("arm", "role", "#", "outcome", "lr", "objective", "epochs", "seconds", "error")
+    for t in items:
+        attrs = t.get("user_attrs") or {}
+        start, end = t.get("datetime_start"), t.get("datetime_complete")
         table.add_row(
-            str(row["rank"]),
-            f"{row['arm']} [red](failed)[/]" if failed else row["arm"],
-            row["scheme"],
-            _fmt(row["best_lr"]),
-            _fmt(row["objective_mean"]),
-            _interval(row),
-            str(row.get("n_seeds", "—")),
-            str(row["n_trials"]),
-            str(row["n_diverged"]),
-            ", ".join(row.get("ties") or []),
-            ", ".join(row.get("too_few_seeds_to_tell") or []),
-        )
-    arms = board["arms"]
-    level = round(100 * arms[0].get("confidence", 0.95)) if arms else 95
-    table.caption = (
-        f"mean over final seeds, {level}% Student-t interval clipped to the metric's range; "
-        "ties: Welch's test cannot separate the arms; too few seeds to tell: it cannot because "
-        "an arm has too few seeds, no evidence either way"
-    )
-    return table
+            t["arm"], t["role"], str(t["number"]), t.get("outcome") or t["state"].lower(),
+            _fmt(t["params"].get("lr", attrs.get("lr"))), _fmt(t.get("value")),
+            str(len(attrs.get("history") or [])), _seconds(start, end),
+            (attrs.get("error") or "")[:60],
+        )  # fmt: skip
+    table.caption = f"{len(items)} trials; `--csv` for every parameter and epoch"
+    console().print(table)
+    return 0
+
+
+def _seconds(start: str | None, end: str | None) -> str:
+    from datetime import datetime
+
+    if not start or not end:
+        return "-"
+    return f"{(datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds():.1f}"
+
+
+def _leaderboard(args: argparse.Namespace) -> int:
+    if args.study:
+        board = api_json(args, "GET", f"/studies/{args.study}/leaderboard")
+    else:
+        board = api_json(args, "GET", "/leaderboard", params={"task": args.task})
+    if args.json:
+        print(json.dumps(board, indent=2))
+        return 0
+    if args.study:
+        spec = api_json(args, "GET", f"/studies/{args.study}")["spec"]
+        console().print(arm_table(spec, [_arm_row(row) for row in board["arms"]]))
+    else:
+        console().print(_task_table(board))
+    return 0
+
+
+def _arm_row(row: dict[str, Any]) -> dict[str, Any]:
+    """The stored arm summary again: the API's row (rank, interval, ties computed from the
+    stored seeds, like `ratebench run` computes them) with its `details` (the summary's other
+    fields) merged in."""
+    return {**(row.get("details") or {}), **{k: v for k, v in row.items() if k != "details"}}
 
 
 def _task_table(board: dict[str, Any]) -> Any:
+    """A task's board: one section per setting (rows pool seeds only within one)."""
     from rich.table import Table
 
     table = Table(
-        "arm", "scheme", "best lr", "mean of studies", "best study", "studies", "trials",
+        "#", "arm", "arm setting", "mean", "interval", "seeds", "best lr", "studies", "trials",
         "diverged",
     )  # fmt: skip
-    for row in board["arms"]:
-        table.add_row(
-            row["arm"],
-            row["scheme"],
-            _fmt(row["best_lr"]),
-            _fmt(row["objective_mean"]),
-            _fmt(row["objective_best"]),
-            str(row["studies"]),
-            str(row["n_trials"]),
-            str(row["n_diverged"]),
-        )
+    for group in board["groups"]:
+        table.add_row(f"[bold]setting {group['id']}[/]", group["description"], end_section=True)
+        for row in group["arms"]:
+            low, high = row["interval_low"], row["interval_high"]
+            table.add_row(
+                str(row["rank"]),
+                row["arm"],
+                row["setting_description"],
+                _fmt(row["objective_mean"]),
+                "—" if low is None else f"[{low:.4g}, {high:.4g}]",
+                str(row["n_seeds"]),
+                _fmt(row["best_lr"]),
+                ", ".join(row["studies"]),
+                str(row["n_trials"]),
+                str(row["n_diverged"]),
+                end_section=row is group["arms"][-1],
+            )
     table.caption = f"{board['task']}: {board['metric']} ({board['direction']})"
     return table

@@ -23,7 +23,7 @@ def register(subparsers: SubParsers) -> None:
     add_database_option(listing)
     listing.set_defaults(handler=_list)
     revoke = actions.add_parser("revoke", help="revoke a key by id")
-    revoke.add_argument("id", type=int)
+    revoke.add_argument("id", type=int, help="the key's id, as `keys list` shows it")
     add_database_option(revoke)
     revoke.set_defaults(handler=_revoke)
 

@@ -1,6 +1,8 @@
 """`ratebench plot STUDY_ID`: write a study's plots (sensitivity, curves, factors) to files.
 
-Reads the database directly (like `keys`), so it works with or without a running API.
+Reads the database directly (like `keys`), so it works with or without a running API; with
+`--url` it asks a service for them instead (`GET /studies/ID/plots/KIND.FORMAT`), so it also
+works against a remote service whose database this machine cannot open.
 """
 
 from __future__ import annotations
@@ -12,25 +14,37 @@ from service.cli._common import (
     CliError,
     SubParsers,
     add_database_option,
+    api_json,
+    api_response,
     database_url,
     open_database,
 )
+
+KINDS = ("sensitivity", "curves", "factors")
 
 
 def register(subparsers: SubParsers) -> None:
     parser = subparsers.add_parser("plot", help="write a study's plots to PNG or SVG files")
     parser.add_argument("study", help="study id")
     parser.add_argument("--out", type=Path, default=Path("."), help="directory (default: .)")
-    parser.add_argument("--format", choices=["png", "svg"], default="png")
+    parser.add_argument("--format", choices=["png", "svg"], default="png", help="file format")
     parser.add_argument(
-        "--kind", action="append", choices=["sensitivity", "curves", "factors"],
+        "--kind", action="append", choices=list(KINDS),
         help="plot to write (repeatable; default: all)",
     )  # fmt: skip
     add_database_option(parser)
+    parser.add_argument(
+        "--url", nargs="?", const="",
+        help="ask the API for the plots instead of opening the database: at this base URL, "
+        "or at RATEBENCH_URL when given without one",
+    )  # fmt: skip
+    parser.add_argument("--key", help="API key with --url (default RATEBENCH_API_KEY)")
     parser.set_defaults(handler=_plot)
 
 
 def _plot(args: argparse.Namespace) -> int:
+    if args.url is not None:
+        return _plot_remote(args)
     from service.models import StudyRecord
     from worker.report import plots
     from worker.results import load_trials
@@ -46,5 +60,19 @@ def _plot(args: argparse.Namespace) -> int:
     for kind in args.kind or list(plots.PLOTS):
         path = args.out / f"{study.name}-{kind}.{args.format}"
         path.write_bytes(plots.render(kind, spec, trials, args.format))
+        print(path)
+    return 0
+
+
+def _plot_remote(args: argparse.Namespace) -> int:
+    args.url = args.url or None  # `--url` alone: the configured URL
+    name = api_json(args, "GET", f"/studies/{args.study}")["name"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    for kind in args.kind or list(KINDS):
+        content = api_response(
+            args, "GET", f"/studies/{args.study}/plots/{kind}.{args.format}"
+        ).content
+        path = args.out / f"{name}-{kind}.{args.format}"
+        path.write_bytes(content)
         print(path)
     return 0

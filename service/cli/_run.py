@@ -3,9 +3,12 @@
 Storage and Ray come from `--database-url` / `--ray-address` or the settings (a SQLite file and
 a local Ray runtime by default). The study is stored under `--study-key`, by default the spec's
 name plus a hash of its content, so running the same spec again resumes it (and a finished
-study just prints its leaderboard). A progress bar runs on stderr; the leaderboard is printed
-as a table at the end, or as JSON with `--json`. An invalid spec is reported as one line per
-problem (exit code 2).
+study just prints its leaderboard). The key is also the study's id in `ratebench_studies`,
+where the run records it as the scheduler records a submitted study (source "cli"): status,
+progress, environment and leaderboard rows, so `ratebench plot`, the API, the leaderboards and
+the web pages show it like any other; the API's cancel stops it. A progress bar runs on stderr;
+the leaderboard is printed as a table at the end, or as JSON with `--json`. An invalid spec is
+reported as one line per problem (exit code 2).
 """
 
 from __future__ import annotations
@@ -14,14 +17,20 @@ import argparse
 import hashlib
 import json
 import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from service.cli._common import CliError, SubParsers, add_database_option, database_url
+from service.cli._tables import arm_table
+from service.models import STUDY_ID_LENGTH
 
 if TYPE_CHECKING:
     from worker.spec import StudySpec
-    from worker.summary import ArmSummary
+    from worker.sweep import Progress, StudyResult
+
+_KEY = re.compile(rf"[A-Za-z0-9_][A-Za-z0-9_.-]{{0,{STUDY_ID_LENGTH - 1}}}")
 
 
 def register(subparsers: SubParsers) -> None:
@@ -73,88 +82,26 @@ def load_spec(path: Path) -> StudySpec:
 
 def default_study_key(spec: StudySpec) -> str:
     content = json.dumps(spec.model_dump(mode="json"), sort_keys=True)
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", spec.name).strip("-")[:60] or "study"
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", spec.name).strip("-.")[:60] or "study"
     return f"{slug}-{hashlib.sha256(content.encode()).hexdigest()[:10]}"
-
-
-def _fmt(value: float | None, digits: int = 4) -> str:
-    return "-" if value is None else f"{value:.{digits}g}"
-
-
-def _pm(mean: float | None, std: float | None) -> str:
-    if mean is None:
-        return "-"
-    return f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else "")
-
-
-def _table(spec: StudySpec, rows: list[ArmSummary]) -> Any:
-    from rich.table import Table
-
-    from worker.report.stats import metric_range, rank_arms
-
-    metric = spec.objective.metric
-    seeds = {r.arm: r.final_values for r in rows if r.final_values}
-    stats = {
-        s.arm: s for s in rank_arms(seeds, spec.objective.maximize, bounds=metric_range(metric))
-    }
-    table = Table(title=f"{spec.name} — {spec.task}, ranked by {metric} over final seeds")
-    for name in (
-        "#",
-        "arm",
-        "best lr",
-        f"{metric}",
-        "95% interval",
-        "test",
-        "steps→target",
-        "time→target",
-        "band (decades)",
-        "trials ok/pruned/diverged/failed",
-        "ties",
-        "too few seeds to tell",
-    ):
-        left = name in ("arm", "ties", "too few seeds to tell")
-        table.add_column(name, justify="left" if left else "right")
-    for r in rows:
-        ranked = stats.get(r.arm)
-        low, high = (ranked.interval.low, ranked.interval.high) if ranked else (None, None)
-        table.add_row(
-            str(r.rank),
-            f"{r.arm} [red](failed)[/]" if r.status == "failed" else r.arm,
-            _fmt(r.best_lr, 3),
-            _pm(r.objective_mean, r.objective_std),
-            "-" if low is None or high is None else f"[{low:.4f}, {high:.4f}]",
-            _pm(r.test_mean, r.test_std),
-            _fmt(r.steps_to_target, 6),
-            "-" if r.time_to_target_s is None else f"{r.time_to_target_s:.1f} s",
-            _fmt(r.band_decades, 2),
-            f"{r.n_complete}/{r.n_pruned}/{r.n_diverged}/{r.n_failed}",
-            ", ".join(ranked.not_distinguishable_from) if ranked else "",
-            ", ".join(ranked.too_few_seeds_to_tell) if ranked else "",
-        )
-    target = rows[0].target if rows else None
-    table.caption = (
-        f"target {metric} = {_fmt(target)}; band: rates within "
-        f"{spec.objective.band_tolerance:.0%} of the arm's best; interval clipped to the "
-        "metric's range; ties: Welch's test cannot separate the arms; too few seeds to tell: "
-        "it cannot because an arm has too few seeds, no evidence either way"
-    )
-    return table
 
 
 def _run(args: argparse.Namespace) -> int:
     import sqlalchemy as sa
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from service.config import get_settings
     from worker.report.stats import seed_warning
-    from worker.sweep import Progress as StudyProgress
-    from worker.sweep import run_study
 
     spec = load_spec(args.spec)
     url = database_url(args)
     ray_address = args.ray_address or get_settings().ray_address
     key = args.study_key or default_study_key(spec)
+    if not _KEY.fullmatch(key):
+        raise CliError(
+            f"--study-key {key!r}: use 1 to {STUDY_ID_LENGTH} letters, digits, '_', '.' or '-', "
+            "starting with a letter, digit or '_'"
+        )
     err = Console(stderr=True)
     if not err.is_terminal:
         err = Console(stderr=True, width=160)
@@ -163,7 +110,90 @@ def _run(args: argparse.Namespace) -> int:
     few_seeds = seed_warning(spec.budget.final_seeds)
     if few_seeds:
         err.print(f"[yellow]warning:[/yellow] {few_seeds}")
-    bar = Progress(
+    try:
+        result, status, error = _run_recorded(spec, url, key, ray_address, err)
+    except sa.exc.OperationalError as exc:
+        raise CliError(f"cannot use the database: {str(exc.orig).strip()}") from None
+    if args.json:
+        print(json.dumps({**result.to_dict(), "status": status, "error": error}, indent=2))
+    else:
+        out = Console()
+        if not out.is_terminal:  # a pipe or file gets the whole table, not 80 columns
+            out = Console(width=160)
+        out.print(arm_table(spec.model_dump(mode="json"), [r.to_dict() for r in result.arms]))
+    return _report_outcome(err, result, status, error)
+
+
+def _run_recorded(
+    spec: StudySpec, url: str, key: str, ray_address: str | None, err: Any
+) -> tuple[StudyResult, str, str | None]:
+    """Run the study as the row `key` of `ratebench_studies` (source "cli"), recorded exactly
+    as a scheduler records an API study: claimed and leased (the lease renewed, the progress
+    stored, a cancel from the API honoured by `StudyDriver`), and finished with its status
+    and leaderboard rows by the scheduler's own `finish_study`. Returns the sweep's result and
+    the status and error stored."""
+    import os
+    import socket
+
+    from service import queue
+    from service.db import get_engine, migrate
+    from service.models import StudyStatus
+    from service.scheduler import Scheduler, SchedulerConfig, StudyDriver, final_status
+    from worker.cluster import check_auth
+    from worker.sweep import run_study
+
+    check_auth(ray_address)  # a missing Ray token fails here, before the study is claimed
+    migrate(url)
+    engine = get_engine(url)
+    config = SchedulerConfig(
+        storage_url=url,
+        ray_address=ray_address,
+        scheduler_id=f"cli:{socket.gethostname()}:{os.getpid()}",
+    )
+    try:
+        study = queue.start_local(
+            engine, key, config.scheduler_id, config.lease, spec.model_dump(mode="json"),
+            name=spec.name, task=spec.task,
+        )  # fmt: skip
+    except queue.StudyBusyError as exc:
+        raise CliError(str(exc)) from None
+    recorder = Scheduler(engine, config)  # not started: only its way of recording an end
+    with StudyDriver(engine, key, config) as driver, _progress_bar(err) as bar:
+
+        def update(progress: Progress) -> None:
+            driver.on_progress(progress)
+            bar(progress)
+
+        try:
+            result = run_study(
+                spec, url, key, ray_address=ray_address, on_progress=update,
+                should_stop=lambda: driver.lost or driver.cancelled,
+            )  # fmt: skip
+        except KeyboardInterrupt:
+            recorder.finish_study(key, StudyStatus.CANCELLED, driver, error=_INTERRUPTED)
+            raise
+        except Exception as exc:
+            recorder.finish_study(key, StudyStatus.FAILED, driver, exc=exc)
+            if isinstance(exc, ValueError):  # the spec does not fit the cluster
+                raise CliError(str(exc)) from None
+            raise
+    if driver.lost:
+        raise CliError(f"study {key}: another process took it over; its results are theirs")
+    status, error = final_status(driver.cancelled, result.arms)
+    recorder.finish_study(key, status, driver, error=error, store=(study, spec, result.arms))
+    return result, status.value, error
+
+
+_INTERRUPTED = "interrupted before it finished; run the same spec again to resume it"
+
+
+@contextmanager
+def _progress_bar(err: Any) -> Iterator[Callable[[Progress], None]]:
+    """A bar per arm on stderr; yields the function that updates them."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import Progress as Bars
+
+    bars = Bars(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -173,10 +203,10 @@ def _run(args: argparse.Namespace) -> int:
     )
     tasks: dict[str, Any] = {}
 
-    def update(progress: StudyProgress) -> None:
+    def update(progress: Progress) -> None:
         for arm in progress.arms:
             if arm.arm not in tasks:
-                tasks[arm.arm] = bar.add_task(
+                tasks[arm.arm] = bars.add_task(
                     arm.arm, total=arm.budget + arm.final_seeds, status=""
                 )
             best = (
@@ -188,31 +218,17 @@ def _run(args: argparse.Namespace) -> int:
                 f"{arm.running} running, {arm.pruned} pruned, {arm.diverged} diverged, "
                 f"{arm.failed} failed  {best}"
             )
-            bar.update(tasks[arm.arm], completed=arm.done, status=status)
+            bars.update(tasks[arm.arm], completed=arm.done, status=status)
 
-    try:
-        with bar:
-            result = run_study(spec, url, key, ray_address=ray_address, on_progress=update)
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
-    except sa.exc.OperationalError as exc:
-        raise CliError(f"cannot use the database: {str(exc.orig).strip()}") from None
-    if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
-    else:
-        out = Console()
-        if not out.is_terminal:  # a pipe or file gets the whole table, not 80 columns
-            out = Console(width=160)
-        out.print(_table(spec, result.arms))
-    return _report_outcome(err, result)
+    with bars:
+        yield update
 
 
-def _report_outcome(err: Any, result: Any) -> int:
+def _report_outcome(err: Any, result: StudyResult, status: str, error: str | None) -> int:
     """The study's status, failed arms and rate-range warnings on stderr; exit code 1 unless
     every arm produced results."""
     from worker.summary import edge_warnings
 
-    status, error = result.outcome
     style = {"completed": "green", "failed": "red"}.get(status, "yellow")
     err.print(f"status: [bold {style}]{status}[/]")
     if error:

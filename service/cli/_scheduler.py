@@ -7,7 +7,6 @@ with RATEBENCH_RUN_SCHEDULER=false. Several schedulers may share one database.
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 from types import FrameType
 
@@ -20,7 +19,9 @@ def register(subparsers: SubParsers) -> None:
     )
     add_database_option(parser)
     parser.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS or local)")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning"], help="log verbosity"
+    )
     parser.set_defaults(handler=_run)
 
 
@@ -29,11 +30,12 @@ def _run(args: argparse.Namespace) -> int:
 
     from service.config import get_settings
     from service.db import get_engine, migrate
+    from service.logs import configure_logging
     from service.scheduler import Scheduler, SchedulerConfig
     from worker import cluster
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     settings = get_settings()
+    configure_logging(args.log_level, settings.log_format)
     url = database_url(args)
     migrate(url)
     address = args.ray_address or settings.ray_address

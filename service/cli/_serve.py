@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
 from service.cli._common import SubParsers, add_database_option
 
@@ -19,7 +18,9 @@ def register(subparsers: SubParsers) -> None:
     parser.add_argument("--port", type=int, help="port (default RATEBENCH_PORT or 8000)")
     add_database_option(parser)
     parser.add_argument("--ray-address", help="Ray cluster to join (default: start a local one)")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning"], help="log verbosity"
+    )
     parser.set_defaults(handler=_serve)
 
 
@@ -28,6 +29,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from service.app import create_app
     from service.config import get_settings
+    from service.logs import configure_logging
 
     overrides = {
         key: value
@@ -40,7 +42,11 @@ def _serve(args: argparse.Namespace) -> int:
         if value is not None
     }
     settings = get_settings().model_copy(update=overrides)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, settings.log_format)
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level)
+    # JSON logs: uvicorn's own loggers pass their records to the root logger's JSON handler.
+    log_config = None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, log_level=args.log_level, log_config=log_config
+    )
     return 0

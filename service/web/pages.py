@@ -1,12 +1,14 @@
 """The leaderboard web pages: server-rendered HTML (Jinja2), no front-end build.
 
 `/` lists tasks, the cross-task performance profile and recent studies; `/tasks/{task}` shows a
-task's leaderboard; `/studies/{id}` a study's progress (refreshing while it runs), its arms
-ranked with confidence intervals, and its plots. The pages read the same data as the JSON API.
+task's leaderboard, one table per setting, with the JSON API's filters; `/studies/{id}` a
+study's progress (refreshing while it runs), its arms ranked with confidence intervals, and its
+plots. The pages read the same data as the JSON API.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +18,10 @@ from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
 
 from service.api.deps import ReadDb, Tx
+from service.api.leaderboard import read_filters
 from service.leaderboards import CONFIDENCE, TaskScores, study_arms, task_board, task_scores
 from service.models import ArmResult, StudyRecord, StudyStatus
+from service.web.timing import duration, study_timing
 from worker.report.stats import MIN_SEEDS_TO_TELL
 from worker.summary import edge_warnings
 
@@ -85,14 +89,36 @@ def _index_data(tx: Tx) -> tuple[dict[str, TaskScores], list[StudyRecord]]:
     return task_scores(tx.session), list(studies)
 
 
+def query_value(value: Any) -> str:
+    """A filter value as the query string writes it (`true`, `null`, `0.9`, `relu`)."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+templates.env.globals["query_value"] = query_value
+
+
 @router.get("/tasks/{task}", response_class=HTMLResponse, name="task_page")
-async def task_page(task: str, request: Request, db: ReadDb) -> HTMLResponse:
-    board = await db.run(lambda tx: task_board(tx.session, task))
+async def task_page(
+    task: str, request: Request, db: ReadDb, metric: str | None = None
+) -> HTMLResponse:
+    """The task's board, one table per setting; the query takes the JSON API's filters (a
+    form's empty fields are ignored)."""
+    filters = read_filters(request, skip_blank=True)
+    metric = metric or None
+    board = await db.run(lambda tx: task_board(tx.session, task, metric, filters))
     if board is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no completed study on {task!r}")
-    studies = max((row.studies for row in board.arms), default=0)
+    studies = len({study for group in board.groups for study in group.studies})
     return templates.TemplateResponse(
-        request, "task.html", {"board": board, "studies": studies, "refresh": None}
+        request,
+        "task.html",
+        {
+            "board": board,
+            "studies": studies,
+            "chosen": {name: query_value(value) for name, value in board.filters.items()},
+            "confidence_pct": round(CONFIDENCE * 100),
+            "refresh": None,
+        },
     )
 
 
@@ -124,6 +150,8 @@ async def study_page(study_id: str, request: Request, db: ReadDb) -> HTMLRespons
             "confidence_pct": round(CONFIDENCE * 100),
             "plots": plots if study.status != StudyStatus.QUEUED.value else [],
             "refresh": REFRESH_SECONDS if running else None,
+            "timing": study_timing(study),
+            "duration": duration,
         },
     )
 

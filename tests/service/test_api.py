@@ -204,15 +204,17 @@ def test_task_leaderboard_aggregates_finished_studies(
     _finished_study(engine, "a", {"sgd": (0.80, 0.1), "adam": (0.70, 0.001)})
     _finished_study(engine, "b", {"sgd": (0.60, 0.3), "adam": (0.75, 0.002)})
     board = client.get("/api/v1/leaderboard", params={"task": "mnist1d-mlp"}).json()
-    rows = {r["arm"]: r for r in board["arms"]}
-    assert [r["arm"] for r in board["arms"]] == ["adam", "sgd"]  # 0.725 > 0.70
+    (group,) = board["groups"]  # one setting: both studies pooled
+    rows = {r["arm"]: r for r in group["arms"]}
+    assert [r["arm"] for r in group["arms"]] == ["adam", "sgd"]  # 0.725 > 0.70
     assert rows["sgd"]["objective_mean"] == pytest.approx(0.70)
     assert rows["sgd"]["objective_best"] == pytest.approx(0.80)
     assert rows["sgd"]["best_lr"] == pytest.approx(0.1)  # the rate of its best study
     assert rows["adam"]["best_lr"] == pytest.approx(0.002)
     assert rows["sgd"]["n_trials"] == 8
     assert rows["sgd"]["n_diverged"] == 2
-    assert rows["sgd"]["studies"] == 2
+    assert rows["sgd"]["studies"] == ["a", "b"]
+    assert rows["sgd"]["n_seeds"] == 4
     study_board = client.get("/api/v1/studies/a/leaderboard").json()
     assert [r["arm"] for r in study_board["arms"]] == ["sgd", "adam"]
     missing = client.get("/api/v1/leaderboard", params={"task": "digits-mlp"})

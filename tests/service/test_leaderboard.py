@@ -1,20 +1,21 @@
 """Leaderboards that say what their statistics can tell, on real databases (SQLite file and
 PostgreSQL): the performance profile with zero, failed and missing scores, a study's intervals
-and tie flags in JSON, the home page's "not run", warnings for too few seeds, and the CLI's
-table against a real server."""
+and tie flags in JSON, task boards grouped by setting with pooled seeds and filters, the home
+page's "not run", warnings for too few seeds, and the CLI's table against a real server."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
+from scipy.stats import t as scipy_t
 
 from service.app import create_app
 from service.auth import create_key
@@ -35,13 +36,17 @@ QUICK = {"sgd": [0.60625, 0.62375], "bmp": [0.53246, 0.53374]}
 
 
 def store_study(
-    engine: sa.Engine, study_id: str, task: str, seeds: dict[str, list[float] | None]
+    engine: sa.Engine,
+    study_id: str,
+    task: str,
+    seeds: Mapping[str, list[float] | None],
+    spec: dict[str, Any] = SPEC,
 ) -> None:
     """A completed study with one stored arm row per arm ({arm: final seed values}; None: the
     arm ran and no seed finished)."""
     with session_scope(engine) as session:
         session.add(
-            StudyRecord(id=study_id, name=study_id, task=task, spec=SPEC, status="completed")
+            StudyRecord(id=study_id, name=study_id, task=task, spec=spec, status="completed")
         )
         session.flush()
         for rank, (arm, values) in enumerate(seeds.items(), start=1):
@@ -106,6 +111,9 @@ def test_study_leaderboard_json_clips_intervals_and_says_when_seeds_are_too_few(
     assert rows["sgd"]["ties"] == []  # 2 seeds per arm: no evidence of a tie ...
     assert "bmp" in rows["sgd"]["too_few_seeds_to_tell"]  # ... nor of a difference
     assert rows["sgd"]["confidence"] == 0.95
+    assert "summary" not in rows["sgd"]  # the row's fields are not repeated ...
+    assert rows["sgd"]["details"]["final_values"] == QUICK["sgd"]  # ... only the others kept
+    assert not set(rows["sgd"]["details"]) & set(rows["sgd"]) - {"details"}
     page = client.get("/studies/q").text  # the web page shows the same rows
     assert "too few seeds to tell" in page
     assert ", 1]" in page  # adam's interval, clipped at an accuracy of 1
@@ -165,3 +173,108 @@ def test_cli_submit_warns_on_stderr_when_seeds_are_too_few(
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.split()) == 1  # stdout stays the study id alone, for scripts
     assert "warning: budget.final_seeds: 2 seeds" in result.stderr
+
+
+def _spec(epochs: int, momentum: float = 0.9, width: int | None = None) -> dict[str, Any]:
+    arms = [{"optimizer": "sgd", "fixed": {"momentum": momentum}}, {"optimizer": "adam"}]
+    model = {} if width is None else {"model": {"width": width}}
+    return {**SPEC, **model, "arms": arms, "budget": {**SPEC["budget"], "epochs": epochs}}
+
+
+@pytest.fixture
+def settings_board(client: TestClient) -> TestClient:
+    """Four studies on one task: two of the same setting, one without momentum (same group,
+    another arm setting for sgd), one of 15 epochs on a wider model (another group)."""
+    engine = engine_of(client)
+    store_study(engine, "two-a", "mnist1d-mlp", {"sgd": [0.60, 0.62], "adam": [0.80, 0.82]},
+                _spec(2))  # fmt: skip
+    store_study(engine, "two-b", "mnist1d-mlp", {"sgd": [0.64, 0.66], "adam": [0.84]}, _spec(2))
+    store_study(engine, "nomom", "mnist1d-mlp", {"sgd": [0.50, 0.52]}, _spec(2, momentum=0.0))
+    store_study(engine, "long", "mnist1d-mlp", {"sgd": [0.90, 0.91], "adam": [0.88, 0.90]},
+                _spec(15, width=64))  # fmt: skip
+    return client
+
+
+def _board(client: TestClient, query: str = "") -> dict[str, Any]:
+    response = client.get(f"/api/v1/leaderboard?task=mnist1d-mlp{query}")
+    assert response.status_code == 200, response.text
+    board: dict[str, Any] = response.json()
+    return board
+
+
+def test_task_board_pools_seeds_within_a_setting_and_never_across(
+    settings_board: TestClient,
+) -> None:
+    board = _board(settings_board)
+    assert [g["studies"] for g in board["groups"]] == [["nomom", "two-a", "two-b"], ["long"]]
+    short, long = board["groups"]
+    assert "2 epochs" in short["description"] and "15 epochs" in long["description"]
+    assert "width 64" in long["description"]
+    assert short["setting"]["budget"] == {"epochs": 2, "steps_per_epoch": None}
+    rows = {(r["arm"], r["setting_description"]): r for r in short["arms"]}
+    assert set(rows) == {("adam", "scheme defaults"), ("sgd", "fixed: momentum 0.9"),
+                         ("sgd", "fixed: momentum 0")}  # fmt: skip
+    adam, sgd = rows["adam", "scheme defaults"], rows["sgd", "fixed: momentum 0.9"]
+    assert [r["arm"] for r in short["arms"]] == ["adam", "sgd", "sgd"]  # best first
+    assert rows["sgd", "fixed: momentum 0"]["studies"] == ["nomom"]  # not pooled with 0.9
+    # the 2-epoch studies' seeds pooled, with a Student-t interval over all of them
+    for row, seeds in ((sgd, [0.60, 0.62, 0.64, 0.66]), (adam, [0.80, 0.82, 0.84])):
+        n, mean = len(seeds), sum(seeds) / len(seeds)
+        std = (sum((v - mean) ** 2 for v in seeds) / (n - 1)) ** 0.5
+        half = float(scipy_t.ppf(0.975, n - 1)) * std / n**0.5
+        assert row["n_seeds"] == n
+        assert row["objective_mean"] == pytest.approx(mean)
+        assert row["interval_low"] == pytest.approx(mean - half)
+        assert row["interval_high"] == pytest.approx(mean + half)
+        assert row["studies"] == ["two-a", "two-b"]
+    assert sgd["interval_low"] == pytest.approx(0.588915, abs=1e-6)  # 0.63 ∓ 3.1824 · 0.0129
+    assert sgd["best_study"] == "two-b" and sgd["objective_best"] == pytest.approx(0.65)
+    assert long["arms"][0]["objective_mean"] == pytest.approx(0.905)  # 15 epochs: apart
+    assert long["arms"][0]["model"]["width"] == 64
+    assert board["filter_values"]["epochs"] == [2, 15]
+    assert board["filter_values"]["fixed.momentum"] == [0.9, 0.0]
+
+
+def test_task_board_filters_on_setting_fields(settings_board: TestClient) -> None:
+    def studies(query: str) -> list[list[str]]:
+        return [g["studies"] for g in _board(settings_board, query)["groups"]]
+
+    assert studies("&epochs=15") == [["long"]]
+    assert studies("&model.width=64") == [["long"]]
+    assert studies("&model.width=null") == [["nomom", "two-a", "two-b"]]
+    board = _board(settings_board, "&epochs=2&fixed.momentum=0.9")
+    assert board["filters"] == {"epochs": 2, "fixed.momentum": 0.9}
+    assert [(r["arm"], r["studies"]) for r in board["groups"][0]["arms"]] == [
+        ("sgd", ["two-a", "two-b"])
+    ]
+    unfixed = _board(settings_board, "&fixed.momentum=null")["groups"]
+    assert {r["arm"] for g in unfixed for r in g["arms"]} == {"adam"}
+    long_id = _board(settings_board)["groups"][1]["id"]
+    assert studies(f"&setting={long_id}") == [["long"]]
+    assert studies("&metric=val_accuracy&data.batch_size=128") == [
+        ["nomom", "two-a", "two-b"], ["long"]
+    ]  # fmt: skip
+    assert studies("&epochs=3") == []  # a filter that matches nothing: an empty board
+    for query, name in (("&colour=red", "colour"), ("&model.colour=red", "model.colour"),
+                        ("&epochs=2&epochs=15", "epochs"), ("&epochs=two", "epochs")):  # fmt: skip
+        response = settings_board.get(f"/api/v1/leaderboard?task=mnist1d-mlp{query}")
+        assert response.status_code == 422, (query, response.text)
+        assert response.json()["detail"][0]["loc"] == ["query", name]
+    docs = settings_board.get("/openapi.json").json()
+    description = docs["paths"]["/api/v1/leaderboard"]["get"]["description"]
+    assert "fixed.momentum=0.9" in description and "model.width=64" in description
+
+
+def test_task_page_shows_one_table_per_setting_with_its_filters(
+    settings_board: TestClient,
+) -> None:
+    page = settings_board.get("/tasks/mnist1d-mlp").text
+    assert page.count('<section class="group"') == 2
+    assert "2 epochs × one pass" in page and "15 epochs × one pass" in page
+    assert '/studies/two-a">two-a</a>' in page and '/studies/long">long</a>' in page
+    assert '<select name="fixed.momentum">' in page and '<select name="epochs">' in page
+    assert 'href="/docs"' in page and "optuna-dashboard &lt;database URL&gt;" in page
+    filtered = settings_board.get("/tasks/mnist1d-mlp?epochs=15&model.width=").text
+    assert filtered.count('<section class="group"') == 1  # the form's blank fields: ignored
+    assert '<option value="15" selected>' in filtered
+    assert settings_board.get("/tasks/mnist1d-mlp?colour=red").status_code == 422

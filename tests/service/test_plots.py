@@ -144,3 +144,33 @@ def test_concurrent_first_fetches_draw_each_plot_once(server: ServiceProcess) ->
     finished = [httpx.get(plot, timeout=60).headers["X-Cache"] for _ in range(2)]
     assert finished == ["miss", "hit"]  # a finished study's plots are drawn once, to disk
     assert (server.data_dir / "plots" / "running" / "curves.png").is_file()
+
+
+def test_factor_plot_names_layers_as_the_model_does() -> None:
+    """The names a layer-wise scheme really records (one step of bmp on the arm's model) come
+    back in the legend with their module and shape; position-only names are resolved too."""
+    import torch
+    import torch.nn.functional as F
+
+    import optim
+    from worker.report import plots
+    from worker.results import TrialRecord
+    from worker.spec import StudySpec
+    from worker.tasks import build_model
+
+    spec = StudySpec.from_stored({**SPEC, "model": {"width": 32, "depth": 1}})
+    model = build_model("mlp", (40,), 10, width=32, depth=1)
+    optimizer = optim.build("bmp", model, lr=0.1)
+    loss = F.cross_entropy(model(torch.randn(8, 40)), torch.randint(0, 10, (8,)))
+    loss.backward()
+    optimizer.step()
+    names = list(optimizer.layer_factors())  # type: ignore[attr-defined]
+    assert names == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    record = {"names": [*names, "0.2"], "values": [[1.0] * 5, [2.0] * 5]}
+    trial = TrialRecord("bmp", "final", 0, "COMPLETE", "complete", 0.5, {"lr": 0.1},
+                        {"layer_factors": record}, {}, None, None)  # fmt: skip
+    svg = plots.factors(spec, [trial], "svg").decode()
+    for label in ("0.weight (Linear, 32×40)", "0.bias (Linear, 32)",
+                  "2.weight (Linear, 10×32)", "2.bias (Linear, 10)"):  # fmt: skip
+        assert f"<!-- {label} -->" in svg, label
+    assert svg.count("<!-- 2.weight (Linear, 10×32) -->") == 2  # "0.2": the third tensor

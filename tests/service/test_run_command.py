@@ -49,24 +49,4 @@ def test_malformed_json_and_missing_files_exit_2(
     assert "cannot read" in capsys.readouterr().err
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-def test_run_prints_the_leaderboard_and_a_rerun_resumes_the_finished_study(
-    ray_runtime: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    path = _write(tmp_path, TINY)
-    sqlite_url = f"sqlite:///{tmp_path / 'data' / 'ratebench.db'}"  # a folder not made yet
-    assert main(["run", str(path), "--database-url", sqlite_url, "--json"]) == 0
-    first = json.loads(capsys.readouterr().out)
-    assert [a["rank"] for a in first["arms"]] == [1, 2]
-    assert {a["arm"] for a in first["arms"]} == {"sgd", "adam"}
-    assert all(a["n_trials"] == 2 and a["n_seeds"] == 1 for a in first["arms"])
-
-    assert main(["run", str(path), "--database-url", sqlite_url, "--json"]) == 0
-    again = json.loads(capsys.readouterr().out)
-    assert again["study_key"] == first["study_key"]
-    assert again["arms"] == first["arms"]  # nothing re-ran
-
-    assert main(["run", str(path), "--database-url", sqlite_url]) == 0
-    table = capsys.readouterr().out
-    assert "sgd" in table and "adam" in table and "val_accuracy" in table
+# A real run, its table and its resumption: tests/service/test_run_record.py.

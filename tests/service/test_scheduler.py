@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from service import queue
 from service.db import get_engine, migrate, session_scope
 from service.models import StudyRecord, utcnow
-from service.scheduler import SchedulerConfig, _StudyDriver
+from service.scheduler import SchedulerConfig, StudyDriver
 from tests.service.helpers import wait_for
 
 LEASE_S = 1.0
@@ -43,7 +43,7 @@ def test_the_heartbeat_keeps_the_lease_for_longer_than_the_lease(engine: sa.Engi
     config = SchedulerConfig(storage_url="unused", lease_seconds=LEASE_S, scheduler_id="a")
     study_id = claimed_study(engine, config)
     first = lease_expiry(engine, study_id)
-    with _StudyDriver(engine, study_id, config) as driver:
+    with StudyDriver(engine, study_id, config) as driver:
         # A sweep that never polls should_stop meanwhile: wait until the first lease would
         # have run out twice over, by the clock the queue uses, and the heartbeat renewed it.
         wait_for(lambda: utcnow() > first + 2 * config.lease, 60, "the first lease to pass")
@@ -61,7 +61,7 @@ def test_the_heartbeat_learns_of_cancellation_and_of_a_lost_lease(engine: sa.Eng
     config = SchedulerConfig(storage_url="unused", lease_seconds=LEASE_S, scheduler_id="a")
     study_id = claimed_study(engine, config)
     never = threading.Event()
-    with _StudyDriver(engine, study_id, config) as driver:
+    with StudyDriver(engine, study_id, config) as driver:
         assert not driver.should_stop(never)
         with session_scope(engine) as session:
             study = session.get(StudyRecord, study_id)

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.service.helpers import FinishedStudy
@@ -58,6 +59,12 @@ def test_study_page_shows_the_leaderboard_and_every_plot(
     assert {row.split("\t")[1] for row in rows} == {"sgd", "adam"}
     progress = page.locator("#progress tr").all_inner_texts()[1:]
     assert len(progress) == 2
+    done = finished.study["progress"]["trials_done"]
+    assert page.inner_text("#timing").startswith(f"{done} of {done} trials done · elapsed")
+    assert not page.locator("#eta").count()  # finished: nothing left to estimate
+    environment = page.inner_text("#environment")
+    assert "Python 3." in environment and "PyTorch" in environment and "cores" in environment
+    assert page.locator("#nodes tr").count() >= 2  # a header and the machine the trials ran on
     page.wait_for_load_state("networkidle")
     images = page.locator(".plots img")
     assert images.count() == 3
@@ -80,6 +87,13 @@ def test_index_and_task_pages_list_the_finished_study(
     assert "e2e" in page.inner_text("#studies")
     page.click("text=mnist1d-mlp")
     assert page.url.endswith("/tasks/mnist1d-mlp")
-    arms = {row.split("\t")[1] for row in page.locator("#leaderboard tr").all_inner_texts()[1:]}
-    assert arms == {"sgd", "adam"}
+    assert page.locator("section.group").count() == 1  # one setting: one table
+    assert "1 epoch × one pass" in page.inner_text(".setting")
+    rows = page.locator("table.leaderboard tr").all_inner_texts()[1:]
+    assert {row.split("\t")[1] for row in rows} == {"sgd", "adam"}
+    assert "fixed: momentum 0.9" in page.inner_text("table.leaderboard")
+    assert "optuna-dashboard <database URL>" in page.inner_text("footer")
+    docs = page.get_attribute("text=API docs", "href")
+    assert docs == "/docs"
+    assert "Swagger UI" in httpx.get(finished.service.url + docs, timeout=30).text
     page.screenshot(path=str(screenshot_dir(tmp_path) / "task_page.png"), full_page=True)

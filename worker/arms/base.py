@@ -109,7 +109,9 @@ class Job(ABC):
     def key(self) -> str: ...
 
     @abstractmethod
-    def record_start(self, pid: int, host: str, at: float) -> None: ...
+    def record_start(
+        self, pid: int, host: str, at: float, node: dict[str, Any] | None = None
+    ) -> None: ...
 
     @abstractmethod
     def record_report(self, index: int, payload: Any) -> bool:
@@ -142,8 +144,10 @@ class Assignment(Job):
     def key(self) -> str:
         return f"{self.arm.label}/{self.role}/{self.trial.number}"
 
-    def record_start(self, pid: int, host: str, at: float) -> None:
-        self.arm.record_start(self, pid, host, at)
+    def record_start(
+        self, pid: int, host: str, at: float, node: dict[str, Any] | None = None
+    ) -> None:
+        self.arm.record_start(self, pid, host, at, node)
 
     def record_report(self, index: int, payload: Any) -> bool:
         return self.arm.record_report(self, index, float(payload))
@@ -376,10 +380,14 @@ class ArmRun(ABC):
         a.trial.report(value, epoch)
         return a.trial.should_prune()
 
-    def record_start(self, a: Assignment, pid: int, host: str, at: float) -> None:
+    def record_start(
+        self, a: Assignment, pid: int, host: str, at: float, node: dict[str, Any] | None = None
+    ) -> None:
         a.trial.set_user_attr("pid", pid)
         a.trial.set_user_attr("host", host)
         a.trial.set_user_attr("started_at", at)
+        if node is not None:  # the machine (`worker.environment.node`)
+            a.trial.set_user_attr("node", node)
 
     def record_result(self, a: Assignment, result: Any) -> None:
         """A `worker.runner.TrialResult`: its attributes stored, the trial told."""

@@ -6,7 +6,9 @@
   seeds' mean ± std as an error bar at the best rate.
 - `curves`: validation metric per epoch of each arm's final seeds, mean line and min–max band.
 - `factors`: per-layer factors over training of each layer-wise arm's first final seed (the
-  sweep's best trial when no final seed exists), one line per parameter, log scale.
+  sweep's best trial when no final seed exists), one line per parameter named as the model
+  names it, with its module and shape (`0.weight (Linear, 32×40)`: `worker.report.layers`),
+  log scale.
 - `profile`: a performance profile ρ_s(τ) across tasks (see `worker.report.stats`); each
   arm's legend says on how many of the tasks it was run.
 
@@ -33,6 +35,8 @@ import matplotlib
 matplotlib.use("Agg")
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+
+from worker.report.layers import parameter_labels
 
 if TYPE_CHECKING:
     from worker.results import TrialRecord
@@ -206,8 +210,10 @@ def factors(spec: StudySpec, trials: Sequence[TrialRecord], fmt: str = "png") ->
         trial = _factor_trial(label, trials, spec.objective.maximize)
         record = (trial.user_attrs.get("layer_factors") if trial else None) or {}
         names, values = record.get("names", []), record.get("values", [])
+        readable = parameter_labels(spec, label, names)  # `0.weight (Linear, 32×40)`
         for j, name in enumerate(names):
-            ax.plot(range(1, len(values) + 1), [row[j] for row in values], label=name)
+            series = [row[j] for row in values]
+            ax.plot(range(1, len(values) + 1), series, label=readable.get(name, name))
         ax.set_yscale("log")
         ax.set_xlabel("epoch")
         ax.set_ylabel("factor (rate / lr)")
