@@ -88,9 +88,25 @@ def ray_runtime(ray_data_root: Path) -> Iterator[None]:
 
     if not ray.is_initialized():
         workers_env = {"env_vars": {"RATEBENCH_DATA_ROOTS": str(ray_data_root)}}
-        cluster.connect(None, num_cpus=2, log_to_driver=False, runtime_env=workers_env)
+        # Idle workers stay (up to 8, the most trials a test runs at once) instead of being
+        # killed a second after their task beyond the CPU count: the next test's trials then
+        # start in a warm process, not one that imports torch again.
+        warm = {"num_workers_soft_limit": 8}
+        cluster.connect(None, num_cpus=2, log_to_driver=False, runtime_env=workers_env,
+                        _system_config=warm)  # fmt: skip
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_address(ray_runtime: None) -> str:
+    """The session runtime's address, for the processes a test starts (a service, a scheduler,
+    `ratebench run`) to join instead of each starting a Ray runtime of its own: a start costs
+    seconds of both cores, and is what a busy machine times out first. Tests of the embedded
+    runtime itself (`ratebench serve` with nothing set) do not use it."""
+    import ray
+
+    return str(ray.get_runtime_context().gcs_address)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -6,6 +6,13 @@ service or `ratebench run` never opens Ray's ports on the machine's network inte
 `RATEBENCH_NODE_IP` names the address this node should advertise (a machine with several
 interfaces).
 
+Loopback needs more than `_node_ip_address="127.0.0.1"`: Ray replaces a loopback node address by
+the machine's routable one (`resolve_ip_for_localhost`), and its GCS and raylet then listen on
+every interface. Ray keeps a node on loopback only where it thinks clusters are unsupported,
+which its setting `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` declares; `connect` sets it (in the
+environment, for the Ray processes it starts, and in Ray's already-loaded constants, for this
+one) whenever the node address is loopback: then the GCS and raylet bind 127.0.0.1 alone.
+
 Start-up timeout: on a loaded machine a local runtime can take longer than Ray's default 30 s to
 register its raylet ("The current node timed out during startup"), and its worker processes
 longer than 60 s to register, and the raylet gives up on its agents after 30 s.
@@ -101,6 +108,18 @@ def check_auth(address: str | None) -> None:
         )
 
 
+_LOOPBACK_NAMES = {LOOPBACK, "localhost", "::1"}
+_RAY_CLUSTER_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _keep_ray_on_loopback() -> None:
+    """Stop Ray from trading a loopback node address for a routable one (see the module doc)."""
+    os.environ[_RAY_CLUSTER_SWITCH] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 def connect(address: str | None, **options: Any) -> None:
     """`ray.init` for a local runtime (`address` None) or a cluster; a no-op when connected.
     Raises ClusterConfigError, before contacting anything, for a missing token."""
@@ -113,6 +132,8 @@ def connect(address: str | None, **options: Any) -> None:
     node_ip = LOOPBACK if address is None else os.environ.get("RATEBENCH_NODE_IP")
     if node_ip:
         options["_node_ip_address"] = node_ip
+    if node_ip in _LOOPBACK_NAMES:
+        _keep_ray_on_loopback()
     ray.init(address=address, include_dashboard=False, configure_logging=False, **options)
 
 

@@ -20,9 +20,10 @@ from tests.service.helpers import (
 
 
 @pytest.fixture
-def service(tmp_path: Path) -> Iterator[ServiceProcess]:
-    """A service on a fresh SQLite file with the embedded defaults (not started yet)."""
-    yield from embedded_service(tmp_path / "data")
+def service(tmp_path: Path, ray_address: str) -> Iterator[ServiceProcess]:
+    """A service on a fresh SQLite file (not started yet) whose scheduler joins the session's
+    Ray runtime. `finished` and `tests/service/test_serve.py` use the embedded runtime."""
+    yield from embedded_service(tmp_path / "data", ray_address)
 
 
 @pytest.fixture(scope="session")

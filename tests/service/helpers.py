@@ -88,8 +88,12 @@ class ServiceProcess:
         self.proc.wait(timeout=30)
 
 
-def embedded_service(data_dir: Path) -> Iterator[ServiceProcess]:
-    """A not-yet-started service on a fresh SQLite file in `data_dir`, killed afterwards."""
+def embedded_service(data_dir: Path, ray_address: str | None = None) -> Iterator[ServiceProcess]:
+    """A not-yet-started service on a fresh SQLite file in `data_dir`, killed afterwards.
+
+    With `ray_address` (the session's runtime, `tests/conftest.py`) its scheduler joins that
+    runtime on loopback; without, it starts a local runtime of its own, as `ratebench serve`
+    does for a user."""
     env = {
         **os.environ,
         "RATEBENCH_DATA_DIR": str(data_dir),
@@ -98,6 +102,8 @@ def embedded_service(data_dir: Path) -> Iterator[ServiceProcess]:
     }
     for name in ("RATEBENCH_DATABASE_URL", "RAY_ADDRESS", "RATEBENCH_RAY_ADDRESS"):
         env.pop(name, None)
+    if ray_address is not None:
+        env.update(RATEBENCH_RAY_ADDRESS=ray_address, RATEBENCH_NODE_IP="127.0.0.1")
     data_dir.mkdir(parents=True)
     process = ServiceProcess(data_dir, env)
     yield process

@@ -1,7 +1,7 @@
 """The distributed shape on the real PostgreSQL: an API that only serves
 (RATEBENCH_RUN_SCHEDULER=false) and two separate `ratebench scheduler` processes sharing the
-database. Every study runs exactly once. The two schedulers each start their own local Ray
-runtime here; a real deployment points both at one cluster (RAY_ADDRESS)."""
+database, both joined to one Ray runtime (the test session's, through RATEBENCH_RAY_ADDRESS, as a
+deployment points them at its cluster). Every study runs exactly once."""
 
 from __future__ import annotations
 
@@ -28,8 +28,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
 
 @pytest.fixture
-def api_on_postgres(postgres_url: str, tmp_path: Path) -> Iterator[ServiceProcess]:
-    for service in embedded_service(tmp_path / "data"):
+def api_on_postgres(
+    postgres_url: str, tmp_path: Path, ray_address: str
+) -> Iterator[ServiceProcess]:
+    """The API alone; the schedulers it spawns join the session's Ray runtime, as schedulers of
+    a real deployment share one cluster."""
+    for service in embedded_service(tmp_path / "data", ray_address):
         service.env["RATEBENCH_DATABASE_URL"] = postgres_url
         service.env["RATEBENCH_RUN_SCHEDULER"] = "false"
         yield service

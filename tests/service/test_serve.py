@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.service.helpers import ServiceProcess, ratebench
+from tests.service.helpers import ServiceProcess, embedded_service, ratebench
+
+
+@pytest.fixture
+def embedded(tmp_path: Path) -> Iterator[ServiceProcess]:
+    """`ratebench serve` with nothing set: its own local Ray runtime, a SQLite file."""
+    yield from embedded_service(tmp_path / "data")
 
 
 def test_cli_help_lists_the_commands() -> None:
@@ -17,11 +25,13 @@ def test_cli_help_lists_the_commands() -> None:
 
 @pytest.mark.slow
 def test_serve_starts_with_embedded_defaults_and_stops_on_sigterm(
-    service: ServiceProcess,
+    embedded: ServiceProcess,
 ) -> None:
+    service = embedded
     health = service.start()
     assert health["ray"]["state"] == "connected"
     assert health["ray"]["resources"]["CPU"] > 0
+    assert health["ray"]["address"] is None  # a runtime of its own, not a cluster's
     assert health["database"]["backend"] == "sqlite"
     assert (service.data_dir / "ratebench.db").exists()
     # uvicorn shuts down gracefully, then re-raises the signal it caught: exit by SIGTERM.

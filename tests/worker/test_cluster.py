@@ -95,3 +95,54 @@ def test_a_token_anywhere_ray_looks_is_enough(
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     (token_mode / ".ray" / "auth_token").unlink()
     cluster.check_auth("head:6379")
+
+
+# Loopback as /proc/net/tcp{,6} write it: 127.0.0.1, its IPv4-mapped IPv6 form, and ::1.
+_LOOPBACK_HEX = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
+_LISTEN = "0A"
+
+
+def _listening_addresses(pid: int) -> set[str]:
+    """The local addresses (hex, as the kernel lists them) on which process `pid` listens."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    addresses = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == _LISTEN and fields[9] in inodes:
+                addresses.add(fields[1].rsplit(":", 1)[0])
+    return addresses
+
+
+@pytest.mark.ray
+def test_a_local_runtime_listens_on_loopback_only(ray_runtime: None) -> None:
+    """Ray trades a loopback node address for the machine's routable one unless told not to;
+    the session's runtime (started by `cluster.connect(None)`) must advertise and listen on
+    127.0.0.1 alone."""
+    import ray
+
+    assert ray.util.get_node_ip_address() == cluster.LOOPBACK
+    assert ray.get_runtime_context().gcs_address.startswith(f"{cluster.LOOPBACK}:")
+    pids = subprocess.run(["pgrep", "-x", "gcs_server|raylet"], capture_output=True, text=True)
+    ours = [int(p) for p in pids.stdout.split() if _under_this_process(int(p))]
+    assert ours, "no GCS or raylet of this test session was found"
+    for pid in ours:
+        addresses = _listening_addresses(pid)
+        assert addresses and addresses <= _LOOPBACK_HEX, (pid, addresses)
+
+
+def _under_this_process(pid: int) -> bool:
+    """Whether `pid` descends from this test process."""
+    while pid > 1:
+        if pid == os.getpid():
+            return True
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+    return False
