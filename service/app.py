@@ -87,6 +87,7 @@ def create_app(settings: Settings | None = None, *, start_ray: bool = True) -> F
                     ray_address=settings.ray_address,
                     lease_seconds=settings.lease_seconds,
                     max_running_per_key=settings.max_running_per_key,
+                    max_running_studies=settings.max_running_studies,
                 ),
             )
             app.state.scheduler = scheduler

@@ -58,6 +58,13 @@ class Settings(BaseSettings):
     max_running_per_key: int = Field(
         4, ge=1, le=10_000, description="studies of one API key the scheduler runs at once"
     )
+    max_running_studies: int = Field(
+        4,
+        ge=1,
+        le=256,
+        description="studies one scheduler runs at once on the shared Ray cluster, their "
+        "trials shared round-robin over API keys, then over a key's studies",
+    )
     api_threads: int = Field(
         32, ge=1, le=512, description="threads that run the API's database work (one per request)"
     )
@@ -65,8 +72,9 @@ class Settings(BaseSettings):
         None,
         ge=1,
         le=1024,
-        description="database connections per process; default api_threads + 8 (the "
-        "scheduler, its lease heartbeat and /health); at least api_threads",
+        description="database connections per process; default api_threads + 6 + "
+        "2 × max_running_studies (the scheduler's claims, each running study's lease "
+        "heartbeat and bookkeeping, /health); at least api_threads",
     )
     db_pool_timeout: float = Field(
         10.0, gt=0, le=300, description="seconds to wait for a free connection before a 503"
@@ -99,8 +107,11 @@ class Settings(BaseSettings):
         return self
 
     def resolved_pool_size(self) -> int:
-        """Connections per process: one per API thread, plus the scheduler's and /health's."""
-        return self.db_pool_size if self.db_pool_size is not None else self.api_threads + 8
+        """Connections per process: one per API thread, plus the scheduler's claims, two per
+        running study (its heartbeat, its bookkeeping) and /health's."""
+        if self.db_pool_size is not None:
+            return self.db_pool_size
+        return self.api_threads + 6 + 2 * self.max_running_studies
 
     def allowed_data_roots(self) -> DataRoots:
         """The folders spec paths may name (the worker computes the same from the environment,

@@ -6,6 +6,14 @@ share a database: `service.queue.claim_next` gives each study to exactly one of 
 lease each one renews while it works lets a restarted scheduler resume a study whose scheduler
 died. The trials themselves are Ray tasks started by `worker.sweep.run_study`; the scheduler
 only records progress, honours cancellation, and stores the leaderboard rows at the end.
+
+One scheduler drives up to `max_running_studies` studies at once, each in its own thread with
+its own `StudyDriver` (lease, heartbeat, cancel), so one long study no longer keeps a small one
+queued, and a cancel, a lost lease or a failure touches only its own study. The running studies
+share the cluster through one `worker.slots.TrialGate`: when their trials want more CPUs or
+GPUs than Ray has, the next trial slot goes round-robin over API keys, then over a key's
+studies. Only the polling thread claims, so `max_running_per_key` (checked by the claim) and
+`max_running_studies` both hold.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from service.db import is_unavailable, retry_while_unavailable, session_scope
 from service.logs import log_context
 from service.metrics import LeaseCounters
 from service.models import ArmResult, StudyRecord, StudyStatus
+from worker.slots import Capacity, StudySlots, TrialGate
 
 __all__ = ["Scheduler", "SchedulerConfig", "StudyDriver", "final_status"]
 
@@ -44,7 +53,12 @@ class SchedulerConfig:
     poll_seconds: float = 1.0
     lease_seconds: float = 30.0
     max_running_per_key: int | None = None  # a key's queued studies wait while it runs this many
+    max_running_studies: int = 4  # studies this scheduler drives at once, each in its own thread
     scheduler_id: str = f"{socket.gethostname()}:{os.getpid()}"
+
+    def __post_init__(self) -> None:
+        if self.max_running_studies < 1:
+            raise ValueError(f"max_running_studies: {self.max_running_studies}; at least 1")
 
     @property
     def lease(self) -> timedelta:
@@ -116,66 +130,128 @@ class StudyDriver:
 
 
 class Scheduler:
-    """Claims and runs studies until `stop()`; `run_once()` handles one study (tests)."""
+    """Claims studies and drives up to `max_running_studies` of them at once, each in its own
+    thread, until `stop()`; `run_once()` claims one study and drives it in the caller (tests)."""
 
-    def __init__(self, engine: sa.Engine, config: SchedulerConfig) -> None:
+    def __init__(
+        self, engine: sa.Engine, config: SchedulerConfig, gate: TrialGate | None = None
+    ) -> None:
         self.engine = engine
         self.config = config
         self.leases = LeaseCounters()  # exported by the app's /metrics when it runs here
+        self.gate = gate if gate is not None else TrialGate()  # the running studies' trials
         self._stopping = threading.Event()
+        self._wake = threading.Event()  # a study ended, or stop() was called
         self._thread: threading.Thread | None = None
+        self._studies: dict[str, threading.Thread] = {}  # id → the thread driving it
+        self._lock = threading.Lock()
+
+    @property
+    def running(self) -> list[str]:
+        """The ids of the studies this scheduler is driving now."""
+        with self._lock:
+            return [study_id for study_id, t in self._studies.items() if t.is_alive()]
 
     def start_in_thread(self) -> None:
         self._thread = threading.Thread(target=self.run_forever, name="scheduler", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 60.0) -> None:
+        """Stop claiming, and stop every running study (each is released for the next claim,
+        or recorded cancelled if it was being cancelled); waits up to `timeout` seconds."""
         self._stopping.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
 
     def run_forever(self) -> None:
-        log.info("scheduler %s polling for studies", self.config.scheduler_id)
+        log.info("scheduler %s polling for studies (up to %d at once)",
+                 self.config.scheduler_id, self.config.max_running_studies)  # fmt: skip
         idle = self.config.poll_seconds
-        while not self._stopping.is_set():
-            try:
-                ran = self.run_once()
-                idle = self.config.poll_seconds
-            except Exception as exc:  # keep serving other studies; the failure is logged
-                if not is_unavailable(exc):
-                    log.exception("scheduler iteration failed")
-                else:  # the database is down: poll it less often until it is back
-                    log.warning("scheduler: database unavailable (%s)", str(exc).splitlines()[0])
-                    idle = min(2 * idle, _MAX_BACKOFF_S)
-                ran = False
-            if not ran:
-                self._stopping.wait(idle)
+        try:
+            while not self._stopping.is_set():
+                self._wake.clear()
+                if len(self.running) >= self.config.max_running_studies:
+                    self._wake.wait(self.config.poll_seconds)  # until a study ends
+                    continue
+                try:
+                    study = self._claim()
+                    idle = self.config.poll_seconds
+                except Exception as exc:  # keep serving the running studies; it is logged
+                    if not is_unavailable(exc):
+                        log.exception("scheduler iteration failed")
+                    else:  # the database is down: poll it less often until it is back
+                        log.warning("scheduler: database unavailable (%s)",
+                                    str(exc).splitlines()[0])  # fmt: skip
+                        idle = min(2 * idle, _MAX_BACKOFF_S)
+                    study = None
+                if study is None:
+                    self._stopping.wait(idle)
+                    continue
+                self._start(study)  # and claim again at once: more may be waiting
+        finally:
+            self._join_studies()
 
     def run_once(self) -> bool:
-        """Claim one study and drive it to an end (or to shutdown); False when none waited."""
+        """Claim one study and drive it to an end (or to shutdown) in this thread; False when
+        none waited."""
+        study = self._claim()
+        if study is None:
+            return False
+        self._drive(study)
+        return True
+
+    def _claim(self) -> StudyRecord | None:
         study = queue.claim_next(
             self.engine,
             self.config.scheduler_id,
             self.config.lease,
             max_running_per_key=self.config.max_running_per_key,
         )
-        if study is None:
-            return False
-        log.info("running study %s (%s), attempt %d", study.id, study.name, study.attempts)
-        self._drive(study)
-        return True
+        if study is not None:
+            log.info("running study %s (%s), attempt %d", study.id, study.name, study.attempts)
+        return study
+
+    def _start(self, study: StudyRecord) -> None:
+        thread = threading.Thread(
+            target=self._drive_in_thread, args=(study,), name=f"study-{study.id[:8]}", daemon=True
+        )
+        with self._lock:
+            self._studies = {i: t for i, t in self._studies.items() if t.is_alive()}
+            self._studies[study.id] = thread
+        thread.start()
+
+    def _drive_in_thread(self, study: StudyRecord) -> None:
+        try:
+            self._drive(study)
+        except Exception:  # the other studies go on; the lease expires and a claim resumes it
+            log.exception("study %s: driving it failed", study.id)
+        finally:
+            self._wake.set()
+
+    def _join_studies(self) -> None:
+        """Wait for every study thread: each sees the stop within a poll, and releases its
+        study (or records its cancellation) before it ends."""
+        with self._lock:
+            threads = list(self._studies.values())
+        for thread in threads:
+            thread.join()
 
     def _drive(self, study: StudyRecord) -> None:
         from worker.spec import StudySpec
 
         spec = StudySpec.from_stored(study.spec)
+        trial = Capacity(spec.resources.cpus_per_trial, spec.resources.gpus_per_trial)
         with (
             log_context(study_id=study.id),
             StudyDriver(self.engine, study.id, self.config, self.leases) as driver,
+            self.gate.seat(study.id, study.api_key_id, trial) as slots,
         ):
-            self._run_and_record(study, spec, driver)
+            self._run_and_record(study, spec, driver, slots)
 
-    def _run_and_record(self, study: StudyRecord, spec: Any, driver: StudyDriver) -> None:
+    def _run_and_record(
+        self, study: StudyRecord, spec: Any, driver: StudyDriver, slots: StudySlots | None = None
+    ) -> None:
         """Run the sweep and store its outcome, all while `driver` holds the lease."""
         from worker.sweep import run_study
 
@@ -188,6 +264,7 @@ class Scheduler:
                     ray_address=self.config.ray_address,
                     on_progress=driver.on_progress,
                     should_stop=lambda: driver.should_stop(self._stopping),
+                    slots=slots,
                 )
                 break
             except Exception as exc:  # a failed study is recorded, and the scheduler goes on

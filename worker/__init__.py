@@ -14,6 +14,8 @@
 - `worker.sweep`: `run_study(spec, storage_url, study_key, ...)`, the arms' sweeps and final seeds
   as Ray tasks (`worker.remote`), with the driver as the only database writer; it returns the
   leaderboard rows. `worker.failures`: which failed trials are retried.
+- `worker.slots`: the trial gate that shares the cluster's slots fairly between the studies
+  one scheduler runs at once (`TrialGate`, a study's seat `StudySlots`).
 - `worker.summary`: leaderboard rows per arm (`summarize_study`).
 - `worker.results`: every trial with its recorded attributes (`load_trials`).
 - `worker.storage`: the Optuna storage the worker opens, with bounded connections.
@@ -28,6 +30,7 @@ __all__ = [
     "remote",
     "results",
     "runner",
+    "slots",
     "spec",
     "spec_base",
     "spec_checks",

@@ -39,7 +39,10 @@ error; the study then ends `completed_with_errors`, or `failed` when no arm has 
 (`worker.summary.study_outcome`).
 
 Arms share the trial slots (`resources.max_concurrent_trials`) round-robin, so they progress
-together; an arm's final seeds start as soon as its own sweep has finished.
+together; an arm's final seeds start as soon as its own sweep has finished. A scheduler running
+several studies passes each a seat at one `worker.slots.TrialGate` (`slots`): the driver asks
+its arm for the next job, then waits its turn at the gate (that job shows as running meanwhile,
+and counts as interrupted if the study stops first).
 
 Each tuner's arm is an `ArmRun` of `worker.arms` (`_ARM_RUNS`); the driver sees only
 `ArmRun.next_assignment()` and the `worker.arms.base.Job` contract, and knows no tuner. A
@@ -69,6 +72,7 @@ from worker.summary import ArmSummary, study_outcome, summarize_arms
 from worker.tasks import DataRoots, redact_paths
 
 if TYPE_CHECKING:
+    from worker.slots import StudySlots
     from worker.spec import StudySpec
 
 __all__ = ["ArmProgress", "Progress", "StudyResult", "run_study"]
@@ -170,6 +174,7 @@ def run_study(
     ray_address: str | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    slots: StudySlots | None = None,
 ) -> StudyResult:
     """Run (or resume) every arm of `spec` under `study_key` in the Optuna storage.
 
@@ -177,6 +182,9 @@ def run_study(
     `on_progress` is called whenever a trial starts or ends; `should_stop` is polled at least
     every half second and, when it returns True, in-flight trials are cancelled (recorded as
     failed and interrupted, to be re-run on resume) and the results so far are kept.
+    `slots` (a seat at a `worker.slots.TrialGate`, shared with the other studies this process
+    runs) is asked before each trial starts and given its slot back when the trial ends; None
+    starts trials as `resources.max_concurrent_trials` allows. The caller closes it.
     """
     started = time.monotonic()
     _ensure_ray(ray_address)
@@ -186,7 +194,7 @@ def run_study(
         arms = [_arm_run(spec, i, storage, study_key) for i in range(len(spec.arms))]
         for arm in arms:
             arm.recover()
-        stopped = _Driver(spec, study_key, arms, on_progress, should_stop).run()
+        stopped = _Driver(spec, study_key, arms, on_progress, should_stop, slots).run()
         summaries = summarize_arms(storage, study_key, spec)
     finally:
         storage.engine.dispose()
@@ -211,9 +219,10 @@ class _Driver:
         arms: list[ArmRun],
         on_progress: Callable[[Progress], None] | None,
         should_stop: Callable[[], bool] | None,
+        slots: StudySlots | None = None,
     ) -> None:
         self.spec, self.study_key, self.arms = spec, study_key, arms
-        self.on_progress, self.should_stop = on_progress, should_stop
+        self.on_progress, self.should_stop, self.slots = on_progress, should_stop, slots
         self.running: dict[ray.ObjectRef, Job] = {}
         self.by_key: dict[str, Job] = {}
         self._next_arm = 0
@@ -221,6 +230,7 @@ class _Driver:
         res = spec.resources
         self.fresh = res.fresh_process if res.fresh_process is not None else res.gpus_per_trial > 0
         self.mailbox: Any = None
+        self.pending: Job | None = None  # handed out by its arm, waiting for a slot
 
     def run(self) -> bool:
         """Drive every arm to its end; True when stopped by should_stop."""
@@ -235,9 +245,9 @@ class _Driver:
                     self._interrupt("stopped before it finished (study stopped or cancelled)")
                     self._emit()
                     return True
-                self._fill()
+                waiting = self._fill()
                 self._emit()
-                if not self.running:
+                if not self.running and not waiting:
                     self._emit(finished=True)
                     return False
                 ready, _ = ray.wait([take, *self.running], num_returns=1, timeout=_POLL_S)
@@ -253,6 +263,8 @@ class _Driver:
                 log.exception("could not record the interrupted trials")
             raise
         finally:
+            if self.slots is not None:
+                self.slots.withdraw()  # a slot granted but not taken goes to another study
             ray.kill(self.mailbox)
 
     def _harvest(self) -> None:
@@ -262,18 +274,29 @@ class _Driver:
             for ref in done:
                 self._finish(ref)
 
-    def _fill(self) -> None:
+    def _fill(self) -> bool:
+        """Start trials while slots allow; True while one waits for its turn at `slots`."""
         n = len(self.arms)
         while len(self.running) < self.spec.resources.max_concurrent_trials:
-            for offset in range(n):
-                index = (self._next_arm + offset) % n
-                assignment = self.arms[index].next_assignment()
-                if assignment is not None:
-                    self._submit(assignment)
-                    self._next_arm = (index + 1) % n
-                    break
-            else:
-                return
+            if self.pending is None:  # asked of Optuna before the slot: a job, or nothing to do
+                for offset in range(n):
+                    index = (self._next_arm + offset) % n
+                    self.pending = self.arms[index].next_assignment()
+                    if self.pending is not None:
+                        self._next_arm = (index + 1) % n
+                        break
+                else:
+                    return False
+            if self.slots is not None and not self.slots.try_acquire():
+                return True  # other studies' turn: the gate keeps this one's place in line
+            try:
+                self._submit(self.pending)
+            except BaseException:
+                if self.slots is not None:
+                    self.slots.release()
+                raise  # still pending: recorded as interrupted on the way out
+            self.pending = None
+        return False
 
     def _submit(self, a: Job) -> None:
         res = self.spec.resources
@@ -305,6 +328,8 @@ class _Driver:
 
     def _release(self, ref: ray.ObjectRef) -> Job:
         a = self.running.pop(ref)
+        if self.slots is not None:
+            self.slots.release()  # every way a trial ends passes here
         self.by_key.pop(a.key, None)
         self.mailbox.forget.remote(a.key)
         return a
@@ -336,6 +361,9 @@ class _Driver:
                 a.record_failure(f"timed out after {limit:g} s")
 
     def _interrupt(self, reason: str) -> None:
+        if self.pending is not None:  # never started: re-run on resume, like the others
+            a, self.pending = self.pending, None
+            a.record_failure(reason, interrupted=True)
         for ref in list(self.running):
             ray.cancel(ref, force=True)
             a = self._release(ref)

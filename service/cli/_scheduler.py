@@ -47,6 +47,7 @@ def _run(args: argparse.Namespace) -> int:
             ray_address=address,
             lease_seconds=settings.lease_seconds,
             max_running_per_key=settings.max_running_per_key,
+            max_running_studies=settings.max_running_studies,
         ),
     )
 
