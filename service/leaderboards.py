@@ -19,6 +19,8 @@ every arm with results.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,26 +79,85 @@ class _Pool:
     n_diverged: int = 0
 
 
-def _specs(rows: Sequence[tuple[ArmResult, dict[str, Any]]]) -> dict[str, StudySpec | None]:
-    """Each study's typed spec, read once per study (None: a stored spec that no longer reads)."""
-    specs: dict[str, StudySpec | None] = {}
-    for arm_row, spec in rows:
-        if arm_row.study_id not in specs:
-            try:
-                specs[arm_row.study_id] = StudySpec.from_stored(spec)
-            except ValueError:
-                specs[arm_row.study_id] = None
-    return specs
-
-
 _UNREADABLE = Setting("unreadable", {}, "the study's stored spec could not be read")
 
 
-def _settings(spec: StudySpec | None, arm: str) -> tuple[Setting, Setting]:
-    if spec is None:
-        return _UNREADABLE, _UNREADABLE
-    by_label = {a.label: a for a in spec.arms}
-    return study_setting(spec), arm_setting(spec, by_label.get(arm))
+@dataclass(frozen=True)
+class _StudySettings:
+    """A study's group and its arms' settings (`spec` None: a stored spec that no longer
+    reads, and every setting is `_UNREADABLE`)."""
+
+    spec: StudySpec | None
+    group: Setting
+    arms: dict[str, Setting]
+    filterable: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, stored: dict[str, Any]) -> _StudySettings:
+        try:
+            spec = StudySpec.from_stored(stored)
+        except ValueError:
+            return cls(None, _UNREADABLE, {})
+        arms = {
+            label: arm_setting(spec, arm) for label, arm in zip(spec.labels, spec.arms, strict=True)
+        }
+        return cls(spec, study_setting(spec), arms)
+
+    def arm(self, label: str) -> Setting:
+        if self.spec is None:
+            return _UNREADABLE
+        found = self.arms.get(label)
+        return found if found is not None else arm_setting(self.spec, None)
+
+    def fields(self, label: str) -> dict[str, Any]:
+        """The arm's filterable fields (`service.settings.filter_fields`), derived once."""
+        found = self.filterable.get(label)
+        if found is None:
+            found = filter_fields(self.group, self.arm(label))
+            self.filterable[label] = found  # same value from any thread that races here
+        return found
+
+
+class _SettingsCache:
+    """Each study's settings, computed once per process rather than once per request: parsing
+    a spec and deriving its settings is most of a task board's cost. A study's spec never
+    changes once its row exists (written at submission, import, or `ratebench run`'s first
+    claim, which refuses a different spec under the same key), so entries never go stale;
+    they are keyed by database and study id, and the least recently used are dropped."""
+
+    SIZE = 20_000
+    _CHUNK = 500  # ids per IN list
+
+    def __init__(self) -> None:
+        self._items: OrderedDict[tuple[str, str], _StudySettings] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, session: Session, study_ids: set[str]) -> dict[str, _StudySettings]:
+        """The settings of `study_ids`, reading the specs of those not seen before."""
+        db = session.get_bind().engine.url.render_as_string(hide_password=True)
+        found: dict[str, _StudySettings] = {}
+        with self._lock:
+            for study_id in study_ids:
+                entry = self._items.get((db, study_id))
+                if entry is not None:
+                    self._items.move_to_end((db, study_id))
+                    found[study_id] = entry
+        missing = sorted(study_ids - found.keys())
+        for i in range(0, len(missing), self._CHUNK):
+            chunk = missing[i : i + self._CHUNK]
+            query = sa.select(StudyRecord.id, StudyRecord.spec).where(StudyRecord.id.in_(chunk))
+            for study_id, stored in session.execute(query):
+                found[study_id] = _StudySettings.of(stored)
+        with self._lock:
+            for study_id in missing:
+                if study_id in found:
+                    self._items[(db, study_id)] = found[study_id]
+            while len(self._items) > self.SIZE:
+                self._items.popitem(last=False)
+        return found
+
+
+_SETTINGS = _SettingsCache()
 
 
 def task_board(
@@ -124,22 +185,26 @@ def task_board(
             return None
         direction = found
     filters = dict(filters or {})
-    query = _completed().add_columns(StudyRecord.spec)
-    query = query.where(ArmResult.task == task, ArmResult.metric == metric)
-    rows = [(arm_row, spec) for arm_row, spec in session.execute(query.order_by(ArmResult.id))]
-    specs = _specs(rows)
+    scope = _completed().where(ArmResult.task == task, ArmResult.metric == metric)
+    # only the columns a row needs, the seeds' values taken out of the summary in SQL
+    rows = session.execute(
+        scope.with_only_columns(*_POOLED, ArmResult.summary["final_values"].label("final_values"))
+        .order_by(ArmResult.id)
+    ).all()  # fmt: skip
+    settings = _SETTINGS.get(session, {row.study_id for row in rows})
     groups: dict[str, tuple[Setting, dict[tuple[str, str], _Pool]]] = {}
     values: dict[str, list[Any]] = {}
-    for arm_row, _ in rows:
-        group, setting = _settings(specs[arm_row.study_id], arm_row.arm)
+    for arm_row in rows:
+        study = settings[arm_row.study_id]
+        group, setting = study.group, study.arm(arm_row.arm)
         if group is _UNREADABLE:
             if filters:  # nothing to match a filter against
                 continue
         else:
-            for name, value in filter_fields(group, setting).items():
+            for name, value in study.fields(arm_row.arm).items():
                 if value not in values.setdefault(name, []):
                     values[name].append(value)
-            if not matches(filters, group, setting):
+            if filters and not matches(filters, group, setting):
                 continue
         pools = groups.setdefault(group.id, (group, {}))[1]
         pool = pools.setdefault(
@@ -159,9 +224,16 @@ def task_board(
     )  # fmt: skip
 
 
-def _add(pool: _Pool, row: ArmResult) -> None:
+_POOLED = (
+    ArmResult.study_id, ArmResult.arm, ArmResult.scheme, ArmResult.objective_mean,
+    ArmResult.best_lr, ArmResult.n_trials, ArmResult.n_diverged,
+)  # fmt: skip
+
+
+def _add(pool: _Pool, row: sa.Row[Any]) -> None:
+    """One arm row (`_POOLED` and its `final_values`) into its pool."""
     pool.studies.append(row.study_id)
-    pool.values.extend(float(v) for v in (row.summary or {}).get("final_values") or [])
+    pool.values.extend(float(v) for v in row.final_values or [])
     if row.objective_mean is not None:
         pool.means.append((row.objective_mean, row.best_lr, row.study_id))
     pool.n_trials += row.n_trials

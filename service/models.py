@@ -87,6 +87,7 @@ class StudyRecord(Base):
     __tablename__ = "ratebench_studies"
     __table_args__ = (
         sa.Index("ix_ratebench_studies_status_created", "status", "created_at"),
+        sa.Index("ix_ratebench_studies_created", "created_at"),
         sa.Index("ix_ratebench_studies_task", "task"),
         sa.Index("ix_ratebench_studies_key_status", "api_key_id", "status"),
         sa.UniqueConstraint(

@@ -9,8 +9,7 @@ read it at once.
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
@@ -23,6 +22,7 @@ from service.export import trial_csv
 from service.leaderboards import study_arms
 from service.models import ArmResult, StudyRecord, StudyStatus
 from service.schemas import Page, StudyLeaderboard, StudyOut, SubmittedStudy, TrialOut
+from service.trial_pages import trial_page
 from worker.report.stats import seed_warning
 from worker.spec import StudySpec
 from worker.tasks import DataRoots, check_data_source
@@ -172,17 +172,13 @@ def _cancel(tx: Tx, study_id: str) -> StudyOut:
 async def list_trials(
     study_id: str,
     db: ReadDb,
-    request: Request,
     limit: Limit = 50,
     offset: Offset = 0,
     arm: str | None = None,
 ) -> Page[TrialOut]:
     """Every trial of every arm (sweep and final seeds), with params, per-epoch metrics and
     state, ordered by arm then trial number."""
-    spec = await db.run(_study_spec, study_id)
-    # Optuna's storage is opened apart from the request's session, in a few threads of its own.
-    return await in_thread(request, "heavy", _trials, db.settings.resolved_database_url(),
-                           study_id, spec, arm, limit, offset)  # fmt: skip
+    return await db.run(_trials, study_id, arm, limit, offset)
 
 
 @router.get(
@@ -229,26 +225,11 @@ def _study_spec(tx: Tx, study_id: str) -> StudySpec:
     return StudySpec.from_stored(_get_study(tx, study_id).spec)
 
 
-def _trials(
-    url: str, study_id: str, spec: StudySpec, arm: str | None, limit: int, offset: int
-) -> Page[TrialOut]:
-    from worker.results import load_trials
-
-    trials = load_trials(url, study_id, spec, arm=arm)
-    items = [
-        TrialOut.model_validate(_with_offsets(t.to_dict())) for t in trials[offset : offset + limit]
-    ]
-    return Page[TrialOut](items=items, total=len(trials), limit=limit, offset=offset)
-
-
-def _with_offsets(trial: dict[str, Any]) -> dict[str, Any]:
-    """Optuna stores naive local times; give them this machine's offset, as the API's
-    other timestamps have theirs."""
-    for field in ("datetime_start", "datetime_complete"):
-        value = trial.get(field)
-        if isinstance(value, datetime) and value.tzinfo is None:
-            trial[field] = value.astimezone()
-    return trial
+def _trials(tx: Tx, study_id: str, arm: str | None, limit: int, offset: int) -> Page[TrialOut]:
+    """One page, read in SQL from Optuna's tables in this request's session
+    (`service.trial_pages`): its cost does not grow with the study."""
+    spec = _study_spec(tx, study_id)
+    return trial_page(tx.session, study_id, spec.labels, arm, limit, offset)
 
 
 @router.get("/{study_id}/leaderboard", response_model=StudyLeaderboard, responses={404: {}})
