@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, Protocol
 
 import torch
@@ -45,6 +45,7 @@ __all__ = [
     "Reporter",
     "TrialConfig",
     "TrialResult",
+    "cast_data",
     "diverged_value",
     "resolve_device",
     "run_trial",
@@ -76,6 +77,7 @@ class TrialConfig:
     objective: str = "val_accuracy"  # or "val_loss"
     divergence_factor: float = 10.0
     evaluate_test: bool = False  # final seeds only: the objective never sees the test split
+    dtype: Literal["float32", "float64"] = "float32"  # float64: exactness checks (worker.cohort)
 
     def __post_init__(self) -> None:
         if isinstance(self.data, dict):
@@ -175,7 +177,7 @@ def _batches(
 @torch.no_grad()
 def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     model.eval()
-    loss = torch.zeros((), device=x.device)
+    loss = torch.zeros((), device=x.device, dtype=x.dtype)
     correct = torch.zeros((), device=x.device, dtype=torch.long)
     for start in range(0, len(y), 4096):
         logits = model(x[start : start + 4096])
@@ -213,6 +215,16 @@ class _LayerFactors:
         return {"names": self.names, "values": self.values}
 
 
+def cast_data(data: TaskData, dtype: torch.dtype) -> TaskData:
+    """`data` with its inputs in `dtype` (labels unchanged): a float64 run's copy."""
+    return replace(
+        data,
+        x_train=data.x_train.to(dtype),
+        x_val=data.x_val.to(dtype),
+        x_test=data.x_test.to(dtype),
+    )
+
+
 def _build(config: TrialConfig, data: TaskData, device: torch.device) -> nn.Module:
     task, options = get_task(config.task), config.model
     model = build_model(
@@ -236,8 +248,11 @@ def run_trial(config: TrialConfig, reporter: Reporter | None = None) -> TrialRes
     n_train = len(data.y_train)
     if batch_size > n_train:
         raise ValueError(f"data.batch_size: {batch_size} exceeds the {n_train} training examples")
+    dtype = getattr(torch, config.dtype)
+    if dtype != data.x_train.dtype:
+        data = cast_data(data, dtype)
     torch.manual_seed(config.seed)
-    model = _build(config, data, device)
+    model = _build(config, data, device).to(dtype)
     optimizer = optim.build(config.scheme, model, **config.hyperparameters)
     factors = _LayerFactors(optimizer) if optim.SCHEMES[config.scheme].layerwise else None
     transform_every = config.model.transform_every
@@ -255,7 +270,7 @@ def run_trial(config: TrialConfig, reporter: Reporter | None = None) -> TrialRes
     model.train()
     for epoch in range(1, config.epochs + 1):
         epoch_start = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
+        loss_sum = torch.zeros((), device=device, dtype=dtype)
         for i in range(steps_per_epoch):
             index = next(batches)
             loss = F.cross_entropy(model(data.x_train[index]), data.y_train[index])

@@ -1,0 +1,242 @@
+"""Cohorts: K trials trained as one batched model give each member its separate run's result.
+
+Every comparison trains the same configs twice, one by one with `run_trial` and together with
+`run_cohort`, and compares everything but timings. Float64 runs must agree to 1e-10 (relative,
+on losses; accuracies exactly); float32 runs only loosely — the batched kernels sum in another
+order than the single-model ones, and rounding differences grow with training — to
+`F32_RTOL` = 1e-4 on losses and `F32_ACC` = 0.02 on accuracies (measured worst relative loss
+difference over two epochs: 2.3e-6, lars; 1.7e-7 or less for the others).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any
+
+import pytest
+import torch
+
+import optim
+from worker.cohort import CohortError, auto_cohort_size, check_cohort, run_cohort
+from worker.runner import TrialConfig, TrialResult, run_trial
+
+F64_RTOL = 1e-10
+F32_RTOL = 1e-4
+F32_ACC = 0.02
+
+BASE = TrialConfig(
+    task="mnist1d-mlp",
+    scheme="sgd",
+    hyperparameters={},
+    epochs=2,
+    data={"batch_size": 32, "n_train": 320, "n_val": 200},
+    model={"width": 32},
+    device="cpu",
+    dtype="float64",
+)
+
+# Three members per scheme: different rates, and other continuous knobs where they matter.
+MEMBERS: dict[str, list[dict[str, Any]]] = {
+    "sgd": [
+        {"lr": 0.05, "momentum": 0.9},
+        {"lr": 0.2},
+        {"lr": 0.01, "momentum": 0.5, "weight_decay": 1e-3},
+    ],
+    "adam": [{"lr": 1e-3}, {"lr": 3e-3, "weight_decay": 1e-3}, {"lr": 1e-2, "beta1": 0.8}],
+    "adamw": [{"lr": 1e-3}, {"lr": 3e-3, "weight_decay": 0.1}, {"lr": 1e-2, "beta2": 0.99}],
+    "lars": [{"lr": 1.0}, {"lr": 3.0, "momentum": 0.5}, {"lr": 10.0, "weight_decay": 0.0}],
+    "lamb": [{"lr": 1e-3}, {"lr": 1e-2, "weight_decay": 0.0}, {"lr": 3e-3, "beta1": 0.8}],
+}
+
+
+class Recorder:
+    """A reporter that keeps what it is told and prunes from `prune_at` on."""
+
+    def __init__(self, prune_at: int | None = None) -> None:
+        self.prune_at = prune_at
+        self.seen: list[tuple[int, float]] = []
+
+    def report(self, epoch: int, value: float) -> bool:
+        self.seen.append((epoch, value))
+        return self.prune_at is not None and epoch >= self.prune_at
+
+
+def _close(a: float | None, b: float | None, rtol: float) -> bool:
+    if a is None or b is None:
+        return a is b
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return repr(a) == repr(b)
+    return abs(a - b) <= rtol * max(1.0, abs(a))
+
+
+def assert_same_result(
+    separate: TrialResult, member: TrialResult, rtol: float, acc_tol: float = 0.0
+) -> None:
+    """Everything a trial reports except timings, within `rtol` (losses), `acc_tol`
+    (accuracies)."""
+    assert member.outcome == separate.outcome
+    assert member.steps == separate.steps
+    assert member.diverged_at_step == separate.diverged_at_step
+    assert member.n_parameters == separate.n_parameters
+    assert len(member.history) == len(separate.history)
+    for a, b in zip(separate.history, member.history, strict=True):
+        assert (a.epoch, a.step) == (b.epoch, b.step)
+        assert _close(a.train_loss, b.train_loss, rtol), (a, b)
+        assert _close(a.val_loss, b.val_loss, rtol), (a, b)
+        assert abs(a.val_accuracy - b.val_accuracy) <= acc_tol, (a, b)
+    assert _close(separate.value, member.value, max(rtol, acc_tol))
+    assert _close(separate.test_loss, member.test_loss, rtol)
+    assert (separate.test_accuracy is None) == (member.test_accuracy is None)
+    if separate.layer_factors is None:
+        assert member.layer_factors is None
+    else:
+        assert member.layer_factors is not None
+        assert member.layer_factors["names"] == separate.layer_factors["names"]
+        for row_a, row_b in zip(
+            separate.layer_factors["values"], member.layer_factors["values"], strict=True
+        ):  # rounded to 4 significant digits by both
+            assert all(_close(x, y, 1e-3) for x, y in zip(row_a, row_b, strict=True))
+
+
+def _cohort(scheme: str, **changes: Any) -> list[TrialConfig]:
+    base = replace(BASE, scheme=scheme, **changes)
+    return [replace(base, hyperparameters=h) for h in MEMBERS[scheme]]
+
+
+@pytest.mark.parametrize("scheme", list(MEMBERS))
+def test_each_member_equals_its_separate_run_in_float64(scheme: str) -> None:
+    configs = _cohort(scheme, evaluate_test=True)
+    members = run_cohort(configs)
+    for config, member in zip(configs, members, strict=True):
+        separate = run_trial(config)
+        assert separate.outcome == "complete" and separate.test_loss is not None
+        assert_same_result(separate, member, F64_RTOL)
+
+
+def test_digits_members_equal_their_separate_runs() -> None:
+    configs = [
+        replace(BASE, task="digits-mlp", scheme="adamw", hyperparameters=h)
+        for h in MEMBERS["adamw"]
+    ]
+    for config, member in zip(configs, run_cohort(configs), strict=True):
+        assert_same_result(run_trial(config), member, F64_RTOL)
+
+
+@pytest.mark.parametrize("scheme", ["adam", "lars"])
+def test_float32_members_agree_loosely(scheme: str) -> None:
+    configs = _cohort(scheme, dtype="float32")
+    for config, member in zip(configs, run_cohort(configs), strict=True):
+        assert_same_result(run_trial(config), member, F32_RTOL, F32_ACC)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_a_cohort_on_cuda_agrees_with_separate_cuda_runs() -> None:
+    configs = _cohort("lamb", dtype="float32", device="cuda", evaluate_test=True)
+    for config, member in zip(configs, run_cohort(configs), strict=True):
+        assert member.device.startswith("cuda")
+        assert_same_result(run_trial(config), member, F32_RTOL, F32_ACC)
+
+
+def test_members_with_different_seeds_and_transformed_networks() -> None:
+    """Mixed seeds: each member its own initial weights and batch order; transformed MLP:
+    per-member running statistics and re-centring every 3 steps."""
+    base = replace(
+        BASE,
+        scheme="sgd",
+        data={"batch_size": 32, "n_train": 320, "n_val": 200},
+        model={"width": 16, "transformed": True, "transform_every": 3},
+    )
+    configs = [
+        replace(base, hyperparameters={"lr": 0.05, "momentum": 0.9}, seed=0),
+        replace(base, hyperparameters={"lr": 0.1}, seed=1),
+        replace(base, hyperparameters={"lr": 0.02}, seed=0),
+        replace(base, hyperparameters={"lr": 0.05, "momentum": 0.9}, seed=2),
+    ]
+    members = run_cohort(configs)
+    separate = [run_trial(c) for c in configs]
+    for a, b in zip(separate, members, strict=True):
+        assert_same_result(a, b, F64_RTOL)
+    assert separate[0].history != separate[3].history  # the seeds did differ
+
+
+def test_batchnorm_members_keep_their_own_running_statistics() -> None:
+    """mnist1d-cnn: Conv1d + BatchNorm1d; evaluation uses each member's running statistics."""
+    base = replace(
+        BASE,
+        task="mnist1d-cnn",
+        scheme="sgd",
+        model={"width": 4, "depth": 2},
+        data={"batch_size": 32, "n_train": 256, "n_val": 100},
+    )
+    configs = [
+        replace(base, hyperparameters={"lr": 0.05, "momentum": 0.9}),
+        replace(base, hyperparameters={"lr": 0.2}, seed=1),
+        replace(base, hyperparameters={"lr": 0.01}),
+    ]
+    for config, member in zip(configs, run_cohort(configs), strict=True):
+        assert_same_result(run_trial(config), member, F64_RTOL)
+
+
+def test_a_diverging_member_is_frozen_and_the_others_are_untouched() -> None:
+    # 40 steps an epoch: the runner checks the batch loss at step 32, then the epoch's mean.
+    # At lr 80 the loss is NaN from about step 10, so the member trains on NaN weights in its
+    # own slice until the check at step 32 finds it; the others must not notice.
+    base = replace(BASE, scheme="sgd", steps_per_epoch=40, epochs=2)
+    configs = [
+        replace(base, hyperparameters={"lr": 0.05, "momentum": 0.9}),
+        replace(base, hyperparameters={"lr": 80.0, "momentum": 0.9}),
+        replace(base, hyperparameters={"lr": 0.1}),
+    ]
+    members = run_cohort(configs, [Recorder() for _ in configs])
+    separate = [run_trial(c, Recorder()) for c in configs]
+    assert separate[1].outcome == "diverged" and separate[1].diverged_at_step == 32
+    assert [m.outcome for m in members] == ["diverged" if i == 1 else "complete" for i in range(3)]
+    for a, b in zip(separate, members, strict=True):
+        assert_same_result(a, b, F64_RTOL)
+    assert members[1].value == 0.0  # the worst accuracy, as the runner records
+    assert all(math.isfinite(r.train_loss) for m in members for r in m.history)
+
+
+def test_a_pruned_member_leaves_and_the_others_still_match() -> None:
+    configs = replace(BASE, epochs=3), replace(BASE, epochs=3), replace(BASE, epochs=3)
+    configs = tuple(
+        replace(c, scheme="adam", hyperparameters=h)
+        for c, h in zip(configs, MEMBERS["adam"], strict=True)
+    )
+    prune_at = [None, 1, 2]
+    cohort_reporters = [Recorder(p) for p in prune_at]
+    members = run_cohort(configs, cohort_reporters)
+    assert [m.outcome for m in members] == ["complete", "pruned", "pruned"]
+    assert [len(m.history) for m in members] == [3, 1, 2]
+    for config, member, p, seen in zip(configs, members, prune_at, cohort_reporters, strict=True):
+        reporter = Recorder(p)
+        separate = run_trial(config, reporter)
+        assert_same_result(separate, member, F64_RTOL)
+        assert [e for e, _ in seen.seen] == [e for e, _ in reporter.seen]
+
+
+def test_refusals_are_clear_errors() -> None:
+    with pytest.raises(CohortError, match="bmp") as bmp:
+        check_cohort([replace(BASE, scheme="bmp", hyperparameters={"lr": 0.1})])
+    assert "cohort size 1" in bmp.value.reason
+    with pytest.raises(CohortError, match="bmp_exact"):
+        check_cohort([replace(BASE, scheme="bmp_exact")])
+    with pytest.raises(CohortError, match="epochs"):
+        check_cohort([BASE, replace(BASE, epochs=3)])
+    nesterov = {"lr": 0.1, "momentum": 0.9, "nesterov": True}
+    with pytest.raises(CohortError, match="nesterov"):
+        check_cohort([BASE, replace(BASE, hyperparameters=nesterov)])
+    with pytest.raises(optim.HyperparameterError, match="nesterov"):
+        check_cohort([replace(BASE, hyperparameters={"lr": 0.1, "nesterov": True})])
+    with pytest.raises(CohortError, match="at least one"):
+        check_cohort([])
+    with pytest.raises(ValueError, match="reporters"):
+        run_cohort([BASE, BASE], [None])
+
+
+def test_auto_cohort_size() -> None:
+    assert auto_cohort_size(25_000, "cpu") == 16
+    assert auto_cohort_size(25_000, "cuda") == 64
+    assert auto_cohort_size(5_000_000, "cpu") == 4
+    assert auto_cohort_size(200_000_000, "cuda") == auto_cohort_size(20_000_000, "cpu") == 1
