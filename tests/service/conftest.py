@@ -22,15 +22,16 @@ from tests.service.helpers import (
 @pytest.fixture
 def service(tmp_path: Path, ray_address: str) -> Iterator[ServiceProcess]:
     """A service on a fresh SQLite file (not started yet) whose scheduler joins the session's
-    Ray runtime. `finished` and `tests/service/test_serve.py` use the embedded runtime."""
+    Ray runtime (`tests/service/test_serve.py` tests the embedded one)."""
     yield from embedded_service(tmp_path / "data", ray_address)
 
 
 @pytest.fixture(scope="session")
-def finished(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FinishedStudy]:
-    """One service with one small study submitted through the CLI and run to completion."""
+def finished(tmp_path_factory: pytest.TempPathFactory, ray_address: str) -> Iterator[FinishedStudy]:
+    """One service with one small study submitted through the CLI and run to completion (on
+    the session's Ray runtime; `test_serve.py` runs one on a service's embedded runtime)."""
     tmp_path = tmp_path_factory.mktemp("e2e")
-    for service in embedded_service(tmp_path / "data"):
+    for service in embedded_service(tmp_path / "data", ray_address):
         service.start()
         key = ratebench("keys", "create", "--name", "e2e", env=service.env).strip()
         spec_file = tmp_path / "spec.json"

@@ -66,7 +66,7 @@ def test_a_crashed_service_resumes_its_study_after_restart(
 ) -> None:
     service.start()
     key = ratebench("keys", "create", "--name", "restart", env=service.env).strip()
-    spec = tiny_spec("restart", trials=6, epochs=6)
+    spec = tiny_spec("restart", trials=6, epochs=20)  # still running when the service dies
     response = httpx.post(
         f"{service.url}/api/v1/studies",
         json=spec,
@@ -109,7 +109,10 @@ def test_cancel_stops_a_running_study_and_keeps_its_results(
     service.start()
     key = ratebench("keys", "create", "--name", "cancel", env=service.env).strip()
     spec_file = tmp_path / "long.json"
-    spec_file.write_text(json.dumps(tiny_spec("long", trials=40, epochs=6)))
+    # Long enough (80 trials of 4,000 steps, seconds each) that no machine finishes it before
+    # the cancel lands: in the warm workers of a shared runtime 6 epochs take a fraction of a
+    # second, and 80 such trials could end before the `cancel` command has started.
+    spec_file.write_text(json.dumps(tiny_spec("long", trials=40, epochs=400)))
     env = cli_env(service, key)
     study_id = ratebench("submit", str(spec_file), env=env).strip()
 
@@ -123,5 +126,11 @@ def test_cancel_stops_a_running_study_and_keeps_its_results(
     assert study["status"] == "cancelled"
     trials = get(service, f"/studies/{study_id}/trials?limit=200")["items"]
     assert any(t["state"] == "COMPLETE" for t in trials)  # results so far are kept
-    assert len([t for t in trials if t["role"] == "sweep"]) < 2 * 40  # it did stop early
+    sweep = [t for t in trials if t["role"] == "sweep"]
+    assert sum(t["state"] == "COMPLETE" for t in sweep) < 2 * 40  # it did stop early
+    # what had started and not finished was stopped, and is marked to be re-run on a resume
+    stopped = [t for t in sweep if t["state"] == "FAIL"]
+    assert all(t["user_attrs"].get("interrupted") for t in stopped), stopped
+    waiting = {t["user_attrs"].get("retry_of") for t in sweep if t["state"] == "WAITING"}
+    assert waiting <= {t["number"] for t in stopped}  # queued re-runs of stopped trials only
     assert not [t for t in trials if t["state"] == "RUNNING"]

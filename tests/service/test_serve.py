@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.service.helpers import ServiceProcess, embedded_service, ratebench
+from tests.service.helpers import (
+    ServiceProcess,
+    cli_env,
+    embedded_service,
+    ratebench,
+    tiny_spec,
+    wait_until_finished,
+)
 
 
 @pytest.fixture
@@ -34,6 +42,13 @@ def test_serve_starts_with_embedded_defaults_and_stops_on_sigterm(
     assert health["ray"]["address"] is None  # a runtime of its own, not a cluster's
     assert health["database"]["backend"] == "sqlite"
     assert (service.data_dir / "ratebench.db").exists()
+    # The README's flow on that runtime: a key, a study submitted with the CLI, run to the end.
+    key = ratebench("keys", "create", "--name", "readme", env=service.env).strip()
+    spec_file = service.data_dir / "spec.json"
+    spec_file.write_text(json.dumps(tiny_spec("embedded", trials=2)))
+    study_id = ratebench("submit", str(spec_file), env=cli_env(service, key)).strip()
+    study = wait_until_finished(service, study_id)
+    assert study["status"] == "completed", study["error"] or service.log()
     # uvicorn shuts down gracefully, then re-raises the signal it caught: exit by SIGTERM.
     code = service.stop()
     assert code in (0, -signal.SIGTERM), service.log()
