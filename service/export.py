@@ -4,7 +4,8 @@ one JSON bundle that another ratebench database can import.
 CSV (`trial_csv`), one row per trial of every arm (sweep, then final seeds), in two forms:
 
 - `wide` (the default): `arm, role, trial, state, outcome, objective, duration_s, seed,
-  attempt`, one `param_<name>` column per hyperparameter of any arm (searched or fixed), then
+  attempt, node` (`node`: the host, Ray node address and Ray node id the trial ran on), one
+  `param_<name>` column per hyperparameter of any arm (searched or fixed), then
   `steps, test_loss, test_accuracy, error`, then the per-epoch history as
   `epoch_<n>_<metric>` columns (`epoch_1_val_accuracy`, …);
 - `long`: one row per trial × epoch × metric, `epoch, metric, value` after the trial's
@@ -64,7 +65,7 @@ VERSION = 1
 CsvForm = Literal["wide", "long"]
 
 _IDENTITY = ("arm", "role", "trial", "state", "outcome", "objective")
-_WIDE_HEAD = (*_IDENTITY, "duration_s", "seed", "attempt")
+_WIDE_HEAD = (*_IDENTITY, "duration_s", "seed", "attempt", "node")
 _WIDE_TAIL = ("steps", "test_loss", "test_accuracy", "error")
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 _OUTCOMES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed"}
@@ -118,6 +119,15 @@ def _duration(trial: TrialRecord) -> float | None:
     return round((trial.datetime_complete - trial.datetime_start).total_seconds(), 3)
 
 
+def node_label(node: Any) -> str | None:
+    """A trial's `node` attribute as one cell: host, Ray node address and Ray node id (the id
+    tells apart nodes that share a machine), those that are known, space-separated."""
+    if not isinstance(node, dict):
+        return None
+    parts = [node.get(k) for k in ("hostname", "ip", "ray_node_id")]
+    return " ".join(str(p) for p in parts if p) or None
+
+
 def _first_seen(names: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
@@ -142,6 +152,7 @@ def trial_csv(trials: Sequence[TrialRecord], form: CsvForm = "wide") -> str:
             attrs = t.user_attrs
             row = [
                 *_identity(t), _duration(t), attrs.get("seed"), attrs.get("attempt"),
+                node_label(attrs.get("node")),
                 *(values.get(name) for name in params),
                 *(attrs.get(name) for name in _WIDE_TAIL),
                 *(by_epoch.get(e, {}).get(m) for e, m in pairs),

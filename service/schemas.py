@@ -70,6 +70,11 @@ class TrialOut(BaseModel):
     user_attrs: dict[str, Any]
     datetime_start: datetime | None
     datetime_complete: datetime | None
+    node: dict[str, Any] | None = Field(
+        None,
+        description="the machine the trial ran on (its `node` attribute): `hostname`, Ray's "
+        "node address `ip` and node id `ray_node_id`, `cpu`, `gpus`; null before it started",
+    )
 
 
 class ArmRow(BaseModel):

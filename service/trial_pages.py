@@ -177,9 +177,15 @@ def trial_page(
                 params=params.get(r["trial_id"], {}), user_attrs=user_attrs,
                 datetime_start=_aware(r["datetime_start"]),
                 datetime_complete=_aware(r["datetime_complete"]),
+                node=_node(user_attrs.get("node")),
             )
         )  # fmt: skip
     return Page[TrialOut](items=items, total=total, limit=limit, offset=offset)
+
+
+def _node(value: Any) -> dict[str, Any] | None:
+    """The trial's `node` attribute when it is the record `worker.environment.node` writes."""
+    return value if isinstance(value, dict) else None
 
 
 def _children(

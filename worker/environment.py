@@ -5,8 +5,8 @@ PyTorch and CUDA versions change kernels and numerics, the optimizer code change
 ratebench commit, and wall-clock figures mean little without the CPU or GPU they were measured
 on. `collect()` describes the process that runs a study (the scheduler's host, or the machine
 of `ratebench run`); `node()` is the small description each trial records of the machine it
-trained on (`host`, Ray's node address, CPU, the GPUs the trial sees), so a study spread over a
-cluster lists every kind of node it used.
+trained on (`host`, Ray's node address and node id, CPU, the GPUs the trial sees), so a study
+spread over a cluster lists every node it used.
 
 Everything here only reads: no CUDA context is created unless CUDA is available and used, and
 the git commit is asked of `git` with a short timeout, only when this code runs from a git
@@ -118,28 +118,34 @@ def collect() -> dict[str, Any]:
     return copy.deepcopy(_host())
 
 
-def _node_ip() -> str | None:
+def _ray_node() -> tuple[str | None, str | None]:
+    """Ray's address and id of the node this process runs on; None for both outside Ray. The
+    address alone does not tell nodes apart: several nodes on one machine share it."""
     ray = sys.modules.get("ray")  # only where Ray already runs: never start it for this
     if ray is None or not ray.is_initialized():
-        return None
+        return None, None
     try:
         ip: str = ray.util.get_node_ip_address()
+        node_id: str = ray.get_runtime_context().get_node_id()
     except Exception:  # best effort: a missing address must not fail a trial
-        return None
-    return ip
+        return None, None
+    return ip, node_id
 
 
 def node() -> dict[str, Any]:
     """The machine a trial runs on, small enough to store with every trial: host name, Ray's
-    node address (when in Ray), CPU model, and the names of the GPUs the trial can see (Ray
-    sets `CUDA_VISIBLE_DEVICES` per task, so a CPU trial on a GPU machine lists none)."""
+    node address and node id (when in Ray), CPU model, and the names of the GPUs the trial can
+    see (Ray sets `CUDA_VISIBLE_DEVICES` per task, so a CPU trial on a GPU machine lists
+    none)."""
     try:
         gpus, _, _ = _gpus(detail=False)
     except Exception:  # a broken CUDA set-up is the trial's to report, not this record's
         gpus = []
+    ip, node_id = _ray_node()
     return {
         "hostname": socket.gethostname(),
-        "ip": _node_ip(),
+        "ip": ip,
+        "ray_node_id": node_id,
         "cpu": cpu_model(),
         "gpus": [gpu["name"] for gpu in gpus],
     }

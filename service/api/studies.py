@@ -9,6 +9,7 @@ read it at once.
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Literal
 
 import sqlalchemy as sa
@@ -17,17 +18,20 @@ from fastapi.exceptions import RequestValidationError
 
 from service import queue
 from service.api import export
-from service.api.deps import ReadDb, Tx, WriteDb, in_thread
+from service.api.deps import RayDep, ReadDb, Tx, WriteDb, in_thread
 from service.export import trial_csv
 from service.leaderboards import study_arms
 from service.models import ArmResult, StudyRecord, StudyStatus
+from service.ray_runtime import RayRuntime
 from service.schemas import Page, StudyLeaderboard, StudyOut, SubmittedStudy, TrialOut
 from service.trial_pages import trial_page
+from worker.fit import cluster_fit_problem
 from worker.report.stats import seed_warning
 from worker.spec import StudySpec
 from worker.tasks import DataRoots, check_data_source
 
 router = APIRouter(prefix="/studies", tags=["studies"])
+log = logging.getLogger(__name__)
 
 Limit = Annotated[int, Query(ge=1, le=200, description="page size")]
 Offset = Annotated[int, Query(ge=0, le=2**63 - 1, description="items to skip")]
@@ -49,8 +53,8 @@ def _get_study(tx: Tx, study_id: str) -> StudyRecord:
         409: {"description": "the Idempotency-Key was used by this key with another body"},
         413: {"description": "body too large"},
         422: {
-            "description": "invalid spec, or over the compute budget; `detail` gives each "
-            "field path and the problem"
+            "description": "invalid spec, over the compute budget, or a trial larger than any "
+            "node of the Ray cluster; `detail` gives each field path and the problem"
         },
         429: {"description": "this key has as many queued studies as it may"},
         503: {"description": "the database is unavailable; retry after `Retry-After` seconds"},
@@ -59,6 +63,7 @@ def _get_study(tx: Tx, study_id: str) -> StudyRecord:
 async def submit_study(
     spec: StudySpec,
     db: WriteDb,
+    ray: RayDep,
     request: Request,
     response: Response,
     idempotency_key: Annotated[
@@ -73,6 +78,7 @@ async def submit_study(
     """Queue a study. Returns 202 with its id once it is stored; `Location` points at it."""
     queue.check_budget(spec.estimated_steps(), db.settings.max_study_steps)
     _check_data_source(spec, db.settings.allowed_data_roots())
+    await _check_node_fit(spec, ray, request)
     study_id, study_status, created = await db.run(_submit, spec, idempotency_key)
     location = str(request.url_for("get_study", study_id=study_id).path)
     response.headers["Location"] = location
@@ -90,6 +96,26 @@ def _check_data_source(spec: StudySpec, roots: DataRoots) -> None:
     problem = check_data_source(spec.task, spec.data.data_dir, roots)
     if problem is not None:
         error = {"type": "spec", "loc": ("body", "data", "data_dir"), "msg": problem}
+        raise RequestValidationError([error])
+
+
+async def _check_node_fit(spec: StudySpec, ray: RayRuntime, request: Request) -> None:
+    """A 422 at `resources.cpus_per_trial` or `gpus_per_trial` when no alive node of the Ray
+    cluster this API is connected to (as the scheduler it runs) can hold one trial
+    (`worker.fit`). An API that does not run the scheduler is not connected and cannot tell:
+    the scheduler's own check then fails the study with the same message when it starts."""
+    if not ray.connected:
+        return
+    res = spec.resources
+    try:
+        problem = await in_thread(
+            request, "health", cluster_fit_problem, res.cpus_per_trial, res.gpus_per_trial
+        )
+    except Exception:  # an unreachable cluster: the scheduler's check decides later
+        log.warning("could not read the Ray cluster's nodes for a submit", exc_info=True)
+        return
+    if problem is not None:
+        error = {"type": "spec", "loc": ("body", "resources", problem.field), "msg": str(problem)}
         raise RequestValidationError([error])
 
 

@@ -52,7 +52,7 @@ def test_git_commit_is_heads_in_a_checkout() -> None:
 
 def test_node_is_small_and_names_this_machine() -> None:
     node = environment.node()
-    assert set(node) == {"hostname", "ip", "cpu", "gpus"}
+    assert set(node) == {"hostname", "ip", "ray_node_id", "cpu", "gpus"}
     assert node["hostname"] == environment.collect()["hostname"]
     assert node["cpu"] == environment.cpu_model()
     assert node["gpus"] == [g["name"] for g in environment.collect()["gpus"]]
