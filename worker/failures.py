@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import ray
 
-__all__ = ["Failure", "classify"]
+__all__ = ["Failure", "classify", "classify_cause"]
 
 # OSErrors that say the configuration names something that is not there.
 _MISSING = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
@@ -40,10 +40,15 @@ def _machine_error(cause: BaseException) -> bool:
     return False
 
 
+def classify_cause(cause: BaseException) -> Failure:
+    """An exception the trial's own code raised (inside the task): its description and whether
+    to retry. A cohort's task (`worker.cohort_task`) uses it for one member's error."""
+    return Failure(f"{type(cause).__name__}: {cause}", retry=_machine_error(cause))
+
+
 def classify(exc: Exception) -> Failure:
     """What `ray.get` of a trial's task raised: its description and whether to retry."""
     if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None:
-        cause = exc.cause
-        return Failure(f"{type(cause).__name__}: {cause}", retry=_machine_error(cause))
+        return classify_cause(exc.cause)
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return Failure(f"{type(exc).__name__}: the trial's worker process ended: {first}", retry=True)

@@ -95,6 +95,10 @@ class _MailboxReporter:
     def report(self, index: int, payload: Any) -> bool:
         return bool(ray.get(self.mailbox.report.remote(self.key, index, payload)))
 
+    def under(self, key: str) -> _MailboxReporter:
+        """A reporter for another key of the same job (a cohort's member trial)."""
+        return _MailboxReporter(self.mailbox, key)
+
 
 def _train(work: Work, key: str, mailbox: Any) -> Any:
     mailbox.started.remote(key, os.getpid(), socket.gethostname(), time.time(), environment.node())

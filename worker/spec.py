@@ -351,6 +351,9 @@ class Objective(Strict):
         return self.direction == "maximize"
 
 
+MAX_COHORT_SIZE = 64  # `worker.cohort`: members of one batched model
+
+
 class Resources(Strict):
     """Ray resources per trial and how many trials run at once."""
 
@@ -363,6 +366,23 @@ class Resources(Strict):
     fresh_process: bool | None = Field(
         None, description="one process per trial (default: when trials use GPUs)"
     )
+    cohort_size: Literal["auto"] | int = Field(
+        "auto",
+        description=f"trials trained together as one batched model in one task, 1 to "
+        f"{MAX_COHORT_SIZE} ('auto': by model size and device; 1: one trial per task)",
+    )
+
+    @field_validator("cohort_size", mode="before")
+    @classmethod
+    def _cohort_size(cls, value: Any) -> Any:
+        if value == "auto" and isinstance(value, str):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_COHORT_SIZE:
+            return value
+        raise spec_error(
+            f"must be 'auto' or a whole number from 1 to {MAX_COHORT_SIZE} "
+            f"(1: one trial per task), got {value!r}"
+        )
 
     @model_validator(mode="after")
     def _gpus(self) -> Resources:

@@ -44,6 +44,10 @@ several studies passes each a seat at one `worker.slots.TrialGate` (`slots`): th
 its arm for the next job, then waits its turn at the gate (that job shows as running meanwhile,
 and counts as interrupted if the study stops first).
 
+A job may hold several trials (an Optuna arm's cohort, `resources.cohort_size`: one Ray task
+training them as one batched model): it takes one slot, and its members report under their own
+trial keys (`Job.routes`); the driver needs no more than that.
+
 Each tuner's arm is an `ArmRun` of `worker.arms` (`_ARM_RUNS`); the driver sees only
 `ArmRun.next_assignment()` and the `worker.arms.base.Job` contract, and knows no tuner. A
 hypergradient arm (`tuner: "hypergradient"`, `worker.arms.hypergradient_arm`) fills one slot with
@@ -152,18 +156,11 @@ def _ensure_ray(address: str | None) -> None:
 
 
 def _check_resources(spec: StudySpec) -> None:
-    cluster = ray.cluster_resources()
-    res = spec.resources
-    if res.gpus_per_trial > cluster.get("GPU", 0):
-        raise ValueError(
-            f"resources.gpus_per_trial: {res.gpus_per_trial:g} but the Ray cluster has "
-            f"{cluster.get('GPU', 0):g} GPUs"
-        )
-    if res.cpus_per_trial > cluster.get("CPU", 0):
-        raise ValueError(
-            f"resources.cpus_per_trial: {res.cpus_per_trial:g} but the Ray cluster has "
-            f"{cluster.get('CPU', 0):g} CPUs"
-        )
+    """Fail before any trial when no single alive node can hold one (`worker.fit`): Ray would
+    keep such a task pending forever, and the cluster's totals hide it."""
+    from worker import fit
+
+    fit.check_fit(spec.resources.cpus_per_trial, spec.resources.gpus_per_trial)
 
 
 def run_study(
@@ -234,8 +231,11 @@ class _Driver:
 
     def run(self) -> bool:
         """Drive every arm to its end; True when stopped by should_stop."""
+        # The mailbox lives on the driver's own node, strictly: placed on another node (which a
+        # soft affinity allows) it would die with that node and take the study with it, while
+        # the driver's node going down ends the driver anyway.
         node = ray.get_runtime_context().get_node_id()
-        strategy = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(node, soft=True)
+        strategy = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(node, soft=False)
         self.mailbox = Mailbox.options(scheduling_strategy=strategy).remote()  # type: ignore[attr-defined]
         take = self.mailbox.take.remote(_POLL_S)
         try:
@@ -310,7 +310,7 @@ class _Driver:
         )
         a.started = time.monotonic()
         self.running[ref] = a
-        self.by_key[a.key] = a
+        self.by_key.update(a.routes())  # a cohort's member trials report under their own keys
 
     def _handle(self, messages: list[tuple[Any, ...]]) -> None:
         decisions: list[tuple[str, int, bool]] = []
@@ -330,8 +330,9 @@ class _Driver:
         a = self.running.pop(ref)
         if self.slots is not None:
             self.slots.release()  # every way a trial ends passes here
-        self.by_key.pop(a.key, None)
-        self.mailbox.forget.remote(a.key)
+        for key in a.routes():
+            self.by_key.pop(key, None)
+            self.mailbox.forget.remote(key)
         return a
 
     def _finish(self, ref: ray.ObjectRef) -> None:

@@ -30,7 +30,11 @@ def long_spec(slots: int) -> dict[str, Any]:
     """A thousand short trials, twice as many at a time as the cluster has slots."""
     spec = tiny_spec("long", trials=1000, epochs=20)
     spec["arms"] = [{"optimizer": "sgd", "fixed": {"momentum": 0.9}}]
-    spec["resources"] = {"cpus_per_trial": 0.5, "max_concurrent_trials": min(2 * slots, 256)}
+    spec["resources"] = {  # one trial per task: the test counts running trials against slots
+        "cpus_per_trial": 0.5,
+        "max_concurrent_trials": min(2 * slots, 256),
+        "cohort_size": 1,
+    }
     return spec
 
 

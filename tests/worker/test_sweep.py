@@ -37,7 +37,14 @@ def _spec(**changes: Any) -> StudySpec:
         "budget": {"trials_per_arm": 4, "epochs": 2, "final_seeds": 1},
         "sampler": "random",
         "pruner": "none",
-        "resources": {"cpus_per_trial": 0.5, "max_concurrent_trials": 2, "device": "cpu"},
+        # one trial per task: these tests count tasks and order trials (cohorts:
+        # test_sweep_cohorts.py)
+        "resources": {
+            "cpus_per_trial": 0.5,
+            "max_concurrent_trials": 2,
+            "device": "cpu",
+            "cohort_size": 1,
+        },
     }
     for key, value in changes.items():
         merge = isinstance(value, dict) and isinstance(data[key], dict)

@@ -124,6 +124,11 @@ class Job(ABC):
     def record_failure(self, error: str, *, interrupted: bool = False, retry: bool = True) -> None:
         """The task failed; `retry` False: it would fail the same way again (no retry)."""
 
+    def routes(self) -> dict[str, Job]:
+        """The keys the task's messages come under, and the job each goes to: the job's own
+        key, and for a cohort each member trial's key too (its reports go to that trial)."""
+        return {self.key: self}
+
 
 @dataclass
 class Assignment(Job):
@@ -198,6 +203,11 @@ class ArmRun(ABC):
         self.label, self.scheme = str(self.arm.label), self.arm.optimizer
         self.sweep = self.open_study(SWEEP)
         self.sweep.sampler = self.sweep_sampler()
+        self.cohort_size, note = self.cohort_choice()
+        attrs = self.sweep.user_attrs
+        if attrs.get("cohort_size") != self.cohort_size or attrs.get("cohort_note") != note:
+            self.sweep.set_user_attr("cohort_size", self.cohort_size)  # shown, and resumed as is
+            self.sweep.set_user_attr("cohort_note", note)
         self.final: optuna.Study | None = None
         self.no_final = False  # the sweep ended without a usable best trial
         self.counts = {SWEEP: Counts(), FINAL: Counts()}
@@ -232,8 +242,14 @@ class ArmRun(ABC):
         """The sweep's next job, or None while it has nothing to start."""
 
     @abstractmethod
-    def ask_final(self, study: optuna.Study) -> Assignment:
-        """The next final seed: asked from `study`, with the best sweep trial's work."""
+    def ask_final(self, study: optuna.Study) -> Job:
+        """The next final seed (or a cohort of them): asked from `study`, with the best sweep
+        trial's work."""
+
+    def cohort_choice(self) -> tuple[int, str | None]:
+        """The arm's effective cohort size (`resources.cohort_size`) and, when it is 1 against
+        the spec's wish, why. A tuner that runs one trial per task keeps the default."""
+        return 1, f"the {self.arm.tuner} tuner runs one trial per task"
 
     # -- the studies ---------------------------------------------------------------------------
 

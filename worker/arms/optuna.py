@@ -7,28 +7,36 @@
 - Run (`OptunaArmRun`): `budget.trials_per_arm` trials asked from the spec's sampler
   (`worker.arms.sampling`) and pruned by its pruner; each trial is a `worker.runner.TrialConfig`
   run in a Ray task; then the final seeds (`worker.arms.base`), with the test split evaluated.
+- Cohorts (`resources.cohort_size`, `cohort_choice`): up to K trials asked at once run as one
+  `CohortJob`, one Ray task training them as one batched model (`worker.cohort_task`); each is
+  still its own Optuna trial, told its own result. K is 1 for schemes the engine refuses.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Any
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
 
 import optuna
 
 import optim
 from worker.arms.base import FINAL, SWEEP, ArmRun, Assignment, Job
 from worker.arms.sampling import make_pruner, make_sampler, suggest
+from worker.cohort import CohortError, auto_cohort_size, check_cohort
+from worker.cohort_task import CohortWork, MemberError
 from worker.runner import TrialConfig
 from worker.spec import OptunaArmSpec
 from worker.spec_base import Problem
-from worker.tasks import get_task
+from worker.tasks import DataRoots, get_task, redact_paths
 from worker.tasks.models import build_model
 
 if TYPE_CHECKING:
     from worker.spec import SearchDimension, StudySpec
 
-__all__ = ["OptunaArmRun", "check_arm", "check_build"]
+__all__ = ["CohortJob", "OptunaArmRun", "check_arm", "check_build"]
 
 
 # -- the spec ----------------------------------------------------------------------------------
@@ -165,15 +173,101 @@ def check_build(spec: StudySpec, index: int, arm: OptunaArmSpec) -> Problem | No
     return None
 
 
+@functools.lru_cache(maxsize=64)
+def _model_parameters(
+    model: str, input_shape: tuple[int, ...], n_classes: int, options: tuple[Any, ...]
+) -> int:
+    """The parameter count of the model a trial builds (made on the meta device)."""
+    import torch
+
+    width, depth, activation, transformed = options
+    with torch.device("meta"):
+        net = build_model(
+            model,
+            input_shape,
+            n_classes,
+            width=width,
+            depth=depth,
+            activation=activation,
+            transformed=transformed,
+        )
+    return sum(p.numel() for p in net.parameters())
+
+
+def _n_parameters(spec: StudySpec, arm: OptunaArmSpec) -> int:
+    task, options = get_task(spec.task), spec.arm_model(arm)
+    data = spec.data.model_dump()
+    return _model_parameters(
+        task.model.name,
+        tuple(task.input_shape(data)),
+        task.n_classes(data),
+        (options.width, options.depth, options.activation, options.transformed),
+    )
+
+
 # -- the run -----------------------------------------------------------------------------------
 
 
+@dataclass
+class CohortJob(Job):
+    """Trials of one arm and role trained together in one Ray task (`worker.cohort_task`).
+
+    It takes one slot; the task announces its start under the job's key (every member records
+    it) and each member reports under its own trial key (`routes`), so the pruner answers each
+    trial. Its result is one entry per member, told as that trial's own result; a failure of the
+    task (its process died, it timed out, it was interrupted, an error of the whole cohort) is
+    each member's failure, retried per member as any trial's.
+    """
+
+    members: list[Assignment]
+    started: float = field(default_factory=time.monotonic)
+    num_gpus: float | None = None
+    config: CohortWork = field(init=False)
+    attempt: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.config = CohortWork(
+            [cast(TrialConfig, m.config) for m in self.members], [m.key for m in self.members]
+        )
+        self.attempt = max(m.attempt for m in self.members)
+
+    @property
+    def key(self) -> str:
+        first = self.members[0]
+        return f"{first.arm.label}/{first.role}/cohort/{first.trial.number}"
+
+    def routes(self) -> dict[str, Job]:
+        return {self.key: self, **{m.key: m for m in self.members}}
+
+    def record_start(
+        self, pid: int, host: str, at: float, node: dict[str, Any] | None = None
+    ) -> None:
+        for m in self.members:
+            m.record_start(pid, host, at, node)
+
+    def record_report(self, index: int, payload: Any) -> bool:
+        return False  # members report under their own keys
+
+    def record_result(self, result: Any) -> None:
+        for m, r in zip(self.members, result, strict=True):
+            if isinstance(r, MemberError):
+                m.record_failure(redact_paths(r.error, DataRoots.from_env()), retry=r.retry)
+            else:
+                m.record_result(r)
+
+    def record_failure(self, error: str, *, interrupted: bool = False, retry: bool = True) -> None:
+        for m in self.members:
+            m.record_failure(error, interrupted=interrupted, retry=retry)
+
+
 class OptunaArmRun(ArmRun):
-    """An arm whose sweep trials are asked from the spec's sampler, one trial per Ray task."""
+    """An arm whose sweep trials are asked from the spec's sampler, one trial per Ray task, or a
+    cohort of them per task (`cohort_size` > 1)."""
 
     def __init__(self, spec: StudySpec, index: int, storage: Any, study_key: str) -> None:
         arm = spec.arms[index]
         assert isinstance(arm, OptunaArmSpec), "the driver runs an arm by its tuner"
+        self.optuna_arm = arm
         self.space = spec.arm_search_space(arm)
         self.fixed = dict(arm.fixed)
         super().__init__(spec, index, storage, study_key)
@@ -194,14 +288,79 @@ class OptunaArmRun(ArmRun):
         c = self.counts[SWEEP]
         return c.originals >= self.spec.budget.trials_per_arm and c.waiting == 0 and c.running == 0
 
+    def cohort_choice(self) -> tuple[int, str | None]:
+        """`resources.cohort_size`, or `auto_cohort_size` of the arm's model on its device; 1
+        with the engine's reason for a scheme it cannot batch (bmp, bmp_exact)."""
+        wanted = self.spec.resources.cohort_size
+        try:
+            check_cohort([self._config(FINAL, _probe_values(self.optuna_arm, self.space), 0)])
+        except CohortError as exc:
+            return 1, exc.reason
+        except (optim.HyperparameterError, optim.UnsupportedModelError):
+            pass  # a combination the probe made up; the trials' own values decide
+        if wanted != "auto":
+            return wanted, None
+        res = self.spec.resources
+        device = (
+            "cuda"
+            if res.device == "cuda" or (res.device == "auto" and res.gpus_per_trial)
+            else "cpu"
+        )
+        size = auto_cohort_size(_n_parameters(self.spec, self.optuna_arm), device)
+        return size, None if size > 1 else "auto: the model is too large to gain from batching"
+
+    def _cohort_limit(self, per_arm: int) -> int:
+        """How many trials one job takes: the cohort size, but no more than spreads the study's
+        trials over its slots (`max_concurrent_trials`), so batching never leaves slots idle."""
+        slots = self.spec.resources.max_concurrent_trials
+        spread = -(-len(self.spec.arms) * per_arm // slots)
+        return max(1, min(self.cohort_size, spread))
+
     def next_sweep_job(self) -> Job | None:
         c = self.counts[SWEEP]
-        if c.waiting > 0 or c.originals < self.spec.budget.trials_per_arm:
-            return self._ask(SWEEP, self.sweep)
-        return None
 
-    def ask_final(self, study: optuna.Study) -> Assignment:
-        return self._ask(FINAL, study)
+        def more() -> bool:
+            return c.waiting > 0 or c.originals < self.spec.budget.trials_per_arm
+
+        if not more():
+            return None
+        return self._ask_cohort(SWEEP, self.sweep, more, self.spec.budget.trials_per_arm)
+
+    def ask_final(self, study: optuna.Study) -> Job:
+        c = self.counts[FINAL]
+        return self._ask_cohort(FINAL, study, lambda: c.waiting > 0, self.spec.budget.final_seeds)
+
+    def _ask_cohort(
+        self, role: str, study: optuna.Study, more: Callable[[], bool], per_arm: int
+    ) -> Job:
+        """One trial (`Assignment`), or up to the cohort limit of them as one `CohortJob`."""
+        members = [self._ask(role, study)]
+        limit = self._cohort_limit(per_arm)
+        while len(members) < limit and more():
+            members.append(self._ask(role, study))
+        if len(members) == 1:
+            return members[0]
+        job = CohortJob(members)
+        for m in members:
+            m.trial.set_user_attr("cohort", {"key": job.key, "size": len(members)})
+        return job
+
+    def _config(self, role: str, hyperparameters: dict[str, Any], seed: int) -> TrialConfig:
+        spec = self.spec
+        return TrialConfig(
+            task=spec.task,
+            scheme=self.scheme,
+            hyperparameters=hyperparameters,
+            epochs=spec.budget.epochs,
+            data=spec.data,
+            model=spec.arm_model(self.arm),
+            steps_per_epoch=spec.budget.steps_per_epoch,
+            seed=seed,
+            device=spec.resources.device,
+            objective=spec.objective.metric,
+            divergence_factor=spec.objective.divergence_factor,
+            evaluate_test=role == FINAL,
+        )
 
     def _ask(self, role: str, study: optuna.Study) -> Assignment:
         c = self.counts[role]
@@ -224,21 +383,7 @@ class OptunaArmRun(ArmRun):
             trial.set_user_attr(key, value)
         if self.fixed:
             trial.set_user_attr("fixed", dict(self.fixed))
-        spec = self.spec
-        config = TrialConfig(
-            task=spec.task,
-            scheme=self.scheme,
-            hyperparameters=hyperparameters,
-            epochs=spec.budget.epochs,
-            data=spec.data,
-            model=spec.arm_model(self.arm),
-            steps_per_epoch=spec.budget.steps_per_epoch,
-            seed=seed,
-            device=spec.resources.device,
-            objective=spec.objective.metric,
-            divergence_factor=spec.objective.divergence_factor,
-            evaluate_test=role == FINAL,
-        )
+        config = self._config(role, hyperparameters, seed)
         c.start(popped)
         return Assignment(
             arm=self,
