@@ -17,7 +17,7 @@ FUZZ = Path(__file__).parents[2] / "scripts" / "fuzz.py"
 def test_fuzzing_finds_no_server_errors_or_schema_violations(database_url: str) -> None:
     pytest.importorskip("schemathesis")
     result = subprocess.run(
-        [sys.executable, str(FUZZ), "--max-examples", "5", "--database-url", database_url],
+        [sys.executable, str(FUZZ), "--max-examples", "3", "--database-url", database_url],
         capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     lines = result.stdout.strip().splitlines()
