@@ -67,6 +67,7 @@ def test_a_crashed_service_resumes_its_study_after_restart(
     service.start()
     key = ratebench("keys", "create", "--name", "restart", env=service.env).strip()
     spec = tiny_spec("restart", trials=6, epochs=20)  # still running when the service dies
+    spec["resources"]["cohort_size"] = 1  # trials finish one by one (cohorts: tests/worker)
     response = httpx.post(
         f"{service.url}/api/v1/studies",
         json=spec,
@@ -109,10 +110,12 @@ def test_cancel_stops_a_running_study_and_keeps_its_results(
     service.start()
     key = ratebench("keys", "create", "--name", "cancel", env=service.env).strip()
     spec_file = tmp_path / "long.json"
-    # Long enough (80 trials of 4,000 steps, seconds each) that no machine finishes it before
-    # the cancel lands: in the warm workers of a shared runtime 6 epochs take a fraction of a
+    # Long enough (80 trials of 2,000 steps, one by one) that no machine finishes it before the
+    # cancel lands: in the warm workers of a shared runtime 6 epochs take a fraction of a
     # second, and 80 such trials could end before the `cancel` command has started.
-    spec_file.write_text(json.dumps(tiny_spec("long", trials=40, epochs=400)))
+    long = tiny_spec("long", trials=40, epochs=200)
+    long["resources"]["cohort_size"] = 1  # a first trial finishes early (cohorts: tests/worker)
+    spec_file.write_text(json.dumps(long))
     env = cli_env(service, key)
     study_id = ratebench("submit", str(spec_file), env=env).strip()
 
