@@ -117,19 +117,8 @@ def _build_error(
 ) -> str | None:
     """Why `optim.build` refuses this scheme on this model, or None. The model is the one a
     trial builds (same shape and sizes), made on the meta device: nothing is allocated."""
-    import torch
-
-    width, depth, activation, transformed = options
-    with torch.device("meta"):
-        net = build_model(
-            model,
-            input_shape,
-            n_classes,
-            width=width,
-            depth=depth,
-            activation=activation,
-            transformed=transformed,
-        )
+    net = _meta_model(model, input_shape, n_classes, options)
+    with _meta_device():
         try:
             optim.build(scheme, net, **dict(hyperparameters))
         except optim.HyperparameterError as exc:
@@ -173,16 +162,19 @@ def check_build(spec: StudySpec, index: int, arm: OptunaArmSpec) -> Problem | No
     return None
 
 
-@functools.lru_cache(maxsize=64)
-def _model_parameters(
-    model: str, input_shape: tuple[int, ...], n_classes: int, options: tuple[Any, ...]
-) -> int:
-    """The parameter count of the model a trial builds (made on the meta device)."""
+def _meta_device() -> Any:
     import torch
 
+    return torch.device("meta")
+
+
+def _meta_model(
+    model: str, input_shape: tuple[int, ...], n_classes: int, options: tuple[Any, ...]
+) -> Any:
+    """The model a trial builds (same shape and sizes), on the meta device: nothing allocated."""
     width, depth, activation, transformed = options
-    with torch.device("meta"):
-        net = build_model(
+    with _meta_device():
+        return build_model(
             model,
             input_shape,
             n_classes,
@@ -191,6 +183,14 @@ def _model_parameters(
             activation=activation,
             transformed=transformed,
         )
+
+
+@functools.lru_cache(maxsize=64)
+def _model_parameters(
+    model: str, input_shape: tuple[int, ...], n_classes: int, options: tuple[Any, ...]
+) -> int:
+    """The parameter count of the model a trial builds (made on the meta device)."""
+    net = _meta_model(model, input_shape, n_classes, options)
     return sum(p.numel() for p in net.parameters())
 
 
