@@ -49,6 +49,7 @@ __all__ = [
     "check_owner",
     "claim_next",
     "finish",
+    "owns",
     "release",
     "renew_lease",
     "request_cancel",
@@ -382,6 +383,13 @@ def _owned(study_id: str, scheduler_id: str) -> sa.ColumnElement[bool]:
         StudyRecord.claimed_by == scheduler_id,
         StudyRecord.status == StudyStatus.RUNNING.value,
     )
+
+
+def owns(engine: sa.Engine, study_id: str, scheduler_id: str) -> bool:
+    """Whether `scheduler_id` still holds the running study (its lease not taken over)."""
+    with engine.connect() as conn:
+        found = conn.execute(sa.select(StudyRecord.id).where(_owned(study_id, scheduler_id)))
+        return found.first() is not None
 
 
 def renew_lease(

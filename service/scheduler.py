@@ -271,6 +271,10 @@ class Scheduler:
                 if is_unavailable(exc) and not driver.should_stop(self._stopping):
                     self._wait_for_database(study.id, exc)
                     continue  # resume: finished trials are kept, interrupted ones re-run
+                if self._lost(study.id, driver):  # another scheduler's driver closed a trial
+                    log.warning("study %s: lease lost to another scheduler, which runs it now "
+                                "(%s); stopping", study.id, exc)  # fmt: skip
+                    return
                 log.exception("study %s failed", study.id)
                 self._retry(
                     f"study {study.id}: recording the failure",
@@ -295,6 +299,18 @@ class Scheduler:
             ),
         )
         log.info("study %s %s", study.id, status.value)
+
+    def _lost(self, study_id: str, driver: StudyDriver) -> bool:
+        """The lease is gone (the heartbeat saw it, or the database says another owns it)."""
+        if driver.lost:
+            return True
+        try:
+            lost = not queue.owns(self.engine, study_id, self.config.scheduler_id)
+        except sa.exc.SQLAlchemyError:
+            return False  # cannot tell: record the failure, which only an owner can
+        if lost:
+            self.leases.lost()  # the heartbeat, stopping with the driver, will not count it
+        return lost
 
     def finish_study(
         self,

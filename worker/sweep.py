@@ -63,6 +63,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import optuna
 import ray
 
 from worker import cluster
@@ -79,7 +80,7 @@ if TYPE_CHECKING:
     from worker.slots import StudySlots
     from worker.spec import StudySpec
 
-__all__ = ["ArmProgress", "Progress", "StudyResult", "run_study"]
+__all__ = ["ArmProgress", "Progress", "StudyResult", "TakenOverError", "run_study"]
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,13 @@ class StudyResult:
             "wall_time": self.wall_time,
             "arms": [a.to_dict() for a in self.arms],
         }
+
+
+class TakenOverError(RuntimeError):
+    """Another driver closed a trial this one was running: the study was resumed elsewhere
+    (its lease ran out while this driver was slow, and another scheduler claimed it). This
+    driver stops without recording anything more; what the trials did is the other's to keep.
+    The caller tells a lost study from a fault of its own by asking who owns the study now."""
 
 
 def _ensure_ray(address: str | None) -> None:
@@ -256,9 +264,13 @@ class _Driver:
                     take = self.mailbox.take.remote(_POLL_S)
                 self._harvest()
                 self._check_timeouts()
+        except optuna.exceptions.UpdateFinishedTrialError as exc:
+            raise self._abandon(exc) from exc
         except BaseException:
             try:
                 self._interrupt("stopped before it finished (the driver was interrupted)")
+            except optuna.exceptions.UpdateFinishedTrialError as exc:
+                raise self._abandon(exc) from exc
             except Exception:  # keep the original error; a resume fails these trials as stale
                 log.exception("could not record the interrupted trials")
             raise
@@ -369,6 +381,16 @@ class _Driver:
             ray.cancel(ref, force=True)
             a = self._release(ref)
             a.record_failure(reason, interrupted=True)
+
+    def _abandon(self, closed: Exception) -> TakenOverError:
+        """Cancel the running tasks and record nothing, since another driver closed one of
+        their trials (`closed`): they are that driver's now. Returns the error to raise."""
+        self.pending = None
+        for ref in list(self.running):
+            ray.cancel(ref, force=True)
+            self._release(ref)
+        return TakenOverError(f"study {self.study_key}: another driver closed a trial this one "
+                         f"was running ({closed}); the study is being run elsewhere")  # fmt: skip
 
     def _emit(self, finished: bool = False) -> None:
         if self.on_progress is None:

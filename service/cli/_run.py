@@ -140,7 +140,7 @@ def _run_recorded(
     from service.models import StudyStatus
     from service.scheduler import Scheduler, SchedulerConfig, StudyDriver, final_status
     from worker.cluster import check_auth
-    from worker.sweep import run_study
+    from worker.sweep import TakenOverError, run_study
 
     check_auth(ray_address)  # a missing Ray token fails here, before the study is claimed
     migrate(url)
@@ -173,17 +173,20 @@ def _run_recorded(
             recorder.finish_study(key, StudyStatus.CANCELLED, driver, error=_INTERRUPTED)
             raise
         except Exception as exc:
-            recorder.finish_study(key, StudyStatus.FAILED, driver, exc=exc)
+            recorder.finish_study(key, StudyStatus.FAILED, driver, exc=exc)  # only if still ours
+            if isinstance(exc, TakenOverError) or driver.lost:
+                raise CliError(_TAKEN_OVER.format(key=key)) from None
             if isinstance(exc, ValueError):  # the spec does not fit the cluster
                 raise CliError(str(exc)) from None
             raise
     if driver.lost:
-        raise CliError(f"study {key}: another process took it over; its results are theirs")
+        raise CliError(_TAKEN_OVER.format(key=key))
     status, error = final_status(driver.cancelled, result.arms)
     recorder.finish_study(key, status, driver, error=error, store=(study, spec, result.arms))
     return result, status.value, error
 
 
+_TAKEN_OVER = "study {key}: another process took it over; its results are theirs"
 _INTERRUPTED = "interrupted before it finished; run the same spec again to resume it"
 
 

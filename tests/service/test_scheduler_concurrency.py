@@ -7,6 +7,7 @@ tests/service/test_concurrent_studies.py); the claims, leases, heartbeats and re
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -22,7 +23,7 @@ from service.scheduler import Scheduler, SchedulerConfig
 from tests.service.helpers import wait_for
 from worker.slots import StudySlots
 from worker.spec import StudySpec
-from worker.sweep import StudyResult
+from worker.sweep import StudyResult, TakenOverError
 
 SPEC = StudySpec.model_validate(
     {"name": "s", "task": "digits-mlp", "arms": [{"optimizer": "sgd"}]}
@@ -158,6 +159,46 @@ def test_run_once_still_drives_one_study_in_the_callers_thread(
     assert scheduler.run_once()
     assert status(engine, study_id)[:2] == (StudyStatus.COMPLETED.value, 1)
     assert not scheduler.run_once()  # nothing else waits
+
+
+@pytest.mark.parametrize("taken_over", [True, False], ids=["lease-lost", "still-owned"])
+def test_an_error_after_another_scheduler_took_the_study_over_is_not_a_failure(
+    engine: sa.Engine,
+    scheduler: Scheduler,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    taken_over: bool,
+) -> None:
+    """A driver that finds its trials closed by another's resume raises `TakenOverError`, possibly
+    before its heartbeat has seen the lease go. The study is the new owner's: the old one logs
+    a lost lease and writes nothing. The same error while the study is still its own (a fault)
+    fails the study."""
+    with session_scope(engine) as session:
+        study_id = queue.submit(session, SPEC, name="s", task="t")[0].id
+
+    def sweep_that_loses_its_trials(*args: Any, **options: Any) -> StudyResult:
+        if taken_over:  # what a second scheduler's claim does once the lease ran out
+            with session_scope(engine) as session:
+                session.execute(
+                    sa.update(StudyRecord)
+                    .where(StudyRecord.id == study_id)
+                    .values(claimed_by="two", attempts=StudyRecord.attempts + 1)
+                )
+        raise TakenOverError(f"study {study_id}: another driver closed a trial")
+
+    monkeypatch.setattr("worker.sweep.run_study", sweep_that_loses_its_trials)
+    with caplog.at_level(logging.WARNING, logger="service.scheduler"):
+        assert scheduler.run_once()
+    failed_logs = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    if taken_over:
+        assert status(engine, study_id) == ("running", 2, "two")  # the new owner's, untouched
+        assert scheduler.leases.losses == 1
+        assert not failed_logs
+        assert any("lease lost" in r.getMessage() for r in caplog.records)
+    else:
+        assert status(engine, study_id)[:2] == (StudyStatus.FAILED.value, 1)
+        assert scheduler.leases.losses == 0
+        assert failed_logs
 
 
 def test_max_running_studies_is_at_least_one() -> None:

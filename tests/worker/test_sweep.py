@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -17,10 +18,11 @@ import torch
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
+from worker.arms.optuna import OptunaArmRun
 from worker.results import TrialRecord, load_trials
 from worker.spec import StudySpec
 from worker.storage import MAX_OVERFLOW, POOL_SIZE, open_storage, study_trials
-from worker.sweep import Progress, run_study
+from worker.sweep import Progress, TakenOverError, run_study
 
 pytestmark = pytest.mark.ray
 
@@ -227,6 +229,53 @@ def test_should_stop_cancels_running_trials_promptly(ray_runtime: None, sqlite_u
         pids = [pid for pid in pids if _alive(pid)]
         time.sleep(0.1)
     assert not pids, "the cancelled trials' processes are still running"
+
+
+def test_a_driver_whose_trials_another_driver_closed_stops_and_writes_nothing_more(
+    ray_runtime: None, sqlite_url: str
+) -> None:
+    """A lease ran out while this driver was slow and another scheduler resumed the study: its
+    recovery closes this driver's running trials as stale and enqueues their retries. This
+    driver must stop at its next write with `TakenOverError` (which the scheduler tells from a
+    failure), not fail the study, and must not touch the other driver's trials."""
+    spec = _spec(budget={"epochs": 100, "steps_per_epoch": 20})
+    closed: list[int] = []
+    deadline = time.monotonic() + 120
+
+    def resume_elsewhere() -> None:  # another process: its own storage, once both trials run
+        storage = open_storage(sqlite_url)
+        try:
+            while time.monotonic() < deadline:
+                with contextlib.suppress(KeyError):  # the study does not exist yet
+                    study = optuna.load_study(study_name="taken/sgd", storage=storage)
+                    running = study.get_trials(states=(TrialState.RUNNING,))
+                    if len(running) == 2 and all("pid" in t.user_attrs for t in running):
+                        OptunaArmRun(spec, 0, storage, "taken").recover()  # a second driver's
+                        closed.extend(t.number for t in running)  # first step
+                        return
+                time.sleep(0.1)
+        finally:
+            storage.engine.dispose()
+
+    other = threading.Thread(target=resume_elsewhere)
+    other.start()
+    with pytest.raises(TakenOverError, match="another driver closed a trial"):
+        run_study(spec, sqlite_url, "taken")
+    other.join()
+    assert len(closed) == 2
+    trials = {t.number: t for t in _sweep(load_trials(sqlite_url, "taken", spec))}
+    for number in closed:
+        assert trials[number].state == "FAIL"
+        assert "stale" in trials[number].user_attrs["error"]
+        assert "interrupted" not in trials[number].user_attrs  # the loser wrote nothing more
+    retries = [t for t in trials.values() if "retry_of" in t.user_attrs]
+    assert sorted(t.user_attrs["retry_of"] for t in retries) == sorted(closed)
+    assert all(t.state == "WAITING" for t in retries)  # left for the other driver
+    pids = [trials[n].user_attrs["pid"] for n in closed]
+    while pids and time.monotonic() < deadline:
+        pids = [pid for pid in pids if _alive(pid)]
+        time.sleep(0.1)
+    assert not pids, "the abandoned trials' processes are still running"
 
 
 def _alive(pid: int) -> bool:
