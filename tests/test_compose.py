@@ -119,6 +119,7 @@ def test_ray_nodes_share_the_token_and_the_head(compose: dict[str, Any]) -> None
     for name in RAY_NODES:
         env = compose["services"][name]["environment"]
         assert env["RAY_AUTH_MODE"] == "token", name
+        assert env["RAY_worker_niceness"] == "0", name  # trials not starved by other work
         assert env["RAY_AUTH_TOKEN"].startswith("${RAY_AUTH_TOKEN:?"), name  # no default token
     worker = compose["services"]["ray-worker"]
     assert worker["environment"]["RAY_ADDRESS"] == "ray-head:6379"

@@ -24,6 +24,14 @@ and the workers started later inherit them from this process, and this process's
 driver's) sees them when they are exported before `ray` is first imported, which importing this
 module does (`export_start_timeout`). A value already set in those variables is kept.
 
+Worker priority: Ray lowers its worker processes' priority (`nice` 15, its setting
+`RAY_worker_niceness`) so that its own daemons stay responsive. On a machine that also runs other
+work, that makes every trial yield to everything else: with two busy processes on a 2-core
+machine, each trial got about 5% of a core. A trial is the work ratebench was asked to do, so a
+local runtime started here keeps its workers at the normal priority (`nice` 0) unless
+`RAY_worker_niceness` is already set. The nodes of a cluster started with `ray start` take the
+setting from their own environment (docker-compose.yml sets it).
+
 Token authentication: a cluster started with `RAY_AUTH_MODE=token` admits only processes that
 hold its token. Joining one with that mode set but no token anywhere Ray looks
 (`RAY_AUTH_TOKEN`, the file `RAY_AUTH_TOKEN_PATH` names, `~/.ray/auth_token`) fails with Ray's
@@ -109,6 +117,7 @@ def check_auth(address: str | None) -> None:
 
 
 _LOOPBACK_NAMES = {LOOPBACK, "localhost", "::1"}
+_RAY_WORKER_NICENESS = "RAY_worker_niceness"
 _RAY_CLUSTER_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
@@ -129,6 +138,8 @@ def connect(address: str | None, **options: Any) -> None:
 
     if ray.is_initialized():
         return
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault(_RAY_WORKER_NICENESS, "0")  # inherited by the raylet's workers
     node_ip = LOOPBACK if address is None else os.environ.get("RATEBENCH_NODE_IP")
     if node_ip:
         options["_node_ip_address"] = node_ip

@@ -146,3 +146,17 @@ def _under_this_process(pid: int) -> bool:
         stat = Path(f"/proc/{pid}/stat").read_text()
         pid = int(stat.rsplit(")", 1)[1].split()[1])
     return False
+
+
+@pytest.mark.ray
+def test_a_local_runtimes_trials_run_at_normal_priority(ray_runtime: None) -> None:
+    """Ray's default puts its workers at nice 15, where any other busy process on the machine
+    starves the trials; a runtime `cluster.connect(None)` starts keeps them at this process's
+    own priority."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def niceness() -> int:
+        return os.nice(0)
+
+    assert ray.get(niceness.remote()) == os.nice(0)
