@@ -20,14 +20,10 @@ import json
 import os
 import platform
 import random
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +32,7 @@ from typing import Any
 
 import httpx
 import sqlalchemy as sa
+from _service import HOST, ms, postgres_database, server
 
 from service.auth import create_key
 from service.db import get_engine, migrate, session_scope
@@ -43,7 +40,6 @@ from service.db import get_engine, migrate, session_scope
 MAX_CLIENTS = 1000
 MAX_SECONDS = 600
 MAX_REQUESTS = 2_000_000
-HOST = "127.0.0.1"  # traffic stays on this machine
 MIX = {  # kind -> weight
     "list": 25,
     "get": 20,
@@ -64,35 +60,19 @@ SPEC: dict[str, Any] = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 @contextmanager
 def _database(url: str | None, folder: Path) -> Iterator[str]:
     """A fresh database: a SQLite file in `folder`, or a new database on the given server."""
     if url is None:
         yield f"sqlite:///{folder / 'ratebench.db'}"
         return
-    admin = sa.create_engine(url, isolation_level="AUTOCOMMIT")
-    name = f"ratebench_load_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield admin.url.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with postgres_database(url, "ratebench_load") as database:
+        yield database
 
 
 @contextmanager
 def _service(url: str, folder: Path) -> Iterator[str]:
     """`ratebench serve` on a free local port; yields its base URL, stops it afterwards."""
-    port = _free_port()
     env = {
         **os.environ,
         "RATEBENCH_DATA_DIR": str(folder),
@@ -102,32 +82,13 @@ def _service(url: str, folder: Path) -> Iterator[str]:
     }
     for name in ("RAY_ADDRESS", "RATEBENCH_RAY_ADDRESS"):
         env.pop(name, None)
-    log = (folder / "serve.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--host", HOST, "--port", str(port),
-         "--log-level", "warning"],
-        env=env, stdout=log, stderr=log,
-    )  # fmt: skip
-    base = f"http://{HOST}:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if httpx.get(f"{base}/api/v1/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        else:
-            raise SystemExit(f"the service did not start; see {folder / 'serve.log'}")
+
+    def command(port: int) -> list[str]:
+        return [sys.executable, "-m", "service.cli", "serve", "--host", HOST, "--port",
+                str(port), "--log-level", "warning"]  # fmt: skip
+
+    with server(command, folder / "serve.log", env) as (base, _):
         yield base
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 class Load:
@@ -198,11 +159,6 @@ async def _run(base: str, load: Load, clients: int) -> float:
     return time.monotonic() - started
 
 
-def _ms(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=200, choices=range(1, MAX_CLIENTS + 1),
@@ -237,8 +193,8 @@ def main() -> int:
         "latency_ms": {
             kind: {
                 "n": len(v),
-                "p50": _ms(v, 0.5),
-                "p99": _ms(v, 0.99),
+                "p50": ms(v, 0.5),
+                "p99": ms(v, 0.99),
                 "mean": round(1000 * statistics.fmean(v), 1),
                 "status": {str(k): n for k, n in sorted(load.by_kind[kind].items())},
             }

@@ -35,9 +35,6 @@ import math
 import os
 import platform
 import random
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,6 +47,7 @@ from typing import Any
 
 import httpx
 import sqlalchemy as sa
+from _service import HOST, ms, postgres_database, server
 from optuna.distributions import FloatDistribution, distribution_to_json
 
 from service.db import get_engine, migrate, session_scope
@@ -59,7 +57,6 @@ from worker.spec import StudySpec
 from worker.storage import open_storage
 from worker.summary import summarize_study
 
-HOST = "127.0.0.1"
 DEFAULT_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 TASK = "mnist1d-mlp"
 ARMS: tuple[tuple[str, dict[str, Any]], ...] = (("sgd", {"momentum": 0.9}), ("adam", {}))
@@ -89,21 +86,6 @@ def _spec(name: str, trials_per_study: int) -> StudySpec:
             "pruner": "median",
         }
     )  # fmt: skip
-
-
-@contextmanager
-def _database(admin_url: str, label: str) -> Iterator[str]:
-    """A fresh database on the server (as `tests/conftest.py`'s `postgres_url`), dropped after."""
-    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    name = f"ratebench_scale_{label}_{uuid.uuid4().hex[:8]}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield admin.url.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 class Rows:
@@ -276,13 +258,6 @@ def seed(url: str, studies: int, trials_per_study: int) -> list[tuple[str, int]]
     return [(study_id, n) for study_id, n, _, _ in made]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 SERVE = """
 import sys, uvicorn
 from service.app import create_app
@@ -297,31 +272,12 @@ uvicorn.run(create_app(settings, start_ray=False), host=sys.argv[3], port=int(sy
 def _service(url: str, folder: Path) -> Iterator[tuple[str, int]]:
     """The API (no Ray, no scheduler) on a free local port, in a child process: its base URL
     and process id."""
-    port = _free_port()
-    log = (folder / "serve.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", SERVE, url, str(folder), HOST, str(port)], stdout=log, stderr=log
-    )
-    base = f"http://{HOST}:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if httpx.get(f"{base}/api/v1/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        else:
-            raise SystemExit(f"the service did not start; see {folder / 'serve.log'}")
+
+    def command(port: int) -> list[str]:
+        return [sys.executable, "-c", SERVE, url, str(folder), HOST, str(port)]
+
+    with server(command, folder / "serve.log") as (base, proc):
         yield base, proc.pid
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def _paths(studies: list[tuple[str, int]], random_: random.Random) -> dict[str, Any]:
@@ -351,11 +307,6 @@ def _cpu_s(pid: int) -> float | None:
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _ms(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
 
 
 def measure(
@@ -395,7 +346,7 @@ def measure(
                 if before is not None and after is not None:
                     cpu_ms = round(1000 * (after - before) / len(values), 2)
                 out[size][endpoint] = {
-                    "n": len(values), "p50": _ms(values, 0.5), "p99": _ms(values, 0.99),
+                    "n": len(values), "p50": ms(values, 0.5), "p99": ms(values, 0.99),
                     "server_cpu_ms": cpu_ms, "bytes": size_of[size],
                 }  # fmt: skip
     finally:
@@ -425,7 +376,8 @@ def main() -> int:
         servers: dict[str, tuple[str, int]] = {}
         studies: dict[str, list[tuple[str, int]]] = {}
         for size, per_study in sizes.items():
-            url = stack.enter_context(_database(args.database_url, size))
+            database = postgres_database(args.database_url, f"ratebench_scale_{size}")
+            url = stack.enter_context(database)
             started = time.monotonic()
             studies[size] = seed(url, args.studies, per_study)
             seeded_s = time.monotonic() - started

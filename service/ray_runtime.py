@@ -76,6 +76,13 @@ class RayRuntime:
         except Exception as exc:  # Ray raises many types; the status must report any of them
             log.exception("could not connect to Ray at %s", self.address or "a local runtime")
             self._state, self._error = "error", f"{type(exc).__name__}: {exc}"
+            return
+        from worker.remote import warm_workers
+
+        try:
+            warm_workers()  # the first claimed study's trials then start without importing
+        except Exception:  # only a missed head start: the trials import what they need
+            log.warning("could not warm Ray's workers", exc_info=True)
 
     def status(self) -> RayStatus:
         resources: dict[str, float] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 from pathlib import Path
 
@@ -122,3 +123,17 @@ def test_our_modules_import_one_another_without_cycles() -> None:
     graph = import_graph()
     assert "worker.arms.base" in graph["worker.sweep"]  # the graph sees our imports
     assert find_cycle(graph) is None
+
+
+def test_the_command_line_imports_heavy_libraries_only_in_the_commands_that_use_them() -> None:
+    """`ratebench --help` and the HTTP client commands start in a fraction of a second: the
+    parser imports neither the database layer, nor Optuna, Ray or PyTorch (each sub-command
+    imports what it needs when it runs)."""
+    heavy = ["sqlalchemy", "alembic", "optuna", "ray", "torch", "pandas", "fastapi"]
+    probe = (
+        "import sys, service.cli; service.cli._parser(); "
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

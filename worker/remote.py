@@ -33,7 +33,7 @@ from worker import environment
 if TYPE_CHECKING:  # not at run time: a Ray worker process need not import Optuna
     from worker.arms.base import Work
 
-__all__ = ["Mailbox", "trial_task"]
+__all__ = ["Mailbox", "trial_task", "warm_workers"]
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
@@ -125,3 +125,21 @@ def trial_task(
         num_cpus=num_cpus, num_gpus=num_gpus, name=f"ratebench trial {key}"
     ).remote(work, key, mailbox)
     return ref
+
+
+@ray.remote(max_retries=0)
+def _import_trial_code() -> int:
+    import worker.cohort_task  # noqa: F401  (and with it PyTorch, optim and the runner)
+
+    return os.getpid()
+
+
+def warm_workers() -> list[ray.ObjectRef]:
+    """Have up to one worker per CPU of the cluster import the trial code now, so that the first
+    trials a long-running scheduler starts find it imported (PyTorch alone takes seconds).
+
+    Reused workers keep what they imported (`_REUSED`), and Ray keeps about one idle worker per
+    CPU alive, which these become. Fresh-process trials (GPU) gain nothing from it. Returns the
+    tasks' refs; nobody needs to wait for them."""
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    return [_import_trial_code.options(num_cpus=1).remote() for _ in range(cpus)]

@@ -60,6 +60,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -192,18 +193,38 @@ def run_study(
     starts trials as `resources.max_concurrent_trials` allows. The caller closes it.
     """
     started = time.monotonic()
-    _ensure_ray(ray_address)
-    _check_resources(spec)
     storage = open_storage(storage_url)
     try:
-        arms = [_arm_run(spec, i, storage, study_key) for i in range(len(spec.arms))]
-        for arm in arms:
-            arm.recover()
+        arms = _join_ray_and_open_arms(spec, storage, study_key, ray_address)
         stopped = _Driver(spec, study_key, arms, on_progress, should_stop, slots).run()
         summaries = summarize_arms(storage, study_key, spec)
     finally:
         storage.engine.dispose()
     return StudyResult(study_key, summaries, stopped, time.monotonic() - started)
+
+
+def _join_ray_and_open_arms(
+    spec: StudySpec, storage: Any, study_key: str, ray_address: str | None
+) -> list[ArmRun]:
+    """Every arm opened and recovered (`ArmRun.recover`), with Ray joined and able to hold a
+    trial. When Ray has yet to start (`ratebench run`), the two overlap: this thread joins Ray,
+    which must happen on the main thread (`service.ray_runtime`) and mostly waits for Ray's
+    processes, while another opens the arms, which mostly waits for the database."""
+
+    def open_arms() -> list[ArmRun]:
+        arms = [_arm_run(spec, i, storage, study_key) for i in range(len(spec.arms))]
+        for arm in arms:
+            arm.recover()
+        return arms
+
+    if ray.is_initialized():
+        _check_resources(spec)
+        return open_arms()
+    with ThreadPoolExecutor(1, thread_name_prefix=f"open-arms-{study_key[:16]}") as pool:
+        opened = pool.submit(open_arms)
+        _ensure_ray(ray_address)  # on an error, the pool still waits for the arms to open
+        _check_resources(spec)
+        return opened.result()
 
 
 _ARM_RUNS: dict[str, type[ArmRun]] = {"optuna": OptunaArmRun, "hypergradient": HypergradArmRun}

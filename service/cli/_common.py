@@ -13,10 +13,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.orm import Session
-
 if TYPE_CHECKING:
     import httpx
+    from sqlalchemy.orm import Session
 
 
 class CliError(Exception):

@@ -24,13 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 from service.cli._common import CliError, SubParsers, add_database_option, database_url
 from service.cli._tables import arm_table
-from service.models import STUDY_ID_LENGTH
 
 if TYPE_CHECKING:
     from worker.spec import StudySpec
     from worker.sweep import Progress, StudyResult
-
-_KEY = re.compile(rf"[A-Za-z0-9_][A-Za-z0-9_.-]{{0,{STUDY_ID_LENGTH - 1}}}")
 
 
 def register(subparsers: SubParsers) -> None:
@@ -91,13 +88,14 @@ def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from service.config import get_settings
+    from service.models import STUDY_ID_LENGTH
     from worker.report.stats import seed_warning
 
     spec = load_spec(args.spec)
     url = database_url(args)
     ray_address = args.ray_address or get_settings().ray_address
     key = args.study_key or default_study_key(spec)
-    if not _KEY.fullmatch(key):
+    if not re.fullmatch(rf"[A-Za-z0-9_][A-Za-z0-9_.-]{{0,{STUDY_ID_LENGTH - 1}}}", key):
         raise CliError(
             f"--study-key {key!r}: use 1 to {STUDY_ID_LENGTH} letters, digits, '_', '.' or '-', "
             "starting with a letter, digit or '_'"

@@ -33,6 +33,7 @@ def _run(args: argparse.Namespace) -> int:
     from service.logs import configure_logging
     from service.scheduler import Scheduler, SchedulerConfig
     from worker import cluster
+    from worker.remote import warm_workers
 
     settings = get_settings()
     configure_logging(args.log_level, settings.log_format)
@@ -40,6 +41,7 @@ def _run(args: argparse.Namespace) -> int:
     migrate(url)
     address = args.ray_address or settings.ray_address
     cluster.connect(address)
+    warm_workers()  # the first claimed study's trials then start without importing PyTorch
     scheduler = Scheduler(
         get_engine(url, settings.resolved_pool_size(), settings.db_pool_timeout),
         SchedulerConfig(
