@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import threading
@@ -16,8 +15,9 @@ import pytest
 import sqlalchemy as sa
 import torch
 from optuna.distributions import FloatDistribution
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
+from tests.worker.helpers import digits_spec, watch_running_trials
 from worker.arms.optuna import OptunaArmRun
 from worker.results import TrialRecord, load_trials
 from worker.spec import StudySpec
@@ -28,30 +28,9 @@ pytestmark = pytest.mark.ray
 
 
 def _spec(**changes: Any) -> StudySpec:
-    """Digits MLP trials that take a fraction of a second each."""
-    data: dict[str, Any] = {
-        "name": "sweep-test",
-        "task": "digits-mlp",
-        "data": {"batch_size": 32, "n_train": 256, "n_val": 128, "n_test": 128},
-        "model": {"width": 8, "depth": 1},
-        "arms": [{"optimizer": "sgd"}],
-        "search_space": {"lr": {"low": 0.01, "high": 0.5, "log": True}},
-        "budget": {"trials_per_arm": 4, "epochs": 2, "final_seeds": 1},
-        "sampler": "random",
-        "pruner": "none",
-        # one trial per task: these tests count tasks and order trials (cohorts:
-        # test_sweep_cohorts.py)
-        "resources": {
-            "cpus_per_trial": 0.5,
-            "max_concurrent_trials": 2,
-            "device": "cpu",
-            "cohort_size": 1,
-        },
-    }
-    for key, value in changes.items():
-        merge = isinstance(value, dict) and isinstance(data[key], dict)
-        data[key] = {**data[key], **value} if merge else value
-    return StudySpec.model_validate(data)
+    """One trial per task: these tests count tasks and order trials (cohorts:
+    test_sweep_cohorts.py)."""
+    return digits_spec({"resources": {"cohort_size": 1}}, **changes)
 
 
 def _sweep(trials: list[TrialRecord]) -> list[TrialRecord]:
@@ -129,22 +108,12 @@ def test_a_killed_trial_is_failed_and_retried_and_the_others_stay_intact(
     )
     killed: dict[str, int] = {}
 
-    def kill_first_running_trial() -> None:
-        storage = open_storage(sqlite_url)
-        deadline = time.monotonic() + 120
-        try:
-            while not killed and time.monotonic() < deadline:
-                for t in study_trials(storage, "fault/sgd"):
-                    if t.state == TrialState.RUNNING and "pid" in t.user_attrs:
-                        os.kill(t.user_attrs["pid"], signal.SIGKILL)
-                        killed.update(number=t.number, pid=t.user_attrs["pid"])
-                        break
-                time.sleep(0.05)
-        finally:
-            storage.engine.dispose()
+    def kill_first(running: list[FrozenTrial]) -> bool:
+        os.kill(running[0].user_attrs["pid"], signal.SIGKILL)
+        killed.update(number=running[0].number, pid=running[0].user_attrs["pid"])
+        return True
 
-    killer = threading.Thread(target=kill_first_running_trial)
-    killer.start()
+    killer = watch_running_trials(sqlite_url, "fault/sgd", kill_first)
     result = run_study(spec, sqlite_url, "fault")
     killer.join()
 
@@ -240,25 +209,17 @@ def test_a_driver_whose_trials_another_driver_closed_stops_and_writes_nothing_mo
     failure), not fail the study, and must not touch the other driver's trials."""
     spec = _spec(budget={"epochs": 100, "steps_per_epoch": 20})
     closed: list[int] = []
-    deadline = time.monotonic() + 120
 
-    def resume_elsewhere() -> None:  # another process: its own storage, once both trials run
+    def resume_elsewhere(running: list[FrozenTrial]) -> bool:
+        if len(running) < 2:  # both trials started
+            return False
         storage = open_storage(sqlite_url)
-        try:
-            while time.monotonic() < deadline:
-                with contextlib.suppress(KeyError):  # the study does not exist yet
-                    study = optuna.load_study(study_name="taken/sgd", storage=storage)
-                    running = study.get_trials(states=(TrialState.RUNNING,))
-                    if len(running) == 2 and all("pid" in t.user_attrs for t in running):
-                        OptunaArmRun(spec, 0, storage, "taken").recover()  # a second driver's
-                        closed.extend(t.number for t in running)  # first step
-                        return
-                time.sleep(0.1)
-        finally:
-            storage.engine.dispose()
+        OptunaArmRun(spec, 0, storage, "taken").recover()  # a second driver's first step
+        storage.engine.dispose()
+        closed.extend(t.number for t in running)
+        return True
 
-    other = threading.Thread(target=resume_elsewhere)
-    other.start()
+    other = watch_running_trials(sqlite_url, "taken/sgd", resume_elsewhere)
     with pytest.raises(TakenOverError, match="another driver closed a trial"):
         run_study(spec, sqlite_url, "taken")
     other.join()
@@ -271,6 +232,7 @@ def test_a_driver_whose_trials_another_driver_closed_stops_and_writes_nothing_mo
     retries = [t for t in trials.values() if "retry_of" in t.user_attrs]
     assert sorted(t.user_attrs["retry_of"] for t in retries) == sorted(closed)
     assert all(t.state == "WAITING" for t in retries)  # left for the other driver
+    deadline = time.monotonic() + 60
     pids = [trials[n].user_attrs["pid"] for n in closed]
     while pids and time.monotonic() < deadline:
         pids = [pid for pid in pids if _alive(pid)]

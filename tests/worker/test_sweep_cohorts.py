@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
-import time
 from typing import Any
 
 import optuna
 import pytest
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial
 from pydantic import ValidationError
 
+from tests.worker.helpers import digits_spec, watch_running_trials
 from worker.arms.base import sweep_study_name
 from worker.arms.sampling import grid_values
 from worker.results import TrialRecord, load_trials
 from worker.spec import StudySpec, format_errors
-from worker.storage import open_storage, study_trials
+from worker.storage import open_storage
 from worker.sweep import Progress, _arm_run, run_study
 
 pytestmark = pytest.mark.ray
@@ -32,28 +31,16 @@ _RTOL = 1e-3  # float32 cohort vs single runs over two epochs (loose: kernels ro
 
 
 def _spec(cohort_size: int | str, **changes: Any) -> StudySpec:
-    data: dict[str, Any] = {
+    base: dict[str, Any] = {
         "name": "cohort-sweep",
-        "task": "digits-mlp",
-        "data": {"batch_size": 32, "n_train": 256, "n_val": 128, "n_test": 128},
-        "model": {"width": 8, "depth": 1},
         "arms": [{"optimizer": "sgd", "fixed": {"momentum": 0.9}}],
         "search_space": {"lr": {"low": 0.01, "high": 0.3, "log": True}},
-        "budget": {"trials_per_arm": 6, "epochs": 2, "final_seeds": 2},
+        "budget": {"trials_per_arm": 6, "final_seeds": 2},
         "sampler": "grid",
-        "pruner": "none",
         "objective": {"metric": "val_loss"},
-        "resources": {
-            "cpus_per_trial": 0.5,
-            "max_concurrent_trials": 2,
-            "device": "cpu",
-            "cohort_size": cohort_size,
-        },
+        "resources": {"cohort_size": cohort_size},
     }
-    for key, value in changes.items():
-        merge = key == "resources"
-        data[key] = {**data[key], **value} if merge else value
-    return StudySpec.model_validate(data)
+    return digits_spec(base, **changes)
 
 
 def _tasks(trials: list[TrialRecord]) -> set[tuple[int, float]]:
@@ -237,22 +224,12 @@ def test_a_killed_cohort_fails_and_retries_each_member(ray_runtime: None, sqlite
     )
     killed: dict[str, int] = {}
 
-    def kill_first_running_cohort() -> None:
-        storage = open_storage(sqlite_url)
-        deadline = time.monotonic() + 120
-        try:
-            while not killed and time.monotonic() < deadline:
-                for t in study_trials(storage, "fault/sgd"):
-                    if t.state == TrialState.RUNNING and "pid" in t.user_attrs:
-                        os.kill(t.user_attrs["pid"], signal.SIGKILL)
-                        killed.update(pid=t.user_attrs["pid"])
-                        break
-                time.sleep(0.05)
-        finally:
-            storage.engine.dispose()
+    def kill_first(running: list[FrozenTrial]) -> bool:
+        os.kill(running[0].user_attrs["pid"], signal.SIGKILL)
+        killed.update(pid=running[0].user_attrs["pid"])
+        return True
 
-    killer = threading.Thread(target=kill_first_running_cohort)
-    killer.start()
+    killer = watch_running_trials(sqlite_url, "fault/sgd", kill_first)
     result = run_study(spec, sqlite_url, "fault")
     killer.join()
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from tests.worker.helpers import digits_spec
 from worker.results import TrialRecord, load_trials
 from worker.slots import Capacity, TrialGate
 from worker.spec import StudySpec
@@ -18,23 +19,14 @@ pytestmark = pytest.mark.ray
 
 
 def _spec(**changes: Any) -> StudySpec:
-    """Digits MLP trials that take a fraction of a second each."""
-    data: dict[str, Any] = {
+    """Two arms, four slots."""
+    base: dict[str, Any] = {
         "name": "slots-test",
-        "task": "digits-mlp",
-        "data": {"batch_size": 32, "n_train": 256, "n_val": 128, "n_test": 128},
-        "model": {"width": 8, "depth": 1},
         "arms": [{"optimizer": "sgd"}, {"optimizer": "adam"}],
-        "search_space": {"lr": {"low": 0.01, "high": 0.5, "log": True}},
-        "budget": {"trials_per_arm": 3, "epochs": 2, "final_seeds": 1},
-        "sampler": "random",
-        "pruner": "none",
-        "resources": {"cpus_per_trial": 0.5, "max_concurrent_trials": 4, "device": "cpu"},
+        "budget": {"trials_per_arm": 3},
+        "resources": {"max_concurrent_trials": 4},
     }
-    for key, value in changes.items():
-        merge = isinstance(value, dict) and isinstance(data[key], dict)
-        data[key] = {**data[key], **value} if merge else value
-    return StudySpec.model_validate(data)
+    return digits_spec(base, **changes)
 
 
 def _max_overlap(trials: list[TrialRecord]) -> int:

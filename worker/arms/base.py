@@ -391,6 +391,35 @@ class ArmRun(ABC):
             return self.ask_final(self.final)
         return None
 
+    def assign(
+        self,
+        role: str,
+        trial: optuna.Trial,
+        config: Work,
+        params: dict[str, Any],
+        attrs: dict[str, Any],
+        *,
+        popped: bool,
+        num_gpus: float | None = None,
+    ) -> Assignment:
+        """The job for a trial Optuna just handed out (`popped`: an enqueued one): `attrs`
+        (with its `seed` and `attempt`; None values left out) recorded on the trial, the trial
+        counted as started."""
+        for key, value in attrs.items():
+            if value is not None:
+                trial.set_user_attr(key, value)
+        self.counts[role].start(popped)
+        return Assignment(
+            arm=self,
+            role=role,
+            trial=trial,
+            config=config,
+            params=params,
+            attempt=int(attrs["attempt"]),
+            seed=int(attrs["seed"]),
+            num_gpus=num_gpus,
+        )
+
     def record_report(self, a: Assignment, epoch: int, value: float) -> bool:
         """Store an epoch's objective; True when the pruner stops the trial."""
         a.trial.report(value, epoch)

@@ -272,8 +272,8 @@ class HypergradArmRun(ArmRun):
         """A final seed: the best meta-iteration's schedule, retrained on the trial's seed."""
         assert self.best is not None
         role = FINAL
-        best, spec, c = self.best, self.spec, self.counts[role]
-        popped = c.waiting > 0
+        best, spec = self.best, self.spec
+        popped = self.counts[role].waiting > 0
         trial = study.ask()
         params: dict[str, Any] = {}
         if "lr" in best.params:  # enqueued with the best trial's params: suggest returns it
@@ -291,9 +291,6 @@ class HypergradArmRun(ArmRun):
             "schedule_of": best.number,
             "schedule": schedule,
         }
-        for key, value in attrs.items():
-            if value is not None:
-                trial.set_user_attr(key, value)
         config = ScheduleConfig(
             task=spec.task,
             data=spec.data,
@@ -306,14 +303,4 @@ class HypergradArmRun(ArmRun):
             objective=spec.objective.metric,
             divergence_factor=spec.objective.divergence_factor,
         )
-        c.start(popped)
-        return Assignment(
-            arm=self,
-            role=role,
-            trial=trial,
-            config=config,
-            params=params,
-            attempt=attempt,
-            seed=seed,
-            num_gpus=0.0,
-        )
+        return self.assign(role, trial, config, params, attrs, popped=popped, num_gpus=0.0)

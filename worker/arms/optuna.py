@@ -363,34 +363,20 @@ class OptunaArmRun(ArmRun):
         )
 
     def _ask(self, role: str, study: optuna.Study) -> Assignment:
-        c = self.counts[role]
-        popped = c.waiting > 0  # Optuna hands out enqueued (waiting) trials first
+        popped = self.counts[role].waiting > 0  # Optuna hands out enqueued trials first
         trial = study.ask()
-        attrs = trial.user_attrs
         params = suggest(trial, self.space, self.scheme)
         hyperparameters = {**self.fixed, **params}
         lr = hyperparameters.get("lr", optim.SCHEMES[self.scheme].hyperparameter("lr").default)
-        seed = int(attrs.get("seed", self.spec.seed))
-        attempt = int(attrs.get("attempt", 1))
-        for key, value in {
+        seed = int(trial.user_attrs.get("seed", self.spec.seed))
+        attrs = {
             "arm": self.label,
             "scheme": self.scheme,
             "role": role,
             "lr": lr,
             "seed": seed,
-            "attempt": attempt,
-        }.items():
-            trial.set_user_attr(key, value)
-        if self.fixed:
-            trial.set_user_attr("fixed", dict(self.fixed))
+            "attempt": int(trial.user_attrs.get("attempt", 1)),
+            "fixed": dict(self.fixed) or None,
+        }
         config = self._config(role, hyperparameters, seed)
-        c.start(popped)
-        return Assignment(
-            arm=self,
-            role=role,
-            trial=trial,
-            config=config,
-            params=params,
-            attempt=attempt,
-            seed=seed,
-        )
+        return self.assign(role, trial, config, params, attrs, popped=popped)
