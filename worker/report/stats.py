@@ -30,7 +30,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import stats as _stats
 
 __all__ = [
     "MIN_SEEDS_TO_TELL",
@@ -104,6 +103,8 @@ def mean_interval(
     if data.size < 2:
         return Interval(mean, None, None, 1, None)
     std = float(data.std(ddof=1))
+    from scipy import stats as _stats  # here: importing SciPy costs a second or two
+
     half = float(_stats.t.ppf(0.5 + confidence / 2, data.size - 1)) * std / math.sqrt(data.size)
     low, high = _clip(mean - half, bounds), _clip(mean + half, bounds)
     return Interval(mean, low, high, int(data.size), std)
@@ -123,6 +124,8 @@ def _distinguishable(a: Sequence[float], b: Sequence[float], alpha: float) -> bo
         return False  # one seed cannot separate two arms
     if np.std(a, ddof=1) == 0 and np.std(b, ddof=1) == 0:
         return bool(np.mean(a) != np.mean(b))
+    from scipy import stats as _stats
+
     result = _stats.ttest_ind(a, b, equal_var=False)
     return bool(result.pvalue < alpha)
 
