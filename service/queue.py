@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -243,9 +244,12 @@ def claim_next(
     lease: timedelta,
     *,
     max_running_per_key: int | None = None,
+    driving: Collection[str] = (),
 ) -> StudyRecord | None:
     """Claim the oldest claimable study for `scheduler_id`, or return None; with
-    `max_running_per_key`, a key's queued studies wait while it runs that many."""
+    `max_running_per_key`, a key's queued studies wait while it runs that many. `driving`: the
+    studies the caller is driving now, never claimed again even when their lease ran out (a
+    database outage longer than the lease stops the renewals, not the drivers)."""
     now = utcnow()
     with engine.begin() as conn:
         candidate = conn.execute(
@@ -255,6 +259,7 @@ def claim_next(
                 StudyRecord.source == StudySource.API.value,  # `ratebench run` drives its own
                 StudyRecord.cancel_requested.is_(False),
                 _key_not_busy(now, max_running_per_key),
+                StudyRecord.id.not_in(list(driving)),
             )
             .order_by(StudyRecord.created_at)
             .limit(1)

@@ -207,6 +207,7 @@ class Scheduler:
             self.config.scheduler_id,
             self.config.lease,
             max_running_per_key=self.config.max_running_per_key,
+            driving=self.running,
         )
         if study is not None:
             log.info("running study %s (%s), attempt %d", study.id, study.name, study.attempts)
@@ -270,6 +271,9 @@ class Scheduler:
             except Exception as exc:  # a failed study is recorded, and the scheduler goes on
                 if is_unavailable(exc) and not driver.should_stop(self._stopping):
                     self._wait_for_database(study.id, exc)
+                    if self._lost(study.id, driver):  # another claimed it during the outage
+                        log.warning("study %s: lease lost during the outage; stopping", study.id)
+                        return
                     continue  # resume: finished trials are kept, interrupted ones re-run
                 if self._lost(study.id, driver):  # another scheduler's driver closed a trial
                     log.warning("study %s: lease lost to another scheduler, which runs it now "

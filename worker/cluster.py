@@ -22,7 +22,11 @@ longer than 60 s to register, and the raylet gives up on its agents after 30 s.
 environment variables read by each Ray process when its core library loads: the raylet, the GCS
 and the workers started later inherit them from this process, and this process's own wait (the
 driver's) sees them when they are exported before `ray` is first imported, which importing this
-module does (`export_start_timeout`). A value already set in those variables is kept.
+module does (`export_start_timeout`). A value already set in those variables is kept. One wait
+escapes them: `ray.init` itself gives a local node a fixed 30 s to register (Ray 2.60's
+`Node.__init__`), and fails with "The current node timed out during startup". When that
+happens and `RATEBENCH_RAY_START_TIMEOUT_S` leaves time for another try, `connect` shuts the
+half-started node down and starts it again.
 
 Worker priority: Ray lowers its worker processes' priority (`nice` 15, its setting
 `RAY_worker_niceness`) so that its own daemons stay responsive. On a machine that also runs other
@@ -41,7 +45,9 @@ commands print as it is. A local runtime needs no check: Ray writes a token for 
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +61,10 @@ __all__ = [
     "start_timeout_s",
 ]
 
+log = logging.getLogger(__name__)
+
 LOOPBACK = "127.0.0.1"
+_RAY_NODE_WAIT_S = 30  # what ray.init gives a local node to register; not a setting in Ray 2.60
 START_TIMEOUT_ENV = "RATEBENCH_RAY_START_TIMEOUT_S"
 # Ray's own settings that bound its start-up, with their units: the raylet's registration with
 # the GCS (the driver's wait), a worker process's registration with its raylet, and the raylet's
@@ -145,7 +154,19 @@ def connect(address: str | None, **options: Any) -> None:
         options["_node_ip_address"] = node_ip
     if node_ip in _LOOPBACK_NAMES:
         _keep_ray_on_loopback()
-    ray.init(address=address, include_dashboard=False, configure_logging=False, **options)
+    limit = start_timeout_s()
+    deadline = time.monotonic() + (limit or 0)
+    while True:
+        try:
+            ray.init(address=address, include_dashboard=False, configure_logging=False, **options)
+            return
+        except Exception as exc:  # Ray raises a bare Exception for a node that is slow to start
+            slow = "timed out during startup" in str(exc)
+            if not slow or address is not None or time.monotonic() + _RAY_NODE_WAIT_S > deadline:
+                raise
+            log.warning("Ray's local node did not register within Ray's fixed %d s (a busy "
+                        "machine); starting it again", _RAY_NODE_WAIT_S)  # fmt: skip
+            ray.shutdown()
 
 
 export_start_timeout()

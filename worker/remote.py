@@ -129,6 +129,8 @@ def trial_task(
 
 @ray.remote(max_retries=0)
 def _import_trial_code() -> int:
+    import torch._dynamo  # noqa: F401  (the first optimizer a process builds imports it: ~1 s)
+
     import worker.cohort_task  # noqa: F401  (and with it PyTorch, optim and the runner)
 
     return os.getpid()

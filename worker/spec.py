@@ -361,7 +361,10 @@ class Resources(Strict):
     gpus_per_trial: float = Field(0.0, ge=0, le=16, description="fractions pack trials on a GPU")
     max_concurrent_trials: int = Field(4, ge=1, le=MAX_CONCURRENT_TRIALS)
     max_retries: int = Field(2, ge=0, le=MAX_RETRIES, description="per failed trial")
-    trial_timeout_s: float | None = Field(None, gt=0, le=MAX_TRIAL_TIMEOUT_S)
+    trial_timeout_s: float | None = Field(
+        None, gt=0, le=MAX_TRIAL_TIMEOUT_S,
+        description="per trial; a cohort's task may take cohort size times as long",
+    )  # fmt: skip
     device: Literal["auto", "cpu", "cuda"] = "auto"
     fresh_process: bool | None = Field(
         None, description="one process per trial (default: when trials use GPUs)"

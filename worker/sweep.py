@@ -387,12 +387,13 @@ class _Driver:
             return
         now = time.monotonic()
         for ref, a in list(self.running.items()):
-            if now - a.started > limit:
+            allowed = limit * a.trials  # per trial: a cohort of K may take K times as long
+            if now - a.started > allowed:
                 ray.cancel(ref, force=True)
                 self._release(ref)
-                log.warning("trial %s timed out after %g s", a.key, limit,
+                log.warning("trial %s timed out after %g s", a.key, allowed,
                             extra={"trial_id": a.key})  # fmt: skip
-                a.record_failure(f"timed out after {limit:g} s")
+                a.record_failure(f"timed out after {allowed:g} s")
 
     def _interrupt(self, reason: str) -> None:
         if self.pending is not None:  # never started: re-run on resume, like the others

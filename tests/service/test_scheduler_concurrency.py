@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -41,11 +43,13 @@ class Sweeps:
         self.names: dict[str, str] = {}
         self.seats: dict[str, StudySlots] = {}
         self.done: dict[str, threading.Event] = {}
+        self.starts: Counter[str] = Counter()  # name → sweeps started for it
 
     def run_study(self, spec: Any, url: str, key: str, **options: Any) -> StudyResult:
         should_stop, slots = options["should_stop"], options["slots"]
         name = self.names[key]
         with self.lock:
+            self.starts[name] += 1
             self.active[key] = name
             self.most = max(self.most, len(self.active))
             self.seats[name] = slots
@@ -199,6 +203,40 @@ def test_an_error_after_another_scheduler_took_the_study_over_is_not_a_failure(
         assert status(engine, study_id)[:2] == (StudyStatus.FAILED.value, 1)
         assert scheduler.leases.losses == 0
         assert failed_logs
+
+
+def test_a_study_whose_renewals_fail_is_not_claimed_again_by_its_own_scheduler(
+    engine: sa.Engine, scheduler: Scheduler, sweeps: Sweeps, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database outage longer than the lease stops the renewals while the sweep goes on;
+    when the database answers again the lease has run out. The scheduler's own polling must
+    not claim the study a second time: two drivers of one study close each other's trials."""
+    with session_scope(engine) as session:
+        study_id = queue.submit(session, SPEC, name="s", task="t")[0].id
+    sweeps.names = {study_id: "s"}
+
+    def renewal_fails(*args: Any, **kwargs: Any) -> tuple[bool, bool]:
+        raise sa.exc.OperationalError("UPDATE ratebench_studies", {}, Exception("outage"))
+
+    claims: list[float] = []
+    real_claim = queue.claim_next
+
+    def counted_claim(*args: Any, **kwargs: Any) -> Any:
+        claims.append(time.monotonic())
+        return real_claim(*args, **kwargs)
+
+    monkeypatch.setattr(queue, "renew_lease", renewal_fails)
+    monkeypatch.setattr(queue, "claim_next", counted_claim)
+    scheduler.start_in_thread()
+    wait_for(lambda: sweeps.running() == {"s"}, 60, "the study to run", 0.05)
+    expired = time.monotonic() + scheduler.config.lease_seconds
+    wait_for(lambda: sum(t > expired + 0.5 for t in claims) >= 3, 60,
+             "three claims after the lease ran out", 0.05)  # fmt: skip
+    assert sweeps.starts["s"] == 1
+    state, attempts, owner = status(engine, study_id)
+    assert (state, attempts, owner) == ("running", 1, "one")
+    sweeps.finish("s")
+    wait_for(lambda: status(engine, study_id)[0] == "completed", 60, "the study recorded", 0.05)
 
 
 def test_max_running_studies_is_at_least_one() -> None:

@@ -72,7 +72,8 @@ def test_eight_concurrent_trials_with_one_database_writer(
 ) -> None:
     spec = _spec(
         arms=[{"optimizer": "sgd"}, {"optimizer": "adam"}],
-        budget={"trials_per_arm": 4, "epochs": 3, "steps_per_epoch": 400},  # a second or two each
+        # a few seconds each: long enough to overlap when a busy machine staggers their starts
+        budget={"trials_per_arm": 4, "epochs": 6, "steps_per_epoch": 400},
         resources={"cpus_per_trial": 0.25, "max_concurrent_trials": 8},
     )
     postgres = database_url.startswith("postgresql")

@@ -129,6 +129,12 @@ class Job(ABC):
         key, and for a cohort each member trial's key too (its reports go to that trial)."""
         return {self.key: self}
 
+    @property
+    def trials(self) -> int:
+        """How many trials the task trains: `resources.trial_timeout_s` is per trial, so a
+        cohort's task may take that many times as long."""
+        return 1
+
 
 @dataclass
 class Assignment(Job):

@@ -239,6 +239,10 @@ class CohortJob(Job):
     def routes(self) -> dict[str, Job]:
         return {self.key: self, **{m.key: m for m in self.members}}
 
+    @property
+    def trials(self) -> int:
+        return len(self.members)
+
     def record_start(
         self, pid: int, host: str, at: float, node: dict[str, Any] | None = None
     ) -> None:
