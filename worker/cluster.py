@@ -24,9 +24,13 @@ and the workers started later inherit them from this process, and this process's
 driver's) sees them when they are exported before `ray` is first imported, which importing this
 module does (`export_start_timeout`). A value already set in those variables is kept. One wait
 escapes them: `ray.init` itself gives a local node a fixed 30 s to register (Ray 2.60's
-`Node.__init__`), and fails with "The current node timed out during startup". When that
-happens and `RATEBENCH_RAY_START_TIMEOUT_S` leaves time for another try, `connect` shuts the
-half-started node down and starts it again.
+`Node.__init__`), and fails with "The current node timed out during startup"; so does a node
+whose raylet gave up on its agents (the raylet waits a fixed 15 s for the dashboard agent's
+ports, and a starved agent can take longer to import). When that happens and
+`RATEBENCH_RAY_START_TIMEOUT_S` is set, `connect` shuts the half-started node down and starts it
+again: while that timeout has not passed since `connect` began, and in any case up to
+`_START_ATTEMPTS` attempts in all (on a starved machine one failed attempt can outlast the
+timeout).
 
 Worker priority: Ray lowers its worker processes' priority (`nice` 15, its setting
 `RAY_worker_niceness`) so that its own daemons stay responsive. On a machine that also runs other
@@ -45,6 +49,7 @@ commands print as it is. A local runtime needs no check: Ray writes a token for 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -64,7 +69,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
-_RAY_NODE_WAIT_S = 30  # what ray.init gives a local node to register; not a setting in Ray 2.60
+_START_ATTEMPTS = 3  # starts of a local node always allowed when a start-up timeout is set
 START_TIMEOUT_ENV = "RATEBENCH_RAY_START_TIMEOUT_S"
 # Ray's own settings that bound its start-up, with their units: the raylet's registration with
 # the GCS (the driver's wait), a worker process's registration with its raylet, and the raylet's
@@ -156,16 +161,17 @@ def connect(address: str | None, **options: Any) -> None:
         _keep_ray_on_loopback()
     limit = start_timeout_s()
     deadline = time.monotonic() + (limit or 0)
-    while True:
+    for attempt in itertools.count(1):
         try:
             ray.init(address=address, include_dashboard=False, configure_logging=False, **options)
             return
         except Exception as exc:  # Ray raises a bare Exception for a node that is slow to start
             slow = "timed out during startup" in str(exc)
-            if not slow or address is not None or time.monotonic() + _RAY_NODE_WAIT_S > deadline:
+            again = limit is not None and (attempt < _START_ATTEMPTS or time.monotonic() < deadline)
+            if not slow or address is not None or not again:
                 raise
-            log.warning("Ray's local node did not register within Ray's fixed %d s (a busy "
-                        "machine); starting it again", _RAY_NODE_WAIT_S)  # fmt: skip
+            log.warning("Ray's local node did not register in time (a busy machine); starting "
+                        "it again (attempt %d)", attempt + 1)  # fmt: skip
             ray.shutdown()
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import httpx
 
+from worker import cluster
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -53,11 +55,12 @@ class ServiceProcess:
     def log(self) -> str:
         return self.log_path.read_text()[-4000:] if self.log_path.exists() else ""
 
-    def start(self, timeout: float = 240) -> dict[str, Any]:
+    def start(self, timeout: float | None = None) -> dict[str, Any]:
         """Start and wait until /health answers ok (Ray connected); returns the health body.
 
-        The deadline exceeds the Ray start-up timeout the tests set (tests/conftest.py): on a
-        loaded machine a start is slow, not failed; an idle one answers in seconds."""
+        The default deadline covers a Ray runtime of the service's own (`ray_start_deadline_s`):
+        on a loaded machine a start is slow, not failed; an idle one answers in seconds."""
+        timeout = ray_start_deadline_s() if timeout is None else timeout
         self.starts += 1
         with self.log_path.open("w") as log:
             self.proc = subprocess.Popen(
@@ -86,6 +89,13 @@ class ServiceProcess:
         assert self.proc is not None
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=30)
+
+
+def ray_start_deadline_s() -> float:
+    """How long to wait for a process that starts a Ray runtime of its own: `cluster.connect`
+    starts Ray again after Ray's fixed node waits run out, for at least three attempts and while
+    the start-up timeout the tests set (tests/conftest.py) lasts."""
+    return 3.0 * (cluster.start_timeout_s() or 60) + 60
 
 
 def embedded_service(data_dir: Path, ray_address: str | None = None) -> Iterator[ServiceProcess]:

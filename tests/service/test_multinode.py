@@ -95,12 +95,27 @@ def _cmdline(pid: int) -> list[str]:
 
 @dataclass
 class RayNode:
-    """One `ray start --block` process and the Ray processes under it."""
+    """One `ray start --block` process and the Ray processes it started."""
 
     name: str
     temp_dir: Path
     proc: subprocess.Popen[bytes]
     log: Path
+
+    def up(self) -> bool:
+        """`ray start` printed that the runtime started: the node registered with the GCS."""
+        return "Ray runtime started." in self.log.read_text(errors="replace")
+
+    def processes(self) -> list[int]:
+        """The node's processes: descendants of `ray start`, and any process whose command line
+        names this node's temp dir (a Ray process whose `ray start` already exited)."""
+        found = set(_descendants(self.proc.pid))
+        marker = str(self.temp_dir)
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and any(marker in arg for arg in _cmdline(int(entry.name))):
+                found.add(int(entry.name))
+        found.discard(os.getpid())
+        return sorted(found)
 
     def raylet(self) -> tuple[int, str] | None:
         """The raylet's process id and its node id (hex) once it runs."""
@@ -113,10 +128,9 @@ class RayNode:
         return None
 
     def kill(self) -> None:
-        """SIGKILL the node's processes: the `ray start` process, its group, and every
-        descendant (Ray's worker processes sit in groups of their own)."""
-        pids = _descendants(self.proc.pid)
-        for pid in pids:
+        """SIGKILL the node's processes: the `ray start` process, its group, and every other
+        process of the node (Ray's worker processes sit in groups of their own)."""
+        for pid in self.processes():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError):
@@ -126,31 +140,65 @@ class RayNode:
 
 @dataclass
 class TwoNodes:
-    address: str
+    root: Path
     env: dict[str, str]  # the token every process of this cluster needs
+    address: str = ""  # the head's GCS, once it runs
     nodes: dict[str, RayNode] = field(default_factory=dict)
 
     def logs(self) -> str:
         return "\n".join(f"--- {n.name}:\n{n.log.read_text()[-1500:]}" for n in self.nodes.values())
 
 
-def _start(
-    cluster: TwoNodes, name: str, root: Path, ports: list[int], *args: str, loopback_only: bool
-) -> None:
-    temp_dir = root / name
-    log = root / f"{name}.log"
+def _launch(cluster: TwoNodes, name: str, *args: str, loopback_only: bool) -> RayNode:
+    """One `ray start` with free ports and a temp dir of its own."""
+    temp_dir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=cluster.root))
+    ports = _free_ports(len(_PORTS))
+    log = temp_dir.with_suffix(".log")
     env = {**cluster.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0" if loopback_only else "1"}
     command = [
         sys.executable, "-c", _RAY_CLI, "start", "--block", "--node-ip-address=127.0.0.1",
         "--num-cpus=1", "--num-gpus=0", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-        *(f"--{option}={port}" for option, port in zip(_PORTS, ports, strict=True)),
-        *args,
+        *(f"--{option}={port}" for option, port in zip(_PORTS, ports, strict=True)), *args,
     ]  # fmt: skip
     with log.open("w") as out:
         proc = subprocess.Popen(
-            command, env=env, stdout=out, stderr=out, start_new_session=True, cwd=root
+            command, env=env, stdout=out, stderr=out, start_new_session=True, cwd=cluster.root
         )
-    cluster.nodes[name] = RayNode(name, temp_dir, proc, log)
+    node = RayNode(name, temp_dir, proc, log)
+    cluster.nodes[name] = node
+    return node
+
+
+def _start(cluster: TwoNodes, name: str, *, head: bool) -> None:
+    """Start a node and wait until `ray start` reports it up.
+
+    `ray start` gives its node Ray's fixed 30 s to register with the GCS (not a setting in Ray
+    2.60) and exits when a loaded machine takes longer; such a start is slow, not failed, so
+    it is started again, on fresh ports, until `_START_S` has passed."""
+    deadline = time.monotonic() + _START_S
+    while True:
+        if head:
+            gcs, dashboard, client = _free_ports(3)
+            cluster.address = f"127.0.0.1:{gcs}"
+            args = [
+                "--head", f"--port={gcs}", "--include-dashboard=false",
+                f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
+            ]  # fmt: skip
+        else:
+            args = [f"--address={cluster.address}"]
+        node = _launch(cluster, name, *args, loopback_only=head)
+        wait_for(
+            lambda node=node: node.up() or node.proc.poll() is not None,
+            max(1.0, deadline - time.monotonic()),
+            f"Ray node {name} to start",
+        )
+        if node.proc.poll() is None:
+            return
+        node.kill()
+        slow = "timed out during startup" in node.log.read_text(errors="replace")
+        if not slow or time.monotonic() > deadline:
+            raise AssertionError(f"Ray node {name} did not start:\n{cluster.logs()}")
+        print(f"Ray node {name} did not register within Ray's 30 s; starting it again")
 
 
 def _free_ports(n: int) -> list[int]:
@@ -166,21 +214,11 @@ def _free_ports(n: int) -> list[int]:
             sock.close()
 
 
-def _gcs_answers(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except OSError:
-        return False
-    return True
-
-
 @pytest.fixture
 def two_nodes() -> Iterator[TwoNodes]:
     # A short root: Ray's socket paths under it must stay within the 107 bytes of a Unix
     # socket name.
     root = Path(tempfile.mkdtemp(prefix="rb-ray-", dir="/tmp"))
-    # every port of both nodes chosen at once: distinct, and none taken by the head meanwhile
-    port, dashboard, client, *ports = _free_ports(3 + 2 * len(_PORTS))
     env = {
         **os.environ,
         "RAY_AUTH_MODE": "token",
@@ -191,25 +229,10 @@ def two_nodes() -> Iterator[TwoNodes]:
     }
     for name in ("RAY_ADDRESS", "RATEBENCH_RAY_ADDRESS"):
         env.pop(name, None)
-    cluster = TwoNodes(f"127.0.0.1:{port}", env)
+    cluster = TwoNodes(root, env)
     try:
-        _start(
-            cluster, "head", root, ports[: len(_PORTS)], "--head", f"--port={port}",
-            "--include-dashboard=false", f"--dashboard-port={dashboard}",
-            f"--ray-client-server-port={client}",
-            loopback_only=True,
-        )  # fmt: skip
-        head = cluster.nodes["head"]
-        wait_for(
-            lambda: _gcs_answers(port) or head.proc.poll() is not None,
-            _START_S,
-            "the Ray head's GCS",
-        )
-        assert head.proc.poll() is None, cluster.logs()
-        _start(
-            cluster, "node2", root, ports[len(_PORTS) :], f"--address={cluster.address}",
-            loopback_only=False,
-        )  # fmt: skip
+        _start(cluster, "head", head=True)
+        _start(cluster, "node2", head=False)
         yield cluster
     finally:
         for node in reversed(cluster.nodes.values()):
@@ -238,11 +261,12 @@ def _node_id(trial: dict[str, Any]) -> str | None:
     return node.get("ray_node_id")
 
 
+@pytest.mark.timeout(1500)  # two `ray start`s and a service, each retried on a loaded machine
 def test_trials_spread_over_two_nodes_and_survive_losing_one(
     two_nodes: TwoNodes, service: ServiceProcess
 ) -> None:
     started = time.monotonic()
-    health = service.start(timeout=_START_S)
+    health = service.start()
     assert health["ray"]["state"] == "connected"
     wait_for(
         lambda: get(service, "/health")["ray"]["resources"].get("CPU") == 2.0,

@@ -32,6 +32,7 @@ def test_cli_help_lists_the_commands() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # a runtime of its own: Ray's start may be retried on a loaded machine
 def test_serve_starts_with_embedded_defaults_and_stops_on_sigterm(
     embedded: ServiceProcess,
 ) -> None:

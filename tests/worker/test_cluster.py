@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,73 @@ def test_an_explicit_ray_setting_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     assert os.environ[raylet] == "45"
     assert os.environ[worker] == "200"
     assert os.environ[agent] == "200000"  # Ray reads milliseconds
+
+
+_SLOW_NODE = (
+    "The current node timed out during startup. This could happen because some of the Ray "
+    "processes failed to startup."
+)
+
+
+@pytest.fixture
+def fake_slow_ray(monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], list[float]]:
+    """`ray.init` replaced by one that fails as Ray 2.60's does when a local node misses Ray's
+    fixed 30 s registration wait, for as many calls as `delays` has entries (each first waits
+    that long). The only stand-in in these tests: that wait cannot be made to run out on demand.
+    Returns the calls seen and the delays to fill in."""
+    import ray
+    from ray._private import ray_constants
+
+    calls: list[str] = []
+    delays: list[float] = []
+
+    def init(**options: object) -> None:
+        calls.append("init")
+        if len(calls) <= 2 * len(delays):  # an init and a shutdown per failed attempt
+            time.sleep(delays[len(calls) // 2])  # stands for the time a failed start takes
+            raise Exception(_SLOW_NODE)  # what Ray raises
+
+    for name in ("RAY_ADDRESS", "RAY_worker_niceness", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
+        monkeypatch.setenv(name, "restored afterwards")
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", ray_constants.ENABLE_RAY_CLUSTER)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
+    return calls, delays
+
+
+def test_a_local_node_slow_to_register_is_started_again_while_the_timeout_lasts(
+    fake_slow_ray: tuple[list[str], list[float]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls, delays = fake_slow_ray
+    delays.extend([0.0] * 4)  # more failures than the attempts always allowed
+    monkeypatch.setenv(cluster.START_TIMEOUT_ENV, "60")
+    cluster.connect(None)
+    assert calls == ["init", "shutdown"] * 4 + ["init"]
+
+
+def test_after_the_timeout_a_start_is_final_once_three_have_failed(
+    fake_slow_ray: tuple[list[str], list[float]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls, delays = fake_slow_ray
+    # a first start that outlasts the timeout still gets two more; the third failure is final
+    delays.extend([1.2, 0.0, 0.0, 0.0])
+    monkeypatch.setenv(cluster.START_TIMEOUT_ENV, "1")
+    with pytest.raises(Exception, match="timed out during startup"):
+        cluster.connect(None)
+    assert calls == ["init", "shutdown", "init", "shutdown", "init"]
+
+
+def test_without_the_setting_a_slow_start_is_not_retried(
+    fake_slow_ray: tuple[list[str], list[float]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls, delays = fake_slow_ray
+    delays.append(0.0)
+    monkeypatch.delenv(cluster.START_TIMEOUT_ENV, raising=False)
+    with pytest.raises(Exception, match="timed out during startup"):
+        cluster.connect(None)
+    assert calls == ["init"]
 
 
 @pytest.fixture
