@@ -1,11 +1,12 @@
 """Wall time of one learning-rate sweep through ratebench, plain Optuna and Ray Tune.
 
-Four runners do the same work with the same training code, `worker.runner.run_trial` on a
-`worker.runner.TrialConfig` (what every ratebench trial runs): task `mnist1d-mlp` with the
-model and batch size of `examples/mnist1d-mlp-lr.json` (width 256, depth 2, batch 100), SGD
-with momentum 0.9, a grid of `--rates` learning rates log-spaced from 1e-3 to 1, `--epochs`
-epochs each, two trials at a time on one CPU each (`--device cuda`: half a GPU each), no
-pruning, the objective the last epoch's validation accuracy (a diverged trial counts 0):
+Four runners do the same work with the same training code (a fifth measures Ray's own floor),
+`worker.runner.run_trial` on a `worker.runner.TrialConfig` (what every ratebench trial runs):
+task `mnist1d-mlp` with the model and batch size of `examples/mnist1d-mlp-lr.json` (width 256,
+depth 2, batch 100), SGD with momentum 0.9, a grid of `--rates` learning rates log-spaced from
+1e-3 to 1, `--epochs` epochs each, two trials at a time on one CPU each (`--device cuda`: half
+a GPU each), no pruning, the objective the last epoch's validation accuracy (a diverged trial
+counts 0):
 
 - `ratebench`: `ratebench run SPEC --database sqlite:///<fresh file> --json` with
   `sampler: grid`, `resources.cohort_size: "auto"` (the default: trials batched into cohorts);
@@ -15,7 +16,11 @@ pruning, the objective the last epoch's validation accuracy (a diverged trial co
   the one core a trial gets elsewhere, where Ray sets `OMP_NUM_THREADS=1`);
 - `ray-tune`: a `Tuner` with `tune.grid_search` over the rates, `max_concurrent_trials=2`,
   each trial calling `run_trial` (resources `{"cpu": 1}`, `--device cuda`: `"gpu": 0.5`), Ray
-  on 127.0.0.1, results under a temporary `storage_path`.
+  on 127.0.0.1, results under a temporary `storage_path`;
+- `ray-floor`: no sweep at all, only the fixed cost any runner built on Ray pays before its
+  first trial: a local runtime started as `ratebench run` starts it (`worker.cluster.connect`),
+  two workers that import the trial code (torch), and Ray's shutdown. Its ratio to `optuna`
+  is the least a Ray-based runner can reach on this workload from a fresh process.
 
 The rates are ratebench's own grid points (`worker.arms.sampling.grid_values`, which spaces
 `trials_per_arm` points evenly on the log scale) and are fed to the peers as they are; every
@@ -39,7 +44,8 @@ that build their models at once can interleave their draws of initial weights (s
 `torch.manual_seed`), and its accuracies can differ from run to run.
 
 Usage: python bench/sweep_wall.py [--rates 12 32] [--epochs 10] [--rounds 3]
-[--device cpu|cuda] [--runners ratebench ratebench-no-cohorts optuna ray-tune] [--out FILE]
+[--device cpu|cuda] [--runners ratebench ratebench-no-cohorts optuna ray-tune ray-floor]
+[--out FILE]
 Needs Ray Tune for `ray-tune` (`pip install -e '.[bench]'`). Prints a table and one JSON object
 (also written to --out) and exits 0, or 1 when some run failed (its error is in the JSON).
 """
@@ -63,7 +69,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNNERS = ("ratebench", "ratebench-no-cohorts", "optuna", "ray-tune")
+RUNNERS = ("ratebench", "ratebench-no-cohorts", "optuna", "ray-tune", "ray-floor")
 BASELINE = "optuna"
 CHILD_FLAG = "--child"
 RESULT_MARK = "SWEEP_WALL_RESULT "
@@ -263,11 +269,35 @@ def _run_ray_tune(workload: dict[str, Any], storage: Path) -> dict[str, Any]:
     }
 
 
+def _run_ray_floor() -> dict[str, Any]:
+    """Ray's fixed cost and nothing else: a local runtime joined as `ratebench run` joins it,
+    `CONCURRENT` workers importing the trial code (each trial's first cost), then shutdown."""
+    import ray
+
+    from worker import cluster
+
+    cluster.connect(None)
+    try:
+
+        @ray.remote(num_cpus=1)
+        def import_trial_code() -> int:
+            import worker.runner  # noqa: F401  torch and everything a trial runs
+
+            return os.getpid()
+
+        pids = ray.get([import_trial_code.remote() for _ in range(CONCURRENT)])
+    finally:
+        ray.shutdown()
+    return {"workers": len(set(pids))}
+
+
 def _child_main(runner: str, workdir: Path) -> int:
     """A peer's whole sweep in this process; its summary goes to stdout after RESULT_MARK."""
     workload = json.loads((workdir / "workload.json").read_text())
     if runner == "optuna":
         summary = _run_optuna(workload)
+    elif runner == "ray-floor":
+        summary = _run_ray_floor()
     else:
         summary = _run_ray_tune(workload, workdir / "tune")
     print(RESULT_MARK + json.dumps(summary), flush=True)
@@ -373,8 +403,18 @@ def _run_once(runner: str, workload: dict[str, Any]) -> dict[str, Any]:
         except Exception as exc:
             tail = (workdir / "stderr").read_text()[-1500:]
             return {"wall_s": None, "error": f"{runner}: {exc}; stderr tail: {tail}"}
-    record["rates_match"] = record.pop("tried_rates") == sorted(workload["rates"])
+    if "tried_rates" in record:  # every runner but the floor, which runs no sweep
+        record["rates_match"] = record.pop("tried_rates") == sorted(workload["rates"])
     return record
+
+
+_FOUND = (
+    "best_lr",
+    "best_val_accuracy",
+    "final_val_accuracy",
+    "final_test_accuracy",
+    "n_diverged",
+)
 
 
 def _summarise(workload: dict[str, Any], runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -384,12 +424,11 @@ def _summarise(workload: dict[str, Any], runs: dict[str, list[dict[str, Any]]]) 
         runners[name] = {
             "median_s": round(statistics.median(r["wall_s"] for r in ok), 1) if ok else None,
             "wall_s": [r.get("wall_s") for r in records],
-            "best_lr": sorted({r["best_lr"] for r in ok}),
-            "best_val_accuracy": sorted({r["best_val_accuracy"] for r in ok}),
-            "final_val_accuracy": sorted({r["final_val_accuracy"] for r in ok}),
-            "final_test_accuracy": sorted({r["final_test_accuracy"] for r in ok}),
-            "n_diverged": sorted({r["n_diverged"] for r in ok}),
-            "rates_match": all(r["rates_match"] for r in ok),
+            **{
+                field: sorted({r[field] for r in ok if field in r})
+                for field in _FOUND  # none for the floor, which runs no sweep
+            },
+            "rates_match": all(r.get("rates_match", True) for r in ok),
             "leftover_processes": sum(r["leftover_processes"] for r in ok),
             "errors": [r["error"] for r in records if "error" in r],
         }
