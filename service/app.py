@@ -36,6 +36,7 @@ from service.metrics import AppMetrics, LeaseCounters, RequestMetrics
 from service.ray_runtime import RayRuntime
 from service.scheduler import Scheduler, SchedulerConfig
 from service.web import pages
+from worker.spec import warm_up_checks
 
 __all__ = ["RETRY_AFTER_SECONDS", "create_app"]
 
@@ -76,6 +77,7 @@ def create_app(settings: Settings | None = None, *, start_ray: bool = True) -> F
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         migrate(url)
+        warm_up_checks()  # the first submit then answers in milliseconds, not seconds
         set_up_limiters(app, settings)
         app.state.ray.start()  # on the main thread: Ray must not be initialised elsewhere
         scheduler = None

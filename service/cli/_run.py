@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from service.cli._common import CliError, SubParsers, add_database_option, database_url
 from service.cli._tables import arm_table
@@ -133,28 +133,50 @@ def _run_recorded(
     import os
     import socket
 
-    from service import queue
-    from service.db import get_engine, migrate
+    from worker import cluster
+
+    cluster.check_auth(ray_address)  # a missing Ray token fails here, before the study is claimed
+
+    def claim() -> tuple[Any, Any, Any]:
+        """The database migrated and the study claimed, with what the sweep imports."""
+        from service import queue
+        from service.db import get_engine, migrate
+        from service.scheduler import SchedulerConfig
+
+        migrate(url)
+        engine = get_engine(url)
+        config = SchedulerConfig(
+            storage_url=url,
+            ray_address=ray_address,
+            scheduler_id=f"cli:{socket.gethostname()}:{os.getpid()}",
+        )
+        try:
+            study = queue.start_local(
+                engine, key, config.scheduler_id, config.lease, spec.model_dump(mode="json"),
+                name=spec.name, task=spec.task,
+            )  # fmt: skip
+        except queue.StudyBusyError as exc:
+            raise CliError(str(exc)) from None
+        import worker.sweep  # noqa: F401  Optuna, PyTorch: imported here, while Ray starts
+
+        return engine, config, study
+
+    def ray_failed(claimed: tuple[Any, Any, Any], exc: BaseException) -> None:
+        """Ray did not start: the claimed study fails with Ray's error, as a sweep's would."""
+        from service import queue
+        from service.db import session_scope
+        from service.models import StudyStatus
+
+        engine, config, _ = claimed
+        with session_scope(engine) as session:
+            error = f"{type(exc).__name__}: {exc}"
+            queue.finish(session, key, config.scheduler_id, StudyStatus.FAILED, error=error)
+
+    engine, config, study = _while_ray_starts(ray_address, claim, ray_failed)
     from service.models import StudyStatus
-    from service.scheduler import Scheduler, SchedulerConfig, StudyDriver, final_status
-    from worker.cluster import check_auth
+    from service.scheduler import Scheduler, StudyDriver, final_status
     from worker.sweep import TakenOverError, run_study
 
-    check_auth(ray_address)  # a missing Ray token fails here, before the study is claimed
-    migrate(url)
-    engine = get_engine(url)
-    config = SchedulerConfig(
-        storage_url=url,
-        ray_address=ray_address,
-        scheduler_id=f"cli:{socket.gethostname()}:{os.getpid()}",
-    )
-    try:
-        study = queue.start_local(
-            engine, key, config.scheduler_id, config.lease, spec.model_dump(mode="json"),
-            name=spec.name, task=spec.task,
-        )  # fmt: skip
-    except queue.StudyBusyError as exc:
-        raise CliError(str(exc)) from None
     recorder = Scheduler(engine, config)  # not started: only its way of recording an end
     with StudyDriver(engine, key, config) as driver, _progress_bar(err) as bar:
 
@@ -184,6 +206,37 @@ def _run_recorded(
     return result, status.value, error
 
 
+def _while_ray_starts(
+    ray_address: str | None,
+    work: Callable[[], _T],
+    ray_failed: Callable[[_T, BaseException], None],
+) -> _T:
+    """`work()` on another thread while this one joins Ray, which must happen on the main thread
+    (`service.ray_runtime`) and mostly waits for Ray's own processes; then Ray's idle workers
+    import the trial code (`worker.remote.warm_workers`) while the sweep opens its arms. Ray's
+    start, the imports, the migrations and the claim are most of what `ratebench run` does
+    before its first trial, and need not wait for one another. When Ray fails to start after
+    `work()` succeeded, `ray_failed(its result, the error)` runs, then a CliError says why."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from worker import cluster
+
+    with ThreadPoolExecutor(1, thread_name_prefix="claim") as pool:
+        done = pool.submit(work)
+        try:
+            cluster.connect(ray_address, log_to_driver=False)
+        except Exception as exc:  # Ray raises many types; the user gets one line
+            if done.exception() is None:  # waits for work(); its own error is shadowed by Ray's
+                ray_failed(done.result(), exc)
+            where = f"join Ray at {ray_address}" if ray_address else "start a local Ray runtime"
+            raise CliError(f"could not {where}: {type(exc).__name__}: {exc}") from None
+        from worker.remote import warm_workers
+
+        warm_workers()  # nobody waits for them: the first trials find the imports done
+        return done.result()
+
+
+_T = TypeVar("_T")
 _TAKEN_OVER = "study {key}: another process took it over; its results are theirs"
 _INTERRUPTED = "interrupted before it finished; run the same spec again to resume it"
 

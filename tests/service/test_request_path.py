@@ -122,3 +122,32 @@ def test_timestamps_carry_an_offset_on_both_databases(database_url: str, tmp_pat
         )
         trial = client.get(f"/api/v1/studies/{study_id}/trials").json()["items"][0]
         assert _aware(trial["datetime_start"]) and _aware(trial["datetime_complete"]), trial
+
+
+_STARTUP_PROBE = """
+import sys
+from fastapi.testclient import TestClient
+from service.app import create_app
+from service.config import Settings
+warm = ("torch._dynamo", "worker.spec_checks")
+app = create_app(Settings(database_url=sys.argv[1], data_dir=sys.argv[2]), start_ray=False)
+before = [name for name in warm if name in sys.modules]
+with TestClient(app):
+    after = [name for name in warm if name in sys.modules]
+print(before, after)
+"""
+
+
+def test_the_submit_checks_are_imported_before_the_service_serves(tmp_path: Path) -> None:
+    """A service's first submit used to import the spec checks and PyTorch's optimizer machinery
+    (1.6 s idle), with every concurrent submit waiting on those imports; on a loaded machine
+    200 clients then timed out. The lifespan does it before serving (`warm_up_checks`)."""
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'probe.db'}"
+    out = subprocess.run(
+        [sys.executable, "-c", _STARTUP_PROBE, url, str(tmp_path)],
+        capture_output=True, text=True, timeout=300, check=True,
+    ).stdout  # fmt: skip
+    assert out.strip() == "[] ['torch._dynamo', 'worker.spec_checks']", out

@@ -50,3 +50,33 @@ def test_malformed_json_and_missing_files_exit_2(
 
 
 # A real run, its table and its resumption: tests/service/test_run_record.py.
+
+
+def test_a_ray_that_fails_to_start_fails_the_claimed_study_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ray starts while the study is claimed (`_while_ray_starts`): when Ray fails, the claimed
+    row must not stay "running" under a lease nobody renews; it fails with Ray's error, and the
+    user reads one line. Ray's failure is the stand-in here: a start that fails on demand and
+    at once cannot be had from Ray (joining an address where nothing listens retries for
+    minutes)."""
+    import sqlalchemy as sa
+
+    from worker import cluster
+
+    def failing_connect(address: str | None, **options: object) -> None:
+        raise RuntimeError("The current node timed out during startup.")
+
+    monkeypatch.setattr(cluster, "connect", failing_connect)
+    monkeypatch.setenv("RATEBENCH_DATA_DIR", str(tmp_path / "data"))
+    database = f"sqlite:///{tmp_path / 'run.db'}"
+    spec = str(_write(tmp_path, TINY))
+    assert main(["run", spec, "--database", database, "--study-key", "k"]) == 2
+    err = capsys.readouterr().err
+    assert "could not start a local Ray runtime: RuntimeError: The current node" in err, err
+    assert "Traceback" not in err
+    with sa.create_engine(database).connect() as db:
+        status, error = db.execute(
+            sa.text("SELECT status, error FROM ratebench_studies WHERE id = 'k'")
+        ).one()
+    assert (status, error) == ("failed", "RuntimeError: The current node timed out during startup.")

@@ -92,8 +92,10 @@ def test_eight_concurrent_trials_with_one_database_writer(
     trials = load_trials(database_url, "conc", spec)
     assert len(_sweep(trials)) == 8 and len(trials) == 10
     assert {t.state for t in trials} == {"COMPLETE"}, [t.user_attrs.get("error") for t in trials]
-    # The tasks really ran side by side (all 8 at once unless Ray's worker start-up staggers them).
-    assert _max_overlap(_sweep(trials)) >= 4
+    # The tasks really ran side by side: all 8 at once on an idle machine; on a busy one Ray
+    # starts worker processes two at a time (one per CPU), so a trial may end before the last
+    # one starts (3 at once was seen next to two busy loops). One at a time would be the fault.
+    assert _max_overlap(_sweep(trials)) >= 2
     assert [r.n_seeds for r in result.arms] == [1, 1]
     if postgres:
         assert 0 < max(connections) <= POOL_SIZE + MAX_OVERFLOW
