@@ -320,14 +320,15 @@ class Scheduler:
         self,
         study_id: str,
         status: StudyStatus,
-        driver: StudyDriver,
+        driver: StudyDriver | None,
         *,
         exc: Exception | None = None,
         error: str | None = None,
         store: tuple[StudyRecord, Any, list[Any]] | None = None,
     ) -> None:
         """One transaction: the final status (and the leaderboard rows), so a retry after a
-        lost connection writes everything or nothing."""
+        lost connection writes everything or nothing. `driver` None: a study that ended before
+        its driver began (no progress to keep)."""
         if exc is not None:  # readers see it: no server path outside the data roots
             from worker.tasks import DataRoots, redact_paths
 
@@ -335,7 +336,7 @@ class Scheduler:
         with session_scope(self.engine) as session:
             finished = queue.finish(
                 session, study_id, self.config.scheduler_id, status,
-                error=error, progress=driver.progress,
+                error=error, progress=None if driver is None else driver.progress,
             )  # fmt: skip
             if finished and store is not None:
                 _store_arm_results(session, *store)

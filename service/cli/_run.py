@@ -161,16 +161,13 @@ def _run_recorded(
 
         return engine, config, study
 
-    def ray_failed(claimed: tuple[Any, Any, Any], exc: BaseException) -> None:
+    def ray_failed(claimed: tuple[Any, Any, Any], exc: Exception) -> None:
         """Ray did not start: the claimed study fails with Ray's error, as a sweep's would."""
-        from service import queue
-        from service.db import session_scope
         from service.models import StudyStatus
+        from service.scheduler import Scheduler
 
         engine, config, _ = claimed
-        with session_scope(engine) as session:
-            error = f"{type(exc).__name__}: {exc}"
-            queue.finish(session, key, config.scheduler_id, StudyStatus.FAILED, error=error)
+        Scheduler(engine, config).finish_study(key, StudyStatus.FAILED, None, exc=exc)
 
     engine, config, study = _while_ray_starts(ray_address, claim, ray_failed)
     from service.models import StudyStatus
@@ -209,7 +206,7 @@ def _run_recorded(
 def _while_ray_starts(
     ray_address: str | None,
     work: Callable[[], _T],
-    ray_failed: Callable[[_T, BaseException], None],
+    ray_failed: Callable[[_T, Exception], None],
 ) -> _T:
     """`work()` on another thread while this one joins Ray, which must happen on the main thread
     (`service.ray_runtime`) and mostly waits for Ray's own processes; then Ray's idle workers

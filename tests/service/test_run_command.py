@@ -52,31 +52,31 @@ def test_malformed_json_and_missing_files_exit_2(
 # A real run, its table and its resumption: tests/service/test_run_record.py.
 
 
-def test_a_ray_that_fails_to_start_fails_the_claimed_study_in_one_line(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_a_ray_that_cannot_be_joined_fails_the_claimed_study_in_one_line(tmp_path: Path) -> None:
     """Ray starts while the study is claimed (`_while_ray_starts`): when Ray fails, the claimed
     row must not stay "running" under a lease nobody renews; it fails with Ray's error, and the
-    user reads one line. Ray's failure is the stand-in here: a start that fails on demand and
-    at once cannot be had from Ray (joining an address where nothing listens retries for
-    minutes)."""
+    user reads one line. Ray refuses an address whose port is not a number at once; one where
+    nothing listens would do too, but Ray retries it for minutes. A process of its own: this
+    one may already have joined the session's Ray runtime."""
+    import os
+    import subprocess
+    import sys
+
     import sqlalchemy as sa
 
-    from worker import cluster
-
-    def failing_connect(address: str | None, **options: object) -> None:
-        raise RuntimeError("The current node timed out during startup.")
-
-    monkeypatch.setattr(cluster, "connect", failing_connect)
-    monkeypatch.setenv("RATEBENCH_DATA_DIR", str(tmp_path / "data"))
     database = f"sqlite:///{tmp_path / 'run.db'}"
-    spec = str(_write(tmp_path, TINY))
-    assert main(["run", spec, "--database", database, "--study-key", "k"]) == 2
-    err = capsys.readouterr().err
-    assert "could not start a local Ray runtime: RuntimeError: The current node" in err, err
-    assert "Traceback" not in err
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RATEBENCH_RAY_ADDRESS")}
+    env["RATEBENCH_DATA_DIR"] = str(tmp_path / "data")
+    args = ["run", str(_write(tmp_path, TINY)), "--database", database, "--study-key", "k"]
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", *args, "--ray-address", "127.0.0.1:noport"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "could not join Ray at 127.0.0.1:noport: ValueError: " in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
     with sa.create_engine(database).connect() as db:
         status, error = db.execute(
             sa.text("SELECT status, error FROM ratebench_studies WHERE id = 'k'")
         ).one()
-    assert (status, error) == ("failed", "RuntimeError: The current node timed out during startup.")
+    assert status == "failed" and error.startswith("ValueError: Unable to parse port"), error
