@@ -6,7 +6,8 @@ used directly: `BackMatching` (`bmp`), `BackMatchingExact` (`bmp_exact`), `LARS`
 `Residual` is the residual block that back-matching understands. `TransformedBlock` and
 `transformed_mlp` build networks of transformed tanh units with linear shortcuts (any scheme
 trains them; `update_transformations(model)` re-centres their units); `optim.hypergrad` learns
-learning-rate schedules by reversible training.
+learning-rate schedules by reversible training; `Schedule` is the fixed schedules' multiplier
+of `lr` (constant, cosine, linear, step, with a linear warm-up), for `LambdaLR`.
 
 A scheme that refuses a hyperparameter raises `HyperparameterError` (its `scheme`, `name` and
 `detail` say what and why), one that cannot train a model `UnsupportedModelError`; both are
@@ -19,6 +20,7 @@ from optim.lamb import LAMB
 from optim.lars import LARS
 from optim.registry import SCHEMES, Hyperparameter, Scheme, build, scheme, validate
 from optim.residual import Residual
+from optim.schedules import SCHEDULES, Schedule
 from optim.transformed import (
     TransformationScheduler,
     TransformedBlock,
@@ -31,12 +33,14 @@ from optim.transformed import (
 __all__ = [
     "LAMB",
     "LARS",
+    "SCHEDULES",
     "SCHEMES",
     "BackMatching",
     "BackMatchingExact",
     "Hyperparameter",
     "HyperparameterError",
     "Residual",
+    "Schedule",
     "Scheme",
     "TransformationScheduler",
     "TransformedBlock",

@@ -8,7 +8,11 @@ dimensions) and reproduce the single-model optimizers slice by slice:
 
 - `sgd`, `adam`, `adamw`: `torch.optim.SGD`, `Adam`, `AdamW` (single-tensor path, no AMSGrad,
   no dampening);
-- `lars`, `lamb`: `optim.LARS`, `optim.LAMB`, trust ratios per member and per tensor.
+- `lars`, `lamb`: `optim.LARS`, `optim.LAMB`, trust ratios per member and per tensor;
+- `bmp`: `optim.BackMatching`, factors per member from each member's own forward statistics
+  (`optim.backmatching.batched`; the stack hands them over through `forward_statistics`);
+- `bmp_exact`: `optim.BackMatchingExact`, each member's least-squares step solved on its own
+  slices by the single optimizer's code (`optim.backmatching.exact.MemberSolver`).
 
 Why the operations look the way they do: PyTorch computes `a.add(b, alpha=s)`,
 `a.addcmul(b, c, value=s)` and `a.addcdiv(b, c, value=s)` with a fused multiply-add, so
@@ -23,6 +27,9 @@ A member whose hyperparameter switches a branch off in PyTorch (momentum 0, weig
 takes the same arithmetic with a zero, which gives the same numbers for finite values.
 Discrete options (`nesterov`, `exclude_bias_and_norm`) must be equal across the cohort.
 
+`set_lr(values)` sets each member's rate before a step (a learning-rate schedule; the single
+optimizers get `lr = base · m(s)` in their parameter groups, the same product).
+
 `select(index)` keeps the members `index` (in that order) in the parameters and every state
 tensor: a member that is pruned or diverged leaves the batch, so nothing it holds can reach
 the others.
@@ -34,16 +41,33 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["BATCHED_SCHEMES", "BatchedOptimizer", "build_batched"]
+from optim.backmatching.batched import MemberFactors
+from optim.backmatching.exact import MemberSolver
+
+__all__ = [
+    "BATCHED_SCHEMES",
+    "BatchedBackMatching",
+    "BatchedBackMatchingExact",
+    "BatchedOptimizer",
+    "build_batched",
+]
 
 
 class BatchedOptimizer:
     """Base: stacked leaf parameters (`params`, name → `[K, ...]`), per-member hyperparameters
-    (name → one value per member), and state tensors with a leading member dimension."""
+    (name → one value per member), and state tensors with a leading member dimension.
+
+    A scheme whose step needs statistics of the forward pass (`watches_forward`) gets them in
+    two halves: `forward_statistics()` is called inside the vmapped function right after each
+    training forward pass and returns one member's tensors; `vmap` stacks them, and
+    `record_statistics` receives them `[K, ...]` before the backward pass and the step;
+    `watch_output` then receives the stacked output (to hook its gradient)."""
 
     layerwise = False
+    needs_model = False  # built with the template module the stack's forward calls
+    watches_forward = False
 
     def __init__(
         self,
@@ -94,6 +118,14 @@ class BatchedOptimizer:
     def any_nonzero(self, name: str) -> bool:
         return any(v != 0 for v in self.hp[name])
 
+    def set_lr(self, values: Sequence[float]) -> None:
+        """Each member's rate for the next steps (a schedule's `base · m(s)`, `optim.schedules`):
+        the per-member constants derived from it are rebuilt."""
+        if len(values) != self.members:
+            raise ValueError(f"lr: {len(values)} values for {self.members} members")
+        self.hp["lr"] = [float(v) for v in values]
+        self._vectors = {}
+
     def zero_grad(self) -> None:
         for p in self.params.values():
             p.grad = None
@@ -113,6 +145,16 @@ class BatchedOptimizer:
         self.hp = {k: [v[i] for i in index] for k, v in self.hp.items()}
         self.members = len(index)
         self._vectors = {}
+
+    def forward_statistics(self) -> tuple[Tensor, ...]:
+        """Inside the vmapped training forward pass: this member's statistics for the step."""
+        return ()
+
+    def record_statistics(self, statistics: Sequence[Tensor]) -> None:
+        """`forward_statistics()` of every member, stacked (`[K, ...]` each)."""
+
+    def watch_output(self, output: Tensor) -> None:
+        """The members' stacked output of that training pass (`[K, B, ...]`), before the loss."""
 
     def layer_factors(self) -> dict[str, Tensor]:
         """Per tensor, the `[K]` trust ratios of the last step (layer-wise schemes)."""
@@ -292,12 +334,166 @@ class BatchedLAMB(BatchedOptimizer):
             p.addcmul_(r, self.column(neg_lr * ratio, p))
 
 
+class BatchedBackMatching(BatchedOptimizer):
+    """`optim.BackMatching` per member: factors from each member's own forward statistics
+    (`optim.backmatching.batched.MemberFactors`), then `BackMatching._update` (SGD on `f·g`,
+    the momentum kept as `c = b/f`) with every per-member number a `[K]` column.
+
+    The coefficients (`−lr·f`, `μ·f_prev/f`, `wd/f`, `−lr·μ·f`, `1 − lr·wd`) are computed in
+    float64 in the order Python computes them for one model. `propagate`,
+    `mean_over_positions` and `nesterov` are shared; when every member's momentum is 0 the
+    update is the single optimizer's momentum-free form, otherwise every member takes the
+    momentum form, which for momentum 0 gives the same numbers (with weight decay, to an ulp).
+    """
+
+    layerwise = True
+    needs_model = True
+    watches_forward = True
+
+    def __init__(
+        self,
+        params: Mapping[str, Tensor],
+        hyperparameters: Sequence[Mapping[str, Any]],
+        member_dims: Mapping[str, int],
+        model: nn.Module,
+    ) -> None:
+        super().__init__(params, hyperparameters, member_dims)
+        propagate, mean = self.same("propagate"), self.same("mean_over_positions")
+        self.member_factors = MemberFactors(model, hyperparameters, propagate, mean)
+        self._nesterov = self.same("nesterov")
+        missing = [n for n in self.member_factors.names if n not in self.params]
+        if missing:
+            raise ValueError(f"bmp: the stacked parameters lack {', '.join(missing)}")
+
+    def forward_statistics(self) -> tuple[Tensor, ...]:
+        return self.member_factors.forward_statistics()
+
+    def record_statistics(self, statistics: Sequence[Tensor]) -> None:
+        self.member_factors.record(statistics)
+
+    def select(self, index: Sequence[int]) -> None:
+        super().select(index)
+        self.member_factors.select(index)
+
+    def _f64(self, name: str) -> Tensor:
+        """Hyperparameter `name` of every member, float64 `[K]` (for the coefficients)."""
+        key = f"f64:{name}"
+        if key not in self._vectors:
+            self._vectors[key] = torch.tensor(
+                self.hp[name], dtype=torch.float64, device=self._device
+            )
+        return self._vectors[key]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        f = self.member_factors.factors(self.steps + 1)  # [P, K], float64
+        self.steps += 1
+        names = self.member_factors.names
+        self._factors = dict(zip(names, f, strict=True))
+        lr, wd, mu = (self._f64(k) for k in ("lr", "weight_decay", "momentum"))
+        dtype, hp = self._dtype, self.hp
+        lr_f = (-lr * f).to(dtype)
+        decay = self.any_nonzero("weight_decay")
+        shrink = self.constant(
+            "1-lr*wd",
+            lambda: [1.0 - a * b for a, b in zip(hp["lr"], hp["weight_decay"], strict=True)],
+        )
+        if not self.any_nonzero("momentum"):
+            for name, coefficient in zip(names, lr_f, strict=True):
+                p = self.params[name]
+                if p.grad is not None:
+                    if decay:
+                        p.mul_(self.column(shrink, p))
+                    p.addcmul_(p.grad, self.column(coefficient, p))
+            return
+        wd_f = (wd / f).to(dtype) if decay else None
+        lr_mu_f = (-lr * mu * f).to(dtype) if self._nesterov else None
+        for j, name in enumerate(names):
+            p = self.params[name]
+            g = p.grad
+            if g is None:
+                continue
+            state = self.state[name]
+            c = state.get("scaled_momentum")
+            if c is None:
+                c = g.clone()
+            else:  # b = μ·b_prev + f·g, divided by f
+                ratio = (mu * state["momentum_factor"] / f[j]).to(dtype)
+                c = torch.addcmul(g, c, self.column(ratio, p))
+            state["scaled_momentum"], state["momentum_factor"] = c, f[j]
+            if wd_f is not None:
+                c.addcmul_(p, self.column(wd_f[j], p))
+            if lr_mu_f is not None:  # w − lr·(f·g + wd·w + μ·b)
+                if decay:
+                    p.mul_(self.column(shrink, p))
+                p.addcmul_(g, self.column(lr_f[j], p)).addcmul_(c, self.column(lr_mu_f[j], p))
+            else:
+                p.addcmul_(c, self.column(lr_f[j], p))
+
+
+class BatchedBackMatchingExact(BatchedOptimizer):
+    """`optim.BackMatchingExact` per member: the layers' inputs and outputs recorded per member
+    under vmap, each member's changes solved on its own slices (`MemberSolver`), then its
+    heavy-ball momentum (`v ← μ·v + Δθ`, `θ ← θ + v`) on its slice. `split` is shared."""
+
+    needs_model = True
+    watches_forward = True
+
+    def __init__(
+        self,
+        params: Mapping[str, Tensor],
+        hyperparameters: Sequence[Mapping[str, Any]],
+        member_dims: Mapping[str, int],
+        model: nn.Module,
+    ) -> None:
+        super().__init__(params, hyperparameters, member_dims)
+        self.solver = MemberSolver(model)
+        self._split = self.same("split")
+        missing = [n for n in self.solver.names if n not in self.params]
+        if missing:
+            raise ValueError(f"bmp_exact: the stacked parameters lack {', '.join(missing)}")
+
+    def forward_statistics(self) -> tuple[Tensor, ...]:
+        return self.solver.forward_statistics()
+
+    def record_statistics(self, statistics: Sequence[Tensor]) -> None:
+        self.solver.record(statistics)
+
+    def watch_output(self, output: Tensor) -> None:
+        self.solver.watch_output(output)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.steps += 1
+        hp = self.hp
+        for k in range(self.members):
+            mu = hp["momentum"][k]
+            changes = self.solver.changes(
+                k, hp["lr"][k], hp["damping"][k], self._split, self.params
+            )
+            for name, delta in changes:
+                if mu > 0.0:
+                    state = self.state[name]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(self.params[name])
+                    buf = state["momentum_buffer"][k]
+                    if self.steps == 1:
+                        buf.copy_(delta)
+                    else:
+                        buf.mul_(mu).add_(delta)
+                    delta = buf
+                self.params[name][k].add_(delta)
+        self.solver.reset()
+
+
 BATCHED_SCHEMES: dict[str, type[BatchedOptimizer]] = {
     "sgd": BatchedSGD,
     "adam": BatchedAdam,
     "adamw": BatchedAdamW,
     "lars": BatchedLARS,
     "lamb": BatchedLAMB,
+    "bmp": BatchedBackMatching,
+    "bmp_exact": BatchedBackMatchingExact,
 }
 
 
@@ -306,7 +502,15 @@ def build_batched(
     params: Mapping[str, Tensor],
     hyperparameters: Sequence[Mapping[str, Any]],
     member_dims: Mapping[str, int],
+    model: nn.Module | None = None,
 ) -> BatchedOptimizer:
     """The batched optimizer of `scheme` over stacked `params`, one validated hyperparameter
-    dict per member (`optim.validate` fills defaults); a KeyError for schemes without one."""
-    return BATCHED_SCHEMES[scheme](params, hyperparameters, member_dims)
+    dict per member (`optim.validate` fills defaults); a KeyError for schemes without one.
+    `model`: the template module the members' forward passes run through (`functional_call`),
+    which `needs_model` schemes hook."""
+    kind = BATCHED_SCHEMES[scheme]
+    if not kind.needs_model:
+        return kind(params, hyperparameters, member_dims)
+    if model is None:
+        raise ValueError(f"{scheme}: the batched optimizer needs the template model")
+    return kind(params, hyperparameters, member_dims, model)  # type: ignore[call-arg]

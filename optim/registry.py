@@ -49,6 +49,10 @@ class Hyperparameter:
     log: bool = False
     help: str = ""
     search: tuple[float, float] | None = None  # the usual sweep range (`"auto"` in a spec)
+    # A variant switch: a spec that leaves it out gets today's default written into its arm at
+    # submit, so a later change of the default never changes what a stored arm trained with
+    # (nor which arms pool on a leaderboard).
+    pinned: bool = False
 
     def check(self, scheme: str, value: Any) -> float | int | bool:
         """Return `value` coerced to this hyperparameter's type, or raise a
@@ -227,8 +231,8 @@ _OUR_SCHEMES = (
     ),
     Scheme(
         "bmp",
-        "back-matching layer-wise rates: SGD with lr·(1/s_W)·Π(1/s_z above) per layer "
-        "(propagate=false: lr·(1/s_W)); BatchNorm folded into the Linear/Conv before it",
+        "back-matching layer-wise rates: SGD with lr·(1/s_W) per layer (propagate=true: "
+        "times Π(1/s_z above)); BatchNorm folded into the Linear/Conv before it",
         BackMatching,
         (
             _lr(0.05, (1e-4, 1.0)),
@@ -247,9 +251,19 @@ _OUR_SCHEMES = (
             Hyperparameter(
                 "propagate",
                 "bool",
+                False,
+                help="multiply in 1/s_z of every block above (the back-matching recursion; "
+                "arm label bmp) or not (default: each block's own 1/s_W only, bmp-local)",
+                pinned=True,
+            ),
+            Hyperparameter(
+                "mean_over_positions",
+                "bool",
                 True,
-                help="multiply in 1/s_z of every block above (the back-matching recursion); "
-                "false: each block's own 1/s_W only (arm label bmp-local)",
+                help="a convolution block's scalars are means over its output positions (read "
+                "as samples, like the batch; the default, arm label -mean-positions) or sums, "
+                "whose factor shrinks with the input's spatial size",
+                pinned=True,
             ),
         ),
         needs_model=True,

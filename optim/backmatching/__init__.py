@@ -10,8 +10,10 @@ local Hessians `H_W = J_WᵀJ_W` and `H_z = J_zᵀJ_z`.
 - `bmp` (`BackMatching`): replace each batch-averaged local Hessian by a scalar, the mean of its
   spectrum over the directions the block can move (`trace / min dimension`); the algorithm
   becomes SGD with the per-layer rate `lr · (1/s_W(l)) · Π_{blocks k above l} (1/s_z(k))`
-  (`propagate=False`: `lr · 1/s_W(l)`). Revision 2: a BatchNorm is part of the Linear/Conv
-  block before it and padding taps are not input (`.affine`). Scalars per layer type:
+  (`propagate=True`) or `lr · 1/s_W(l)` (`propagate=False`, the default). Revision 2: a
+  BatchNorm is part of the Linear/Conv block before it and padding taps are not input
+  (`.affine`); `mean_over_positions=True` (revision 3, the default) averages a convolution
+  block's traces over its output positions instead of summing them. Scalars per layer type:
   `.layers`; the block contract: `.block`; the factor walk: `.plan`; options and the update:
   `.optimizer`. How a model is read (chains, sums of paths, declared slopes): `.structure`.
 - `bmp_exact` (`BackMatchingExact`): solve the damped least-squares problems of each block

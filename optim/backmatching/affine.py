@@ -11,6 +11,19 @@ output positions at which kernel tap t lands on a real input position (not on pa
     s_W(W)         = mean_c g_c · (batch mean of Σ_pos ‖patch‖²) / fan_in   (Linear: mean(x²))
     s_W(bias)      = mean_c g_c · P_out,   s_W(γ) = s_W(β) = P_out
 
+With `mean` (`bmp`'s `mean_over_positions`; docs/design.md, revision 3) output positions count
+as samples, like the batch: a convolution is read as a Linear layer from each patch (`C_in·k`
+values, k taps) to the `C_out` outputs at its position, and its traces are averaged over the
+`P_out` output positions instead of summed:
+
+    s_z            = (trace(J_zᵀJ_z) / P_out) / min(C_in·k, C_out)
+    s_W(W)         = mean_c g_c · (mean over batch and positions of ‖patch‖²) / fan_in
+    s_W(bias)      = mean_c g_c,   s_W(γ) = s_W(β) = 1
+
+Without padding these are exactly the scalars of a Linear layer (and BatchNorm1d) applied to
+`F.unfold`'s patches with the positions as further batch rows; with padding the trace still
+counts only taps on real input. A Linear layer has no positions and is the same in both modes.
+
 Choices, and why:
 - `count(t)` is exact for any stride, dilation, groups and padding (zeros only): each output
   position reads through tap t exactly one input position, a real one or padding; it is the
@@ -27,7 +40,7 @@ Choices, and why:
   the running variance in eval mode. `g_c` is averaged over the training forward passes since
   the last step; `count(t)`, `P_in` and `P_out` come from the last pass.
 - A BatchNorm that does not follow a Linear or Conv is its own block:
-  `s_z = mean_c g_c`, `s_W(γ) = s_W(β) = P`.
+  `s_z = mean_c g_c`, `s_W(γ) = s_W(β) = P` (1 with `mean`).
 """
 
 from __future__ import annotations
@@ -116,9 +129,10 @@ class BatchNormBlock(Block):
         return [self.gain.mean().mean()]
 
     def scalars(
-        self, values: list[float], extra: list[float], weight_sq: float
+        self, values: list[float], extra: list[float], weight_sq: float, mean: bool = False
     ) -> tuple[float, list[float]]:
-        return extra[0], [float(self.gain.positions)] * self.n_params
+        positions = 1.0 if mean else float(self.gain.positions)
+        return extra[0], [positions] * self.n_params
 
     def missing(self) -> str | None:
         return describe(self.path, self.module) if self.gain.passes == 0 else None
@@ -196,7 +210,7 @@ class LinearBlock(_Affine):
         return [torch.dot(g, rows), g.mean()]
 
     def scalars(
-        self, values: list[float], extra: list[float], weight_sq: float
+        self, values: list[float], extra: list[float], weight_sq: float, mean: bool = False
     ) -> tuple[float, list[float]]:
         m = self.module
         dims = min(m.in_features, m.out_features)
@@ -245,11 +259,16 @@ class ConvBlock(_Affine):
         return [torch.dot(g, per_channel), g.mean()]
 
     def scalars(
-        self, values: list[float], extra: list[float], weight_sq: float
+        self, values: list[float], extra: list[float], weight_sq: float, mean: bool = False
     ) -> tuple[float, list[float]]:
         m = self.module
         gbar = extra[1] if len(extra) > 1 else 1.0
-        s_w = gbar * self._mean_square(values) / (m.in_channels * math.prod(m.kernel_size))
+        taps = math.prod(m.kernel_size)
+        s_w = gbar * self._mean_square(values) / (m.in_channels * taps)
+        if mean:  # positions as samples: a Linear layer from each patch to its output position
+            dims = min(m.in_channels * taps, m.out_channels)
+            p_out = float(self.p_out)
+            return extra[0] / p_out / dims, self._norm_scalars(gbar, s_w / p_out, 1.0)
         dims = min(m.in_channels * self.p_in, m.out_channels * self.p_out)
         return extra[0] / dims, self._norm_scalars(gbar, s_w, float(self.p_out))
 

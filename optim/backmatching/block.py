@@ -65,10 +65,12 @@ class Block:
         return []
 
     def scalars(
-        self, values: list[float], extra: list[float], weight_sq: float
+        self, values: list[float], extra: list[float], weight_sq: float, mean: bool = False
     ) -> tuple[float, list[float]]:
         """`(s_z, [s_W of each parameter])` from the recorded values (the pending tensor's
-        norm last), the `finish()` values and `‖weight‖²`."""
+        norm last), the `finish()` values and `‖weight‖²`; with `mean`, a block with spatial
+        positions gives means over its output positions instead of sums
+        (`mean_over_positions`, `.affine`)."""
         raise NotImplementedError
 
     def defer(self, x: Tensor) -> None:

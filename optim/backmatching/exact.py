@@ -45,7 +45,7 @@ Supported: chains (`nn.Sequential`, nested) of `Linear`, `ReLU`, `Tanh`, `Sigmoi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -56,7 +56,7 @@ from optim._layerwise import evaluate_closure
 from optim.backmatching.activations import is_activation, slope
 from optim.backmatching.structure import Chain, Leaf, Node, describe, parse
 
-__all__ = ["BackMatchingExact"]
+__all__ = ["BackMatchingExact", "MemberSolver", "solve"]
 
 _PASS = (nn.Identity, nn.Flatten)
 
@@ -98,19 +98,7 @@ class BackMatchingExact(torch.optim.Optimizer):
         require("bmp_exact", "split", split, isinstance(split, bool), "true or false")
         ok_reduction = loss_reduction in ("mean", "sum")
         require("bmp_exact", "loss_reduction", loss_reduction, ok_reduction, "'mean' or 'sum'")
-        self._layers = _chain(parse(model, "bmp_exact", _supported, _ADVICE))
-        names = {id(p): n for n, p in model.named_parameters()}
-        named: list[tuple[str, nn.Parameter]] = []
-        for leaf in self._layers:
-            own = list(leaf.module.parameters(recurse=False))
-            if own and not isinstance(leaf.module, nn.Linear):
-                raise UnsupportedModelError(
-                    "bmp_exact",
-                    f"{describe(leaf.path, leaf.module)}: only Linear layers may hold parameters",
-                )
-            named += [(names[id(p)], p) for p in own if p.requires_grad]
-        if not named:
-            raise UnsupportedModelError("bmp_exact", "the model has no trainable Linear parameters")
+        self._layers, named = _read(model)
         defaults = {"lr": lr, "damping": damping, "momentum": momentum, "split": split}
         super().__init__([{"params": named}], defaults)
         self.loss_reduction = loss_reduction
@@ -150,54 +138,16 @@ class BackMatchingExact(torch.optim.Optimizer):
         group = self.param_groups[0]
         g = self._output_grad
         scale = -group["lr"] * (g.shape[0] if self.loss_reduction == "mean" else 1)
-        target = g * scale
-        linear = [i for i, leaf in enumerate(self._layers) if isinstance(leaf.module, nn.Linear)]
-        lowest, below = linear[0], len(linear)  # parametrised blocks at or below layer i
-        for i in range(len(self._layers) - 1, lowest - 1, -1):
-            module = self._layers[i].module
-            x, y = self._inputs[i]
-            if isinstance(module, nn.Linear):
-                share = 1.0 / below if group["split"] else 1.0
-                target = self._linear(group, module, x, target, i > lowest, share)
-                below -= 1
-            elif isinstance(module, _PASS):
-                target = target.reshape(x.shape)
-            else:
-                target = _activation_shift(slope(module, x, y), target, group["damping"])
+        inputs = [self._inputs[i] for i in range(len(self._layers))]
+        found = solve(self._layers, inputs, g * scale, group["damping"], group["split"], _own)
+        for i, delta_w, delta_b in found:
+            w, b = _own(self._layers[i].module)  # type: ignore[arg-type]  # a Linear layer
+            self._apply(group, w, delta_w)
+            if b is not None and delta_b is not None:
+                self._apply(group, b, delta_b)
         self._inputs.clear()
         self._output_grad = None
         return loss
-
-    def _linear(
-        self,
-        group: dict[str, Any],
-        layer: nn.Linear,
-        x: Tensor,
-        target: Tensor,
-        shift_input: bool,
-        share: float,
-    ) -> Tensor:
-        """Update `layer` toward `share × target` on its output; return the input shift that
-        produces the rest, `(1 − share) × target` (the whole target when `share` is 1)."""
-        damping = group["damping"]
-        rows = x.reshape(-1, layer.in_features)
-        wanted = target.reshape(-1, layer.out_features)
-        if layer.bias is not None:
-            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-        delta = _damped_solve(rows, wanted, damping, rows.shape[1])  # (n_in [+1]) × n_out
-        if share != 1.0:
-            delta.mul_(share)
-        shift = None
-        if shift_input:
-            w = layer.weight
-            dims = min(layer.in_features, layer.out_features)
-            shift = _damped_solve(w, wanted.T, damping, dims).T.reshape(x.shape)
-            if share != 1.0:
-                shift.mul_(1.0 - share)
-        self._apply(group, layer.weight, delta[: layer.in_features].T)
-        if layer.bias is not None:
-            self._apply(group, layer.bias, delta[layer.in_features])
-        return shift if shift is not None else target
 
     def _apply(self, group: dict[str, Any], p: Tensor, delta: Tensor) -> None:
         if not p.requires_grad:
@@ -212,6 +162,185 @@ class BackMatchingExact(torch.optim.Optimizer):
                 buf.mul_(mu).add_(delta)
             delta = buf
         p.add_(delta)
+
+
+def _read(model: nn.Module) -> tuple[list[Leaf], list[tuple[str, nn.Parameter]]]:
+    """The model's chain of layers and its trainable parameters with their names."""
+    layers = _chain(parse(model, "bmp_exact", _supported, _ADVICE))
+    names = {id(p): n for n, p in model.named_parameters()}
+    named: list[tuple[str, nn.Parameter]] = []
+    for leaf in layers:
+        own = list(leaf.module.parameters(recurse=False))
+        if own and not isinstance(leaf.module, nn.Linear):
+            raise UnsupportedModelError(
+                "bmp_exact",
+                f"{describe(leaf.path, leaf.module)}: only Linear layers may hold parameters",
+            )
+        named += [(names[id(p)], p) for p in own if p.requires_grad]
+    if not named:
+        raise UnsupportedModelError("bmp_exact", "the model has no trainable Linear parameters")
+    return layers, named
+
+
+class MemberSolver:
+    """`bmp_exact` for K stacked models (a cohort, `optim.batched.BatchedBackMatchingExact`)
+    built on `model`, the template whose layers the members' forward passes run through
+    (`torch.func.vmap` over `functional_call`).
+
+    The layers' hooks run inside the vmapped forward pass, so the `(input, output)` each records
+    is one member's; a hook on the template hands them out (`forward_statistics`), stacked
+    `[K, ...]` by vmap (`record`), and the stacked output's gradient arrives through
+    `watch_output`. `changes(k, …)` then solves member k on its own slices with `solve`, the
+    code that solves one model's step: a member's changes are its separate run's, to the
+    rounding of the batched forward and backward passes. The solves stay per member: they are
+    dense linear algebra on the member's own matrices, which a stack does not make larger."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers, named = _read(model)
+        self.names = [name for name, _ in named]  # the trainable ones
+        self._param_names = {id(p): n for n, p in model.named_parameters()}
+        self._seen: dict[int, tuple[Tensor, Tensor]] = {}  # inside vmap: one member's
+        self._gathered: tuple[Tensor, ...] | None = None
+        self._inputs: list[tuple[Tensor, Tensor]] | None = None  # [K, ...] each
+        self._grad: Tensor | None = None
+        self._handles = [leaf.module.register_forward_hook(self._recorder(i))
+                         for i, leaf in enumerate(self.layers)]  # fmt: skip
+        self._handles.append(model.register_forward_hook(self._gather))
+
+    def remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _recorder(self, index: int) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
+        def record(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if torch.is_grad_enabled():
+                self._seen[index] = (args[0].detach(), output.detach())
+
+        return record
+
+    def _gather(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if torch.is_grad_enabled():
+            if len(self._seen) != len(self.layers):
+                raise RuntimeError("bmp_exact: a layer of the chain saw no forward pass")
+            self._gathered = tuple(t for i in range(len(self.layers)) for t in self._seen[i])
+            self._seen.clear()
+
+    def forward_statistics(self) -> tuple[Tensor, ...]:
+        """Inside the vmapped training forward pass, after the template: this member's."""
+        gathered, self._gathered = self._gathered, None
+        if gathered is None:
+            raise RuntimeError("bmp_exact: the template's forward pass recorded nothing")
+        return gathered
+
+    def record(self, statistics: Sequence[Tensor]) -> None:
+        """`forward_statistics()` of every member, stacked (`[K, ...]` each)."""
+        self._inputs = list(zip(statistics[::2], statistics[1::2], strict=True))
+
+    def watch_output(self, output: Tensor) -> None:
+        """The members' stacked output `[K, B, ...]`: its gradient is every member's target."""
+        output.register_hook(self._keep)
+
+    def _keep(self, grad: Tensor) -> None:
+        self._grad = grad.detach()
+
+    def changes(
+        self, k: int, lr: float, damping: float, split: bool, params: dict[str, Tensor]
+    ) -> list[tuple[str, Tensor]]:
+        """Member k's `(parameter name, change)` this step, `params` the stacked parameters."""
+        if self._inputs is None or self._grad is None:
+            raise RuntimeError(
+                "bmp_exact: no gradient of the loss with respect to the members' output since "
+                "the last step; run forward and backward before step()"
+            )
+        names = self._param_names
+        g = self._grad[k]
+        inputs = [(x[k], y[k]) for x, y in self._inputs]
+
+        def weights(layer: nn.Linear) -> tuple[Tensor, Tensor | None]:
+            bias = None if layer.bias is None else params[names[id(layer.bias)]][k]
+            return params[names[id(layer.weight)]][k], bias
+
+        found = solve(self.layers, inputs, g * (-lr * g.shape[0]), damping, split, weights)
+        out: list[tuple[str, Tensor]] = []
+        for i, delta_w, delta_b in found:
+            layer = self.layers[i].module
+            out.append((names[id(layer.weight)], delta_w))
+            if delta_b is not None:
+                out.append((names[id(layer.bias)], delta_b))
+        trainable = set(self.names)
+        return [(name, delta) for name, delta in out if name in trainable]
+
+    def reset(self) -> None:
+        """Forget this step's inputs and gradient."""
+        self._inputs, self._grad = None, None
+
+
+Weights = Callable[[nn.Linear], tuple[Tensor, Tensor | None]]
+
+
+def _own(layer: nn.Linear) -> tuple[Tensor, Tensor | None]:
+    return layer.weight, layer.bias
+
+
+def solve(
+    layers: Sequence[Leaf],
+    inputs: Sequence[tuple[Tensor, Tensor]],
+    target: Tensor,
+    damping: float,
+    split: bool,
+    weights: Weights,
+) -> list[tuple[int, Tensor, Tensor | None]]:
+    """One exact step of a chain, from the top: `(layer index, ΔW, Δb)` for every Linear layer,
+    given each layer's recorded `(input, output)`, the output target `Δz[L]`, and `weights`,
+    which reads a layer's current `(W, b)` (a cohort member's slices in
+    `optim.backmatching.exact.MemberSolver`). Every input shift uses the weights before the
+    step, so the changes may be applied in any order."""
+    linear = [i for i, leaf in enumerate(layers) if isinstance(leaf.module, nn.Linear)]
+    lowest, below = linear[0], len(linear)  # parametrised blocks at or below layer i
+    found = []
+    for i in range(len(layers) - 1, lowest - 1, -1):
+        module = layers[i].module
+        x, y = inputs[i]
+        if isinstance(module, nn.Linear):
+            share = 1.0 / below if split else 1.0
+            w, b = weights(module)
+            delta_w, delta_b, target = _linear(w, b, x, target, damping, i > lowest, share)
+            found.append((i, delta_w, delta_b))
+            below -= 1
+        elif isinstance(module, _PASS):
+            target = target.reshape(x.shape)
+        else:
+            target = _activation_shift(slope(module, x, y), target, damping)
+    return found
+
+
+def _linear(
+    w: Tensor,
+    b: Tensor | None,
+    x: Tensor,
+    target: Tensor,
+    damping: float,
+    shift_input: bool,
+    share: float,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """`(ΔW, Δb, input shift)` of a Linear layer `(w, b)` moved toward `share × target` on its
+    output; the shift produces the rest, `(1 − share) × target` (the whole target when `share`
+    is 1; `target` itself when there is no input to shift)."""
+    n_out, n_in = w.shape
+    rows = x.reshape(-1, n_in)
+    wanted = target.reshape(-1, n_out)
+    if b is not None:
+        rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+    delta = _damped_solve(rows, wanted, damping, rows.shape[1])  # (n_in [+1]) × n_out
+    if share != 1.0:
+        delta.mul_(share)
+    shift = target
+    if shift_input:
+        shift = _damped_solve(w, wanted.T, damping, min(n_in, n_out)).T.reshape(x.shape)
+        if share != 1.0:
+            shift.mul_(1.0 - share)
+    return delta[:n_in].T, (delta[n_in] if b is not None else None), shift
 
 
 def _damped_solve(a: Tensor, b: Tensor, damping: float, dims: int) -> Tensor:

@@ -11,7 +11,9 @@ all leading dimensions of a Linear input count as batch.
   folded into the same block (revision 2): `optim.backmatching.affine`, which states the
   formulas (padding taps are not input; a BatchNorm weights each output channel by
   `γ_c²/σ_c²`). A BatchNorm that follows anything else is its own block,
-  `s_z = mean_c(γ_c²/(σ_c² + eps))`, `s_W(γ) = s_W(β) = P`.
+  `s_z = mean_c(γ_c²/(σ_c² + eps))`, `s_W(γ) = s_W(β) = P`. With `mean_over_positions`
+  the position sums of convolution and BatchNorm blocks become means (`.affine`); the other
+  scalars below are already means per direction and do not change.
 - ReLU: `s_z = 1` (the identity on the active set).
 - Tanh, Sigmoid, GELU, SiLU, modules declaring `backmatching_slope(u)`: `s_z = mean(f'(u)²)`.
 - Dropout(p) in train mode: `s_z = 1 / (1 − p)²`; in eval mode 1.
@@ -63,7 +65,7 @@ class _Constant(Block):
     hooked = False
 
     def scalars(
-        self, values: list[float], extra: list[float], weight_sq: float
+        self, values: list[float], extra: list[float], weight_sq: float, mean: bool = False
     ) -> tuple[float, list[float]]:
         return 1.0, []
 
@@ -72,7 +74,7 @@ class _Dropout(Block):
     hooked = False
 
     def scalars(
-        self, values: list[float], extra: list[float], weight_sq: float
+        self, values: list[float], extra: list[float], weight_sq: float, mean: bool = False
     ) -> tuple[float, list[float]]:
         p = float(getattr(self.module, "p", 0.0))
         if not self.module.training or p == 0.0:
@@ -86,7 +88,7 @@ class _Activation(Block):
         self.add(torch.linalg.vector_norm(f), f.numel())
 
     def scalars(
-        self, values: list[float], extra: list[float], weight_sq: float
+        self, values: list[float], extra: list[float], weight_sq: float, mean: bool = False
     ) -> tuple[float, list[float]]:
         return self._mean_square(values), []
 
@@ -104,7 +106,7 @@ class _AvgPool(Block):
         self.counts[:] = [1]
 
     def scalars(
-        self, values: list[float], extra: list[float], weight_sq: float
+        self, values: list[float], extra: list[float], weight_sq: float, mean: bool = False
     ) -> tuple[float, list[float]]:
         sizes, outs = self.sizes
         p_in, p_out = math.prod(sizes), math.prod(outs)

@@ -3,16 +3,21 @@
 The factor is the scalar back-matching rate of docs/design.md (Zhang, Chen, Liu 2018, arXiv
 1802.09750, "On the Local Hessian in Back-propagation"):
 
-    propagate=True (default):  factor(l) = (1 / s_W(l)) · Π_{blocks k above l} (1 / s_z(k))
-    propagate=False:           factor(l) = 1 / s_W(l)
+    propagate=True:            factor(l) = (1 / s_W(l)) · Π_{blocks k above l} (1 / s_z(k))
+    propagate=False (default): factor(l) = 1 / s_W(l)
 
 with the per-layer scalars of `optim.backmatching.layers` (revision 2: a BatchNorm is folded
 into the Linear/Conv block before it, padding taps are not input), recomputed every step from
-the statistics the forward hooks recorded and the current weights. `propagate=True` is the
+the statistics the forward hooks recorded and the current weights. `mean_over_positions`
+(default true) takes a convolution block's traces as means over its output positions instead
+of sums, its positions read as samples like the batch (`optim.backmatching.affine`): its
+factors then no longer shrink with the spatial size of its input. `propagate=True` is the
 scalar approximation of the back-matching recursion; `propagate=False` keeps each block's own
 weight curvature only, the form in which a normalised network's blocks are treated as already
 well-conditioned (the product over upper blocks is what spreads the factors over many decades
-on deep networks). Then, in this order:
+on deep networks). The defaults (local, means over positions) are the variant that trained
+normalised networks best under a warm-up and cosine schedule (docs/benchmarks.md, bmp
+revision 3); the other three remain options. Then, in this order:
 
 1. EMA (`ema = β > 0`): each scalar is replaced by its running average
    `ŝ_t = β·ŝ_{t−1} + (1 − β)·s_t`, started at `ŝ_1 = s_1` (so no bias correction is needed);
@@ -41,7 +46,7 @@ The optimizer holds one parameter group (the model's trainable parameters, with 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -51,7 +56,27 @@ from optim._checks import require, require_momentum, require_rate
 from optim._layerwise import evaluate_closure
 from optim.backmatching.plan import Plan
 
-__all__ = ["BackMatching"]
+__all__ = ["BackMatching", "step_factors"]
+
+
+def step_factors(
+    plan: Plan, s: list[float], running: list[float] | None, step: int, options: Mapping[str, Any]
+) -> tuple[list[float], list[float]]:
+    """Steps 1-3 above for one model: `(running scalars, factors)` at step `step` (from 1) from
+    this step's scalars `s` and the running averages before it (None at the first step), with
+    the options `ema`, `propagate`, `clamp`, `warmup_steps` (a parameter group, or one member's
+    values in `optim.backmatching.batched`)."""
+    beta = options["ema"]
+    if beta > 0.0 and running is not None:
+        s = [beta * old + (1.0 - beta) * new for old, new in zip(running, s, strict=True)]
+    factors = plan.factors(s, options["propagate"])
+    lo, hi = 1.0 / options["clamp"], options["clamp"]
+    factors = [min(max(f, lo), hi) for f in factors]
+    warmup = options["warmup_steps"]
+    if warmup > 0 and step < warmup:
+        power = step / warmup
+        factors = [f**power for f in factors]
+    return s, factors
 
 
 class BackMatching(torch.optim.Optimizer):
@@ -67,7 +92,8 @@ class BackMatching(torch.optim.Optimizer):
         ema: float = 0.0,
         clamp: float = 1e12,
         warmup_steps: int = 0,
-        propagate: bool = True,
+        propagate: bool = False,
+        mean_over_positions: bool = True,
     ) -> None:
         require_rate("bmp", lr)
         require_momentum("bmp", momentum)
@@ -85,6 +111,8 @@ class BackMatching(torch.optim.Optimizer):
             "an int >= 0",
         )
         require("bmp", "propagate", propagate, isinstance(propagate, bool), "true or false")
+        mean = mean_over_positions
+        require("bmp", "mean_over_positions", mean, isinstance(mean, bool), "true or false")
         self._plan = Plan(model, "bmp")
         defaults = {
             "lr": lr,
@@ -95,6 +123,7 @@ class BackMatching(torch.optim.Optimizer):
             "clamp": clamp,
             "warmup_steps": int(warmup_steps),
             "propagate": propagate,
+            "mean_over_positions": mean_over_positions,
         }
         named = list(zip(self._plan.names, self._plan.params, strict=True))
         super().__init__([{"params": named}], defaults)
@@ -121,19 +150,9 @@ class BackMatching(torch.optim.Optimizer):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = evaluate_closure(closure)
         group = self.param_groups[0]
-        s = self._plan.scalars()
+        s = self._plan.scalars(group["mean_over_positions"])
         self._steps += 1
-        beta = group["ema"]
-        if beta > 0.0 and self._scalars is not None:
-            s = [beta * old + (1.0 - beta) * new for old, new in zip(self._scalars, s, strict=True)]
-        self._scalars = s
-        factors = self._plan.factors(s, group["propagate"])
-        lo, hi = 1.0 / group["clamp"], group["clamp"]
-        factors = [min(max(f, lo), hi) for f in factors]
-        warmup = group["warmup_steps"]
-        if warmup > 0 and self._steps < warmup:
-            power = self._steps / warmup
-            factors = [f**power for f in factors]
+        self._scalars, factors = step_factors(self._plan, s, self._scalars, self._steps, group)
         self._factors = factors
         self._update(group, factors)
         return loss

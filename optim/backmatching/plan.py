@@ -3,8 +3,10 @@
 The parsed tree (`.structure`) is first *fused*: in every chain, a Linear or Conv followed
 directly by a BatchNorm becomes one leaf (revision 2: a normalisation belongs to the block
 before it, `.affine`). `Plan.scalars()` gathers every block's scalars into one flat list (per
-block: `s_z`, then the `s_W` of each of its parameters); `Plan.factors(s, propagate)` walks the
-tree from the output down:
+block: `s_z`, then the `s_W` of each of its parameters) in two halves, `gather()` (the
+statistics as tensors) and `combine()` (Python floats), so that a stack of models can run the
+first once under `vmap` and the second per member (`.batched`). `Plan.factors(s, propagate)`
+walks the tree from the output down:
 
     propagate=True:  factor(parameter of block l) = (1 / s_W) · Π_{blocks k above l} (1 / s_z(k))
     propagate=False: factor(parameter of block l) = 1 / s_W
@@ -57,13 +59,13 @@ class Plan:
             for off, slots in zip(self.offsets, self.slots, strict=True)
         ]
         self._program = self._compile(self.tree)
-        self._weights: list[Tensor] = []
-        self._weight_index: list[int] = []
+        self._weight_index: list[int] = []  # per block: its weight's norm in `gather()`'s
+        self._n_weights = 0
         for block in self.blocks:
-            w = block.weight()
-            self._weight_index.append(len(self._weights) if w is not None else -1)
-            if w is not None:
-                self._weights.append(w)
+            has_weight = block.weight() is not None
+            self._weight_index.append(self._n_weights if has_weight else -1)
+            self._n_weights += has_weight
+        self._layout: list[tuple[int, int, bool]] = []  # per hooked block, from `gather()`
         self._hooked = [b for b in self.blocks if b.hooked]
         self.handles: list[RemovableHandle] = []
         for b in self._hooked:
@@ -74,45 +76,76 @@ class Plan:
             handle.remove()
         self.handles.clear()
 
-    def scalars(self) -> list[float]:
-        """Every block's scalars from the statistics recorded since the last call.
+    def scalars(self, mean: bool = False) -> list[float]:
+        """Every block's scalars from the statistics recorded since the last call (`mean`:
+        means over output positions instead of sums, `mean_over_positions`).
 
         The weights and the layer inputs waiting for their norms are reduced in one
         multi-tensor call, and every value reaches Python together: on a small network the
         per-call overhead, not the arithmetic, is what this costs."""
-        hooked = self._hooked
+        s = self.combine(_floats(self.gather()), mean)
+        self.reset()
+        return s
+
+    def gather(self, fused: bool = True) -> list[Tensor]:
+        """The 0-d tensors the scalars are made of, in the order `combine` reads them: the
+        norms of the weights, then of the inputs waiting for theirs, then per hooked block its
+        recorded values and its `finish()` values.
+
+        Weights are read from the modules at this call, so inside `torch.func.functional_call`
+        they are the parameters it was given, and under `vmap` every tensor here is one per
+        member (`optim.backmatching.batched`, which passes `fused=False`: vmap has no rule for
+        the multi-tensor norm)."""
         self._require_records()
-        waiting = [block.pending for block in hooked if block.pending is not None]
-        reduce = self._weights + waiting
-        tensors = list(torch._foreach_norm(reduce)) if reduce else []
-        finished = [block.finish() for block in hooked]
-        for block, step_values in zip(hooked, finished, strict=True):
+        hooked = self._hooked
+        weights = [w for block in self.blocks if (w := block.weight()) is not None]
+        reduce = weights + [block.pending for block in hooked if block.pending is not None]
+        if not reduce:
+            tensors: list[Tensor] = []
+        elif fused:
+            tensors = list(torch._foreach_norm(reduce))
+        else:
+            tensors = [torch.linalg.vector_norm(t) for t in reduce]
+        self._layout = []
+        for block in hooked:
+            finished = block.finish()
+            waiting = block.pending is not None
+            if block.pending is not None:
+                block.counts.append(block.pending.numel())
+            self._layout.append((len(block.values), len(finished), waiting))
             tensors += block.values
-            tensors += step_values
-        values = _floats(tensors)
-        next_pending = len(self._weights)
-        position = next_pending + len(waiting)
+            tensors += finished
+        return tensors
+
+    def combine(self, values: list[float], mean: bool = False) -> list[float]:
+        """The flat scalar list (per block `s_z`, then each parameter's `s_W`) from the values
+        of the last `gather()`, as floats; reads the blocks' counts and sizes, changes nothing."""
+        layout = iter(self._layout)
+        next_pending = self._n_weights
+        position = next_pending + sum(waiting for _, _, waiting in self._layout)
         s: list[float] = []
-        extras = iter(finished)
         for block, w in zip(self.blocks, self._weight_index, strict=True):
             own: list[float] = []
             extra: list[float] = []
             if block.hooked:
-                n, k = len(block.values), len(next(extras))
+                n, k, waiting = next(layout)
                 own = values[position : position + n]
                 extra = values[position + n : position + n + k]
                 position += n + k
-                if block.pending is not None:
+                if waiting:
                     own.append(values[next_pending])
                     next_pending += 1
-                    block.counts.append(block.pending.numel())
             norm = values[w] if w >= 0 else 0.0
-            s_z, s_w = block.scalars(own, extra, norm * norm)
+            s_z, s_w = block.scalars(own, extra, norm * norm, mean)
             s.append(s_z)
             s += s_w
-        for block in hooked:
-            block.reset()
         return s
+
+    def reset(self) -> None:
+        """Forget the statistics recorded since the last step."""
+        for block in self._hooked:
+            block.reset()
+        self._layout = []
 
     def _require_records(self) -> None:
         for block in self._hooked:

@@ -58,6 +58,7 @@ def varied(n_tensors: int, blocks: int, seed: int = 0) -> Hyperparameters:
     return hyper
 
 
+@pytest.mark.slow
 def test_reversal_after_1000_steps_restores_w0_v0_bit_for_bit() -> None:
     problem = make_problem(steps=1000)
     values = varied(4, blocks=20).values()
@@ -123,6 +124,7 @@ def test_hypergradients_agree_with_central_finite_differences() -> None:
     assert analytic == pytest.approx(fd, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_bytes_held_grow_with_steps_only_by_the_buffer_bits() -> None:
     problem = make_problem(steps=800, sizes=(6, 24, 3))
     hyper = Hyperparameters.constant(4, 1, lr=0.1, momentum=0.9)

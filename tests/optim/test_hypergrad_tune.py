@@ -26,6 +26,7 @@ def data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch
     return x[:120], y[:120], x[120:], y[120:]
 
 
+@pytest.mark.slow
 def test_tune_lowers_the_validation_loss_and_reports_each_meta_iteration() -> None:
     seen: list[MetaIteration] = []
     result = tune(

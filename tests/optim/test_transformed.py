@@ -276,10 +276,6 @@ def test_trains_with_sgd(scale: bool) -> None:
     assert last < 0.5 * first
 
 
-@pytest.mark.skipif(
-    not hasattr(optim, "build") or "bmp" not in getattr(optim, "SCHEMES", {}),
-    reason="the bmp scheme is not registered yet",
-)
 def test_trains_with_bmp() -> None:
     torch.manual_seed(0)
     model = transformed_mlp(2, [16, 16], 2)
