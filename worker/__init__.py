@@ -2,15 +2,18 @@
 
 - `worker.spec`: the study spec (`StudySpec`), validated with field paths; re-used by the service.
   Stored specs load with `StudySpec.from_stored` (versioned, trusted). Its building blocks and
-  limits: `worker.spec_base`; its cross-field checks: `worker.spec_checks`.
-- `worker.arms`: the tuners. `worker.arms.base` is the contract the sweep drives (`ArmRun`,
-  `Job`), the study names and `best_trial`; `worker.arms.optuna` and
-  `worker.arms.hypergradient` (with `hypergradient_arm`, `hypergradient_jobs`) each own their
-  spec options, checks, Ray jobs and bookkeeping; `worker.arms.sampling`: the Optuna tuner's
-  samplers and pruners.
-- `worker.tasks`: datasets × models, all offline (`TASKS`, `describe_tasks`).
+  limits: `worker.spec_base`, `worker.spec_options`, `worker.spec_schedule`; its cross-field
+  checks: `worker.spec_checks`.
+- `worker.arms`: the tuners, named in one registry (`worker.arms.TUNERS`). `worker.arms.base` is
+  the contract the sweep drives (`ArmRun`, `Job`), the study names and `best_trial`;
+  `worker.arms.optuna` and `worker.arms.hypergradient` are packages laid out alike (`spec`,
+  `checks`, `arm`), each owning its spec options, checks, Ray jobs and bookkeeping.
+- `worker.tasks`: tasks (datasets × models, with their loss and metrics) behind one contract,
+  ratebench's own and plugins', found through the entry-point group `ratebench.tasks`
+  (`tasks()`, `get_task`, `describe_tasks`).
 - `worker.runner`: `run_trial(TrialConfig, reporter) -> TrialResult`, one training run, no Ray
-  and no database inside.
+  and no database inside; `worker.cohort`: K of them as one batched model; both through the one
+  loop of `worker.training` (what a trial returns: `worker.trial`).
 - `worker.sweep`: `run_study(spec, storage_url, study_key, ...)`, the arms' sweeps and final seeds
   as Ray tasks (`worker.remote`), with the driver as the only database writer; it returns the
   leaderboard rows. `worker.failures`: which failed trials are retried.

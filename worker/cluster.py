@@ -49,9 +49,11 @@ commands print as it is. A local runtime needs no check: Ray writes a token for 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -60,9 +62,14 @@ __all__ = [
     "LOOPBACK",
     "START_TIMEOUT_ENV",
     "ClusterConfigError",
+    "ClusterUnreachableError",
     "check_auth",
+    "check_reachable",
     "connect",
     "export_start_timeout",
+    "local_node_alive",
+    "node_alive",
+    "reconnect",
     "start_timeout_s",
 ]
 
@@ -143,15 +150,39 @@ def _keep_ray_on_loopback() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
+class ClusterUnreachableError(ConnectionError):
+    """Nothing answers at the cluster's address; the message is one line."""
+
+
+def check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
+    """Raise ClusterUnreachableError when nothing accepts a connection at `address`
+    (`host:port` of a head's GCS): Ray's own client would retry that for many minutes before
+    it gives up. Other forms (a `ray://` client address, `auto`) are left to Ray."""
+    if not address or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        return  # Ray refuses it at once, with its own words
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ClusterUnreachableError(
+            f"nothing answers at {address} ({exc.strerror or exc}): is the Ray cluster up "
+            "(`ray status`, `ratebench cluster status`) and is this its head's address?"
+        ) from None
+
+
 def connect(address: str | None, **options: Any) -> None:
     """`ray.init` for a local runtime (`address` None) or a cluster; a no-op when connected.
-    Raises ClusterConfigError, before contacting anything, for a missing token."""
+    Raises ClusterConfigError, before contacting anything, for a missing token, and
+    ClusterUnreachableError when nothing listens at the address."""
     check_auth(address)
     export_start_timeout()
     import ray
 
     if ray.is_initialized():
         return
+    check_reachable(address or os.environ.get("RAY_ADDRESS"))
     if address is None and not os.environ.get("RAY_ADDRESS"):
         os.environ.setdefault(_RAY_WORKER_NICENESS, "0")  # inherited by the raylet's workers
     node_ip = LOOPBACK if address is None else os.environ.get("RATEBENCH_NODE_IP")
@@ -173,6 +204,45 @@ def connect(address: str | None, **options: Any) -> None:
             log.warning("Ray's local node did not register in time (a busy machine); starting "
                         "it again (attempt %d)", attempt + 1)  # fmt: skip
             ray.shutdown()
+
+
+def reconnect(address: str | None, **options: Any) -> None:
+    """Leave a runtime that died (its raylet or agent killed, an out-of-memory kill) and join
+    again: a new local runtime (`address` None), or the cluster at `address` once this
+    machine's node is back. Like `ray.init`, call it on the main thread; every ObjectRef and
+    actor handle of the old runtime is void afterwards."""
+    import ray
+
+    with contextlib.suppress(Exception):  # a dead runtime's shutdown may complain; it is gone
+        ray.shutdown()
+    connect(address, **options)
+
+
+def node_alive(node_id: str) -> bool:
+    """Whether the Ray node `node_id` is alive, by the GCS's account; False when the GCS
+    cannot be asked (a runtime that is gone)."""
+    import ray
+
+    try:
+        nodes = ray.nodes()
+    except Exception:  # the GCS is unreachable: nothing of that runtime can be trusted
+        return False
+    return any(node.get("NodeID") == node_id and node.get("Alive", False) for node in nodes)
+
+
+def local_node_alive() -> bool:
+    """Whether this process is connected to Ray and the node it runs on (its raylet) is alive.
+    A raylet killed outright (or with its dashboard agent, which it shares its fate with) is
+    marked dead by the GCS after its missed health checks, about 15 s on Ray 2.60."""
+    import ray
+
+    if not ray.is_initialized():
+        return False
+    try:
+        node_id = ray.get_runtime_context().get_node_id()
+    except Exception:
+        return False
+    return node_alive(node_id)
 
 
 export_start_timeout()

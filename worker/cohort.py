@@ -12,7 +12,7 @@ Each member's `TrialResult` is what `worker.runner.run_trial` returns for that m
 alone, except for the timings (wall time and examples per second are the cohort's, shared):
 
 - initial weights: `torch.manual_seed(seed)` then the model is built, as the runner does;
-- batch order: a generator seeded with the member's seed (`runner._batches`). Members that
+- batch order: a generator seeded with the member's seed (`worker.training.batches`). Members that
   share a seed share one index stream and one input batch (`vmap` broadcasts it); with mixed
   seeds every member gathers its own batch (`[K, B]` indices);
 - divergence: checked where the runner checks it (the last batch loss every `CHECK_EVERY`
@@ -22,17 +22,29 @@ alone, except for the timings (wall time and examples per second are the cohort'
   stay in its own slice: every batched kernel is per member);
 - pruning: after each epoch every member's objective goes to its own reporter; a member told to
   stop leaves the batch (the stacked tensors and optimizer state are compacted);
-- layer factors (lars, lamb) per member, recorded each epoch as the runner records them;
+- layer factors (lars, lamb, bmp) per member, recorded each epoch as the runner records them;
+- bmp: its forward hooks sit on the template's layers and run inside the vmapped forward pass,
+  so each statistic they record is per member; the stack hands them to the optimizer after the
+  forward pass (`BatchedOptimizer.forward_statistics`), which computes every member's scalars
+  and factors from its own (`optim.backmatching.batched`);
+- bmp_exact: its hooks record every layer's input and output per member the same way, the
+  stacked output's gradient is hooked outside vmap (`BatchedOptimizer.watch_output`), and each
+  member's least-squares step is solved on its own slices by the single optimizer's code;
 - BatchNorm: running means and variances are per member (stacked like the parameters);
   `num_batches_tracked`, which every member advances at the same steps, is one shared
   counter (a batched tensor cannot drive the Python-side branches that read it);
 - transformed MLPs: the running statistics are per member; `update_transformations` runs on
-  each member's slice every `transform_every` steps.
+  each member's slice every `transform_every` steps;
+- learning-rate schedules are per member (`TrialConfig.schedule`, which `cohort_key` leaves
+  out: members may differ in swept schedule fields): before step `s` each member's rate is set
+  to `lr · m(s)` of its own schedule, the product the runner's `LambdaLR` computes.
 
 Refused (`CohortError`, a ValueError whose `reason` says why, so the sweep keeps such trials
-at cohort size 1): `bmp` and `bmp_exact` (their rates come from hooks on the layers of one
-model: per-member batched versions do not exist yet), and configs that differ in anything
-but continuous hyperparameters and seed (`cohort_key`).
+at cohort size 1): a scheme without a batched optimizer in `optim.batched` (every registered
+scheme has one), and configs that differ in anything but continuous hyperparameters and seed
+(`cohort_key`). Any task's model may train as a cohort (the loss and the metrics are the
+task's, `worker.tasks.losses`); one that `vmap` cannot run is found before it is batched
+(`batching_problem`), and its arm stays at cohort size 1.
 
 A cohort of one is slower than `run_trial` (vmap's per-operation dispatch: 0.43-0.50x in
 docs/bench/cohort_throughput.json), so a caller with a single trial should use the runner.
@@ -45,34 +57,31 @@ single-model ones, so histories agree only loosely (the test states its toleranc
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import fields
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
 import optim
 from optim.batched import BATCHED_SCHEMES, BatchedOptimizer, build_batched
-from worker.runner import (
-    CHECK_EVERY,
-    EpochRecord,
-    Reporter,
-    TrialConfig,
-    TrialResult,
-    _batches,
-    _build,
-    _round,
-    cast_data,
-    resolve_device,
-    trial_objective,
-)
-from worker.tasks import TaskData, load_task_data
+from worker.runner import TrialConfig, build_model
+from worker.tasks import Task
+from worker.tasks.losses import Loss, loss_of
+from worker.training import Prepared, prepare, train
+from worker.trial import Reporter, TrialResult
 
-__all__ = ["CohortError", "auto_cohort_size", "check_cohort", "cohort_key", "run_cohort"]
+__all__ = [
+    "CohortError",
+    "auto_cohort_size",
+    "batching_problem",
+    "batching_slows",
+    "check_cohort",
+    "cohort_key",
+    "run_cohort",
+]
 
 _EVAL_CHUNK = 4096  # the runner's evaluation chunk
 
@@ -85,22 +94,14 @@ class CohortError(ValueError):
         self.reason = reason
 
 
-_REFUSED_SCHEMES = {
-    "bmp": "bmp computes each layer's rate from forward/backward hooks on one model's layers "
-    "(optim.backmatching); it has no per-member batched version, so bmp trials run at "
-    "cohort size 1",
-    "bmp_exact": "bmp_exact solves per-block least-squares problems on one model's layers; "
-    "it has no per-member batched version, so bmp_exact trials run at cohort size 1",
-}
-
-
 def cohort_key(config: TrialConfig) -> tuple[Any, ...]:
-    """What members of one cohort share: every field but `hyperparameters` and `seed`, plus the
-    scheme's discrete (bool) hyperparameters. Trials with equal keys may train together."""
+    """What members of one cohort share: every field but `hyperparameters`, `seed` and
+    `schedule`, plus the scheme's discrete (bool) hyperparameters. Trials with equal keys may
+    train together."""
     shared = tuple(
         (f.name, repr(getattr(config, f.name)))
         for f in fields(config)
-        if f.name not in ("hyperparameters", "seed")
+        if f.name not in ("hyperparameters", "seed", "schedule")
     )
     values = optim.validate(config.scheme, config.hyperparameters)
     discrete = tuple(
@@ -118,10 +119,11 @@ def check_cohort(configs: Sequence[TrialConfig]) -> None:
     if not configs:
         raise CohortError("a cohort needs at least one member")
     first = configs[0]
-    if first.scheme in _REFUSED_SCHEMES:
-        raise CohortError(_REFUSED_SCHEMES[first.scheme])
     if first.scheme not in BATCHED_SCHEMES:
-        raise CohortError(f"scheme {first.scheme!r} has no batched optimizer")
+        raise CohortError(
+            f"scheme {first.scheme!r} has no batched optimizer (optim.batched), so its trials "
+            "run at cohort size 1"
+        )
     probe = nn.Linear(1, 1)
     for config in configs:  # the constructors' own refusals (nesterov without momentum, ...)
         optim.build(config.scheme, probe, **config.hyperparameters)
@@ -136,8 +138,62 @@ def check_cohort(configs: Sequence[TrialConfig]) -> None:
             )
 
 
-def auto_cohort_size(n_parameters: int, device: torch.device | str) -> int:
-    """A default cohort size for a model of `n_parameters` on `device`.
+def batching_problem(task: Task, data: Mapping[str, Any], given: Mapping[str, Any]) -> str | None:
+    """Why `task`'s model cannot train as a cohort, or None: two members built, stacked and
+    trained one step under `vmap`, as `run_cohort` does, each on its own batch of two zero
+    inputs (as members of different seeds train). Tried
+    on the meta device first (nothing is allocated); a model that cannot run there (one that
+    reads a value, like the transformed MLP's step counter) is tried on the CPU. A model that
+    branches on its values, calls `.item()` under `vmap`, or updates a buffer in a way `vmap`
+    refuses fails, and its trials then run one per task."""
+    try:
+        _batched_step(task, data, given, torch.device("meta"))
+    except Exception:  # the meta device refuses more than vmap does: ask the CPU
+        try:
+            _batched_step(task, data, given, torch.device("cpu"))
+        except Exception as exc:  # whatever the model's code raises: the reason, in a line
+            text = str(exc).strip()
+            return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+    return None
+
+
+def _batched_step(
+    task: Task, data: Mapping[str, Any], given: Mapping[str, Any], device: torch.device
+) -> None:
+    with torch.device(device):
+        members = [task.build(data, given) for _ in range(2)]
+        template = members[0].train()
+        params, buffers = stack_module_state(members)
+        shared = {n: b[0] for n, b in buffers.items() if n.endswith("num_batches_tracked")}
+        batched = {n: b for n, b in buffers.items() if n not in shared}
+        shape = task.shape(data)
+        flat = task.flat_input(data)
+        # each member its own batch, as members of different seeds have: [K, B, ...]
+        x = torch.zeros(2, 2, *((math.prod(shape.input_shape),) if flat else shape.input_shape))
+        if task.kind == "classification":
+            y = torch.zeros(2, 2, dtype=torch.long)
+        else:
+            y = torch.zeros(2, 2, shape.n_outputs)
+
+        def call(p: dict[str, Tensor], b: dict[str, Tensor], inputs: Tensor) -> Tensor:
+            out: Tensor = functional_call(template, ({**p, **b}, shared), (inputs,))
+            return out
+
+        output = vmap(call, in_dims=(0, 0, 0))(params, batched, x)
+        loss_of(task.kind).members(output, y).sum().backward()
+
+
+def batching_slows(device: torch.device | str, convolutions: bool) -> bool:
+    """Whether a cohort trains slower than its trials one by one whatever its size: a model
+    with convolutions on the CPU (measured in `auto_cohort_size`'s docstring)."""
+    return torch.device(device).type == "cpu" and convolutions
+
+
+def auto_cohort_size(
+    n_parameters: int, device: torch.device | str, convolutions: bool = False
+) -> int:
+    """A default cohort size for a model of `n_parameters` on `device` (`convolutions`: the
+    model has a convolution layer).
 
     Why: batching helps while one small model's kernels are too small to keep the hardware
     busy (per-kernel overhead, threads that a single small model cannot use); once one model
@@ -149,9 +205,15 @@ def auto_cohort_size(n_parameters: int, device: torch.device | str) -> int:
     feedback delay and memory of 64. Up to 1M parameters 16, up to 10M 4, then 1. The GPU
     figures (64 up to 1M parameters, 16 up to 10M, 4 up to 50M, then 1) are a starting
     choice, not yet measured: `bench/cohort_throughput.py --device cuda` prints the figures to
-    set them by.
+    set them by. A convolutional model on the CPU trains one trial per task: on `mnist1d-cnn`
+    (docs/bench/cohort_throughput_cnn.json, 1 thread) cohorts of 4 and 16 trained at 0.89x and
+    0.80x the sequential throughput, and its whole sweep (`bench/sweep_wall.py --workload cnn`)
+    took 354.8 s in cohorts against 301.5 s one trial per task: vmap's batched convolution is
+    no faster on the CPU than K convolutions one after another, so stacking only adds its costs.
     """
     kind = torch.device(device).type
+    if batching_slows(device, convolutions):
+        return 1
     limits = (
         ((1_000_000, 64), (10_000_000, 16), (50_000_000, 4))
         if kind == "cuda"
@@ -163,45 +225,86 @@ def auto_cohort_size(n_parameters: int, device: torch.device | str) -> int:
     return 1
 
 
-@dataclass
-class _Member:
-    """One trial's bookkeeping while it trains in the cohort."""
-
-    config: TrialConfig
-    reporter: Reporter | None
-    history: list[EpochRecord]
-    factor_rows: list[list[float | None]]
-    outcome: str = "complete"
-    diverged_at: int | None = None
-    steps: int = 0
-    wall_time: float = 0.0
-    test: tuple[float, float] | None = None
-
-
 class _Stack:
-    """The stacked model: parameters (owned by the optimizer), per-member buffers, shared
-    counters, and a template module whose structure `functional_call` reuses."""
+    """The stacked model, a `worker.training.Learner` of K members: parameters (owned by the
+    batched optimizer), per-member buffers, shared counters, and a template module whose
+    structure `functional_call` reuses; each member's schedule and transformations."""
 
     def __init__(
         self,
+        configs: Sequence[TrialConfig],
         template: nn.Module,
         buffers: dict[str, Tensor],
         shared_buffers: dict[str, Tensor],
         optimizer: BatchedOptimizer,
+        loss: Loss,
+        steps_per_epoch: int,
     ) -> None:
         self.template = template
         self.buffers = buffers  # [K, ...] per member
         self.shared = shared_buffers  # counters every member advances together
         self.optimizer = optimizer
+        self.loss = loss
+        self.layerwise = optimizer.layerwise
+        self.n_parameters = sum(p.numel() for p in template.parameters())
+        self.live = list(range(len(configs)))  # the members training, in batch order
+        self.schedules = [c.schedule.resolve(steps_per_epoch, c.epochs) for c in configs]
+        self.scheduled = not all(s.is_constant for s in self.schedules)
+        self.base_lrs = [optim.validate(c.scheme, c.hyperparameters)["lr"] for c in configs]
+        self.transform: Any = None
+        if configs[0].model.transformed:
+            from optim.transformed import update_transformations
+
+            self.transform = update_transformations
+        self.transform_every = configs[0].model.transform_every
+
+    # -- worker.training.Learner ----------------------------------------------------------------
+
+    def step(self, x: Tensor, y: Tensor, batched: bool, step: int) -> Tensor:
+        losses = self.loss.members(self.logits(x, batched), y)
+        self.optimizer.zero_grad()
+        losses.sum().backward()
+        if self.scheduled:  # before step `step`, each member's `lr · m(step)`, as LambdaLR
+            self.optimizer.set_lr([self.base_lrs[m] * self.schedules[m](step) for m in self.live])
+        self.optimizer.step()
+        return losses.detach()
+
+    def after_step(self, step: int) -> None:
+        if self.transform is not None and step % self.transform_every == 0:
+            self.per_member(self.transform)
+
+    def evaluate(self, x: Tensor, y: Tensor) -> tuple[list[float], list[float | None]]:
+        return _evaluate(self, x, y, self.loss)
+
+    def factors(self) -> dict[str, list[float]]:
+        return {n: f.tolist() for n, f in self.optimizer.layer_factors().items()}
+
+    def keep(self, positions: list[int]) -> None:
+        self.live = [self.live[i] for i in positions]
+        self.select(positions)
 
     def _call(self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor) -> Tensor:
         out: Tensor = functional_call(self.template, ({**params, **buffers}, self.shared), (x,))
         return out
 
+    def _watched_call(
+        self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        return self._call(params, buffers, x), self.optimizer.forward_statistics()
+
     def logits(self, x: Tensor, x_batched: bool) -> Tensor:
-        return vmap(self._call, in_dims=(0, 0, 0 if x_batched else None))(
-            self.optimizer.params, self.buffers, x
-        )
+        """Every member's logits `[K, B, C]`; a training pass of an optimizer that
+        `watches_forward` (bmp) also hands it the members' forward statistics."""
+        in_dims = (0, 0, 0 if x_batched else None)
+        args = (self.optimizer.params, self.buffers, x)
+        if not (self.optimizer.watches_forward and torch.is_grad_enabled()):
+            out: Tensor = vmap(self._call, in_dims=in_dims)(*args)
+            return out
+        logits: Tensor
+        logits, statistics = vmap(self._watched_call, in_dims=in_dims)(*args)
+        self.optimizer.record_statistics(statistics)
+        self.optimizer.watch_output(logits)
+        return logits
 
     def select(self, index: Sequence[int]) -> None:
         self.optimizer.select(index)
@@ -233,15 +336,14 @@ def _named_tensors(module: nn.Module) -> Iterator[tuple[str, Tensor]]:
     yield from module.named_buffers()
 
 
-def _build_stack(
-    configs: Sequence[TrialConfig], data: TaskData, device: torch.device, dtype: torch.dtype
-) -> tuple[_Stack, int]:
+def _build_stack(configs: Sequence[TrialConfig], prepared: Prepared) -> _Stack:
     """Each member's initial model (built after `manual_seed(seed)`, like the runner), stacked."""
+    data, device, dtype = prepared.data, prepared.device, prepared.dtype
     by_seed: dict[int, nn.Module] = {}
     for config in configs:
         if config.seed not in by_seed:
             torch.manual_seed(config.seed)
-            by_seed[config.seed] = _build(config, data, device).to(dtype)
+            by_seed[config.seed] = build_model(config, device).to(dtype)
     template = by_seed[configs[0].seed]
     members = [by_seed[c.seed] for c in configs]
     params, buffers = stack_module_state(members)
@@ -250,34 +352,35 @@ def _build_stack(
     shared = {n: b[0].clone() for n, b in shared.items()}
     hyperparameters = [optim.validate(c.scheme, c.hyperparameters) for c in configs]
     dims = {n: p.dim() for n, p in template.named_parameters()}
-    optimizer = build_batched(configs[0].scheme, params, hyperparameters, dims)
-    n_parameters = sum(p.numel() for p in template.parameters())
+    optimizer = build_batched(configs[0].scheme, params, hyperparameters, dims, model=template)
     template.train()
-    return _Stack(template, batched, shared, optimizer), n_parameters
+    first = configs[0]
+    steps_per_epoch = first.steps_per_epoch or len(data.y_train) // first.data.batch_size
+    return _Stack(configs, template, batched, shared, optimizer, data.loss, steps_per_epoch)
 
 
-def _member_losses(logits: Tensor, y: Tensor) -> Tensor:
-    """Each member's mean cross-entropy, `[K]`, from logits `[K, B, C]` and labels `[B]` (shared
-    batch) or `[K, B]`: one kernel over all members rather than `vmap`'s per-op dispatch."""
-    target = y.expand(logits.shape[:2]) if y.dim() == 1 else y
-    return F.cross_entropy(logits.transpose(1, 2), target, reduction="none").mean(dim=1)
-
-
-def _evaluate(stack: _Stack, x: Tensor, y: Tensor) -> tuple[list[float], list[float]]:
-    """Per member, the runner's `_evaluate`: mean loss and accuracy in eval mode."""
+def _evaluate(
+    stack: _Stack, x: Tensor, y: Tensor, loss_fn: Loss
+) -> tuple[list[float], list[float | None]]:
+    """Per member, the runner's `_evaluate`: mean loss and accuracy (None for regression) in
+    eval mode, with the task's loss (`worker.tasks.losses`)."""
     stack.template.eval()
     k = stack.optimizer.members
     loss = torch.zeros(k, device=x.device, dtype=x.dtype)
     correct = torch.zeros(k, device=x.device, dtype=torch.long)
     with torch.no_grad():
         for start in range(0, len(y), _EVAL_CHUNK):
-            logits = stack.logits(x[start : start + _EVAL_CHUNK], x_batched=False)
-            target = y[start : start + _EVAL_CHUNK]
-            loss += vmap(lambda z, t=target: F.cross_entropy(z, t, reduction="sum"))(logits)
-            correct += (logits.argmax(dim=2) == target).sum(dim=1)
+            outputs = stack.logits(x[start : start + _EVAL_CHUNK], x_batched=False)
+            total, hits = loss_fn.sums(outputs, y[start : start + _EVAL_CHUNK])
+            loss += total
+            if hits is not None:
+                correct += hits
     stack.template.train()
     n = len(y)
-    return [v / n for v in loss.tolist()], [c / n for c in correct.tolist()]
+    accuracies: list[float | None] = (
+        [c / n for c in correct.tolist()] if loss_fn.kind == "classification" else [None] * k
+    )
+    return [v / n for v in loss.tolist()], accuracies
 
 
 def run_cohort(
@@ -289,163 +392,5 @@ def run_cohort(
     reporters = list(reporters) if reporters is not None else [None] * len(configs)
     if len(reporters) != len(configs):
         raise ValueError(f"{len(reporters)} reporters for {len(configs)} configs")
-    first = configs[0]
-    setup_start = time.perf_counter()
-    device = resolve_device(first.device)
-    data = load_task_data(first.task, first.data.model_dump(), device)
-    batch_size, n_train = first.data.batch_size, len(data.y_train)
-    if batch_size > n_train:
-        raise ValueError(f"data.batch_size: {batch_size} exceeds the {n_train} training examples")
-    dtype = getattr(torch, first.dtype)
-    if dtype != data.x_train.dtype:
-        data = cast_data(data, dtype)
-    stack, n_parameters = _build_stack(configs, data, device, dtype)
-    optimizer = stack.optimizer
-    members = [_Member(c, r, [], []) for c, r in zip(configs, reporters, strict=True)]
-    live = list(range(len(configs)))  # member numbers, in batch order
-    transform: Callable[[nn.Module], None] | None = None
-    if first.model.transformed:
-        from optim.transformed import update_transformations as transform
-
-    bound = first.divergence_factor * math.log(data.n_classes)
-    started = time.perf_counter()
-    setup_time = started - setup_start
-    steps_per_epoch = first.steps_per_epoch or n_train // batch_size
-    streams = {
-        seed: _batches(n_train, batch_size, torch.Generator().manual_seed(seed), device)
-        for seed in dict.fromkeys(c.seed for c in configs)
-    }
-    step = 0
-    loss_sum = torch.zeros(len(live), device=device, dtype=dtype)
-
-    def leave(gone: set[int]) -> None:
-        """Drop batch positions `gone` (members that diverged or were pruned)."""
-        nonlocal live, loss_sum
-        keep = [i for i in range(len(live)) if i not in gone]
-        now = time.perf_counter() - started
-        for i in gone:
-            members[live[i]].steps, members[live[i]].wall_time = step, now
-        live = [live[i] for i in keep]
-        if live and gone:
-            stack.select(keep)
-            loss_sum = loss_sum.index_select(0, torch.tensor(keep, device=device))
-
-    for epoch in range(1, first.epochs + 1):
-        if not live:
-            break
-        epoch_start = time.perf_counter()
-        loss_sum = torch.zeros(len(live), device=device, dtype=dtype)
-        for i in range(steps_per_epoch):
-            seeds = [members[m].config.seed for m in live]
-            index = {s: next(streams[s]) for s in dict.fromkeys(seeds)}
-            if len(index) == 1:
-                idx = next(iter(index.values()))
-                x, y, batched = data.x_train[idx], data.y_train[idx], False
-            else:
-                idx = torch.stack([index[s] for s in seeds])
-                x, y, batched = data.x_train[idx], data.y_train[idx], True
-            logits = stack.logits(x, batched)
-            losses = _member_losses(logits, y)
-            optimizer.zero_grad()
-            losses.sum().backward()
-            optimizer.step()
-            step += 1
-            loss_sum += losses.detach()
-            if transform is not None and step % first.model.transform_every == 0:
-                stack.per_member(transform)
-            if (i + 1) % CHECK_EVERY == 0:
-                last = losses.tolist()
-                gone = {j for j, v in enumerate(last) if not math.isfinite(v) or v > bound}
-                for j in gone:
-                    members[live[j]].outcome, members[live[j]].diverged_at = "diverged", step
-                leave(gone)
-                if not live:
-                    break
-        if not live:
-            break
-        train_time = time.perf_counter() - epoch_start
-        train_losses = [v / steps_per_epoch for v in loss_sum.tolist()]
-        gone = {j for j, v in enumerate(train_losses) if not math.isfinite(v) or v > bound}
-        for j in gone:
-            members[live[j]].outcome, members[live[j]].diverged_at = "diverged", step
-        kept_losses = [v for j, v in enumerate(train_losses) if j not in gone]
-        leave(gone)
-        if not live:
-            break
-        val_losses, val_accuracies = _evaluate(stack, data.x_val, data.y_val)
-        gone = {j for j, v in enumerate(val_losses) if not math.isfinite(v)}
-        factors = {n: f.tolist() for n, f in optimizer.layer_factors().items()}
-        wall = time.perf_counter() - started
-        for j, m in enumerate(live):
-            member = members[m]
-            if j in gone:
-                member.outcome, member.diverged_at = "diverged", step
-                continue
-            member.history.append(
-                EpochRecord(
-                    epoch,
-                    step,
-                    kept_losses[j],
-                    val_losses[j],
-                    val_accuracies[j],
-                    wall,
-                    steps_per_epoch * batch_size / max(train_time, 1e-9),
-                )
-            )
-            if optimizer.layerwise:
-                member.factor_rows.append(
-                    [_round(v[j]) if math.isfinite(v[j]) else None for v in factors.values()]
-                )
-            value = (
-                val_accuracies[j] if member.config.objective == "val_accuracy" else val_losses[j]
-            )
-            if member.reporter is not None and member.reporter.report(epoch, value):
-                member.outcome = "pruned"
-                gone.add(j)
-        leave(gone)
-
-    if live:
-        for m in live:
-            members[m].steps, members[m].wall_time = step, time.perf_counter() - started
-        if first.evaluate_test:
-            losses_, accuracies = _evaluate(stack, data.x_test, data.y_test)
-            for j, m in enumerate(live):
-                members[m].test = (losses_[j], accuracies[j])
-    names = list(optimizer.layer_factors()) or [n for n, _ in stack.template.named_parameters()]
-    return [
-        _result(
-            member, names, n_parameters, device, setup_time, data.n_classes, optimizer.layerwise
-        )
-        for member in members
-    ]
-
-
-def _result(
-    member: _Member,
-    names: list[str],
-    n_parameters: int,
-    device: torch.device,
-    setup_time: float,
-    n_classes: int,
-    layerwise: bool,
-) -> TrialResult:
-    config = member.config
-    result = TrialResult(
-        outcome=member.outcome,  # type: ignore[arg-type]
-        value=trial_objective(
-            config.objective, config.divergence_factor, member.history, member.outcome, n_classes
-        ),
-        history=member.history,
-        steps=member.steps,
-        wall_time=member.wall_time,
-        setup_time=setup_time,
-        n_parameters=n_parameters,
-        device=str(device),
-        layer_factors={"names": names if member.factor_rows else [], "values": member.factor_rows}
-        if layerwise
-        else None,
-        diverged_at_step=member.diverged_at,
-    )
-    if member.test is not None:
-        result.test_loss, result.test_accuracy = member.test
-    return result
+    prepared = prepare(configs[0])
+    return train(configs, reporters, _build_stack(configs, prepared), prepared)

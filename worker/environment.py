@@ -26,7 +26,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-__all__ = ["collect", "cpu_model", "git_commit", "node"]
+__all__ = ["collect", "cpu_model", "git_commit", "node", "numerics"]
 
 _GIT_TIMEOUT_S = 2.0
 _CHECKOUT = Path(__file__).resolve().parent.parent  # the repository root, in a checkout
@@ -107,6 +107,54 @@ def _host() -> dict[str, Any]:
         "cuda": cuda,
         "cudnn": cudnn,
         "gpus": gpus,
+        "numerics": numerics(),
+    }
+
+
+# What decides a CPU trial's rounding (experiments/determinism.py): the instruction set of
+# ATen's vectorised kernels and MKL's code path; variables that override them are recorded too.
+_SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile")
+_NUMERIC_VARIABLES = (
+    "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA",
+    "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+)  # fmt: skip
+
+
+@lru_cache(maxsize=1)
+def _cpu_flags() -> list[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    present = set(line.partition(":")[2].split())
+                    return [flag for flag in _SIMD_FLAGS if flag in present]
+    except OSError:
+        pass
+    return []
+
+
+@lru_cache(maxsize=1)
+def numerics() -> dict[str, Any]:
+    """What makes a CPU trial's numbers differ between machines: the SIMD level ATen's kernels
+    run at, the CPU's SIMD flags, the BLAS (MKL or other) and oneDNN versions, and any variable
+    that overrides them. Two machines where these agree give the same numbers bit for bit;
+    where they differ, the last digits differ from the first epoch (README: "What reproduces
+    where")."""
+    import re
+
+    import torch
+
+    config = torch.__config__.show()
+    blas = re.search(r"BLAS_INFO=(\w+)", config)
+    mkl = re.search(r"Math Kernel Library Version ([\w.-]+)", config)
+    onednn = re.search(r"MKL-DNN v([\d.]+)", config)
+    return {
+        "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_simd": _cpu_flags(),
+        "blas": blas[1] if blas else None,
+        "mkl": mkl[1] if mkl else None,
+        "onednn": onednn[1] if onednn else None,
+        "overrides": {k: os.environ[k] for k in _NUMERIC_VARIABLES if k in os.environ},
     }
 
 
@@ -147,5 +195,14 @@ def node() -> dict[str, Any]:
         "ip": ip,
         "ray_node_id": node_id,
         "cpu": cpu_model(),
+        "cpu_capability": _capability(),
         "gpus": [gpu["name"] for gpu in gpus],
     }
+
+
+def _capability() -> str | None:
+    """ATen's SIMD level in this process (what a trial's CPU numbers depend on)."""
+    try:
+        return str(numerics()["aten_cpu_capability"])
+    except Exception:  # a broken PyTorch is the trial's to report, not this record's
+        return None

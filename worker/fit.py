@@ -6,18 +6,50 @@ forever. So a spec's `resources.cpus_per_trial` and `gpus_per_trial` are compare
 largest alive node's CPUs and GPUs (each resource on its own: the node with the most GPUs need
 not be the one with the most CPUs, and a request is refused only when no node has enough of
 that resource), never with the cluster's totals. The API refuses such a spec at submit when it
-is connected to Ray; the driver checks again when the study starts (`worker.sweep`), which
-fails the study with the same message instead of leaving it waiting.
+is connected to Ray and the cluster's nodes have reported their resources; the driver checks
+again when the study starts (`worker.sweep`).
+
+A cluster that is starting or restarting (a service restarted after a crash, a node coming
+back) may not have reported every node's resources yet, or a node that will hold the trial may
+still be joining. So the driver's check waits (`wait_for_fit`, bounded by
+`RATEBENCH_NODE_WAIT_S`) for a node that fits, and only then decides: a cluster whose nodes all
+reported their resources and none fits is a deterministic refusal (`NodeFitError`: the study
+fails with it); a cluster that reported none is not ready (`ClusterNotReadyError`, transient:
+the study is resumed later).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-__all__ = ["NodeFitError", "check_fit", "cluster_fit_problem", "fit_problem", "largest_node"]
+__all__ = [
+    "NODE_WAIT_ENV",
+    "ClusterNotReadyError",
+    "NodeFitError",
+    "check_fit",
+    "cluster_fit_problem",
+    "fit_problem",
+    "largest_node",
+    "resources_known",
+    "wait_for_fit",
+]
+
+log = logging.getLogger(__name__)
+
+NODE_WAIT_ENV = "RATEBENCH_NODE_WAIT_S"
+_DEFAULT_NODE_WAIT_S = 60.0
+_POLL_S = 0.5
 
 _FIELDS = (("cpus_per_trial", "CPU", "CPUs"), ("gpus_per_trial", "GPU", "GPUs"))
+
+
+class ClusterNotReadyError(ConnectionError):
+    """Ray's nodes have not (yet) reported their resources: a cluster starting or restarting,
+    not a verdict on the spec; transient (`worker.failures.study_fault`)."""
 
 
 class NodeFitError(ValueError):
@@ -57,15 +89,77 @@ def fit_problem(cpus: float, gpus: float, largest: Mapping[str, float]) -> NodeF
     return None
 
 
+def resources_known(nodes: Iterable[Mapping[str, Any]]) -> bool:
+    """Whether the cluster has said what it holds: at least one node alive, and every alive
+    node reporting its resources (a raylet that has registered but not yet reported them shows
+    none, not even its memory)."""
+    alive = [node for node in nodes if node.get("Alive", False)]
+    return bool(alive) and all(node.get("Resources") for node in alive)
+
+
 def cluster_fit_problem(cpus: float, gpus: float) -> NodeFitError | None:
-    """`fit_problem` against the nodes of the Ray cluster this process is connected to."""
+    """`fit_problem` against the nodes of the Ray cluster this process is connected to; None
+    while the nodes have not reported their resources (the driver decides later)."""
     import ray
 
-    return fit_problem(cpus, gpus, largest_node(ray.nodes()))
+    nodes = ray.nodes()
+    if not resources_known(nodes):
+        return None
+    return fit_problem(cpus, gpus, largest_node(nodes))
+
+
+def node_wait_s() -> float:
+    """Seconds the driver waits for a node that fits (`RATEBENCH_NODE_WAIT_S`, default 60)."""
+    raw = os.environ.get(NODE_WAIT_ENV, "").strip()
+    if not raw:
+        return _DEFAULT_NODE_WAIT_S
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise ValueError(f"{NODE_WAIT_ENV}: expected seconds, got {raw!r}") from None
+    if not seconds >= 0:
+        raise ValueError(f"{NODE_WAIT_ENV}: must be at least 0, got {raw!r}")
+    return seconds
+
+
+def wait_for_fit(
+    cpus: float,
+    gpus: float,
+    nodes: Callable[[], list[dict[str, Any]]],
+    timeout_s: float,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """Return once some alive node (from `nodes()`, Ray's `ray.nodes`) can hold the trial;
+    after `timeout_s` raise NodeFitError when the nodes reported their resources and none
+    fits, or ClusterNotReadyError when they never did (see the module doc)."""
+    deadline = clock() + timeout_s
+    waited = False
+    while True:
+        current = nodes()
+        problem = fit_problem(cpus, gpus, largest_node(current))
+        if problem is None:
+            if waited:
+                log.info("a Ray node that holds a trial (%g CPUs, %g GPUs) is there now",
+                         cpus, gpus)  # fmt: skip
+            return
+        if clock() >= deadline:
+            if resources_known(current):
+                raise problem
+            raise ClusterNotReadyError(
+                f"Ray's nodes did not report their resources within {timeout_s:g} s "
+                f"({NODE_WAIT_ENV}); the cluster is starting or restarting"
+            )
+        if not waited:
+            log.info("waiting up to %g s for a Ray node that holds a trial (%s)", timeout_s,
+                     problem)  # fmt: skip
+            waited = True
+        sleep(min(_POLL_S, max(0.0, deadline - clock())))
 
 
 def check_fit(cpus: float, gpus: float) -> None:
-    """Raise NodeFitError when no alive node of the connected cluster can hold the trial."""
-    problem = cluster_fit_problem(cpus, gpus)
-    if problem is not None:
-        raise problem
+    """`wait_for_fit` on the connected cluster, for `RATEBENCH_NODE_WAIT_S` at most."""
+    import ray
+
+    wait_for_fit(cpus, gpus, ray.nodes, node_wait_s())

@@ -45,6 +45,10 @@ class Mailbox:
         self._answers: dict[tuple[str, int], asyncio.Future[bool]] = {}
         self._arrived: asyncio.Event | None = None
 
+    async def pid(self) -> int:
+        """The actor's process id (the chaos soak and the tests kill it by this)."""
+        return os.getpid()
+
     def _event(self) -> asyncio.Event:
         if self._arrived is None:
             self._arrived = asyncio.Event()

@@ -22,7 +22,7 @@ sweep first then final seeds, each ordered by trial number. A trial's user attri
   configuration the optimizer refuses, so a retry would fail the same way and none was made;
   `worker.failures`).
 
-Hypergradient arms (`tuner: "hypergradient"`, `worker.arms.hypergradient_arm`) add `tuner`; a sweep
+Hypergradient arms (`tuner: "hypergradient"`, `worker.arms.hypergradient.arm`) add `tuner`; a sweep
 trial is one meta-iteration, with `meta_iteration`, `val_loss`, `schedule` (the learned
 hyperparameters, flat: `lr/b00/layer1.weight`, `momentum/…`, `init_scale/…`, `l2/…`),
 `grad_norms`, and `lr` the SGD-equivalent rate; its `history` is one record (the run's end);
@@ -37,6 +37,8 @@ are FAIL, pruned ones PRUNED (value: the last reported epoch).
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -47,7 +49,7 @@ from worker.storage import open_storage, study_trials
 if TYPE_CHECKING:
     from worker.spec import StudySpec
 
-__all__ = ["TrialRecord", "load_trials"]
+__all__ = ["TrialRecord", "integrity_problems", "load_trials"]
 
 
 @dataclass(frozen=True)
@@ -110,3 +112,36 @@ def load_trials(
     finally:
         storage.engine.dispose()
     return records
+
+
+def integrity_problems(records: list[TrialRecord], spec: StudySpec) -> list[str]:
+    """What is wrong with a finished study's trials after faults, retries and resumes: a trial
+    left RUNNING or WAITING, an Optuna arm's sweep that did not finish `trials_per_arm`
+    configurations exactly once each (COMPLETE or PRUNED; a grid point run twice is a
+    duplicate), and final seeds not each COMPLETE exactly once. [] when the study is whole."""
+    problems: list[str] = []
+    expected_seeds = {spec.seed + 1 + i for i in range(spec.budget.final_seeds)}
+    for arm in spec.arms:
+        label = str(arm.label)
+        mine = [r for r in records if r.arm == label]
+        for r in mine:
+            if r.state in {"RUNNING", "WAITING"}:
+                problems.append(f"{label}/{r.role}/{r.number}: left {r.state}")
+        sweep = [r for r in mine if r.role == SWEEP and r.state in {"COMPLETE", "PRUNED"}]
+        if arm.tuner == "optuna":
+            runs = Counter(json.dumps(r.params, sort_keys=True) for r in sweep)
+            for params, count in runs.items():
+                if count > 1:
+                    problems.append(f"{label}: configuration {params} finished {count} times")
+            if len(runs) != spec.budget.trials_per_arm:
+                problems.append(f"{label}: {len(runs)} of {spec.budget.trials_per_arm} "
+                                "configurations finished")  # fmt: skip
+        seeds = Counter(
+            r.user_attrs.get("seed") for r in mine if r.role == FINAL and r.state == "COMPLETE"
+        )
+        if (seeds and set(seeds) != expected_seeds) or any(n > 1 for n in seeds.values()):
+            problems.append(f"{label}: final seeds {dict(sorted(seeds.items()))}, expected "
+                            f"{sorted(expected_seeds)} once each")  # fmt: skip
+        if not seeds:
+            problems.append(f"{label}: no final seed finished")
+    return problems

@@ -17,7 +17,9 @@ Choices:
 - An arm's search space is the study's, with the arm's own `search_space` entries replacing
   entries of the same name; a hyperparameter is either fixed or searched, never both.
 - The objective is measured on the validation split; `val_accuracy` is maximised and
-  `val_loss` minimised (the direction may be given, but must agree).
+  `val_loss` minimised (the direction may be given, but must agree). The metric must be one the
+  task reports (`worker.tasks.losses`): a regression task has `val_loss`, its mean squared
+  error, and no accuracy, so there the metric defaults to `val_loss`.
 - `tuner` is `optuna` (the sweep) or `hypergradient`: `optim.hypergrad` learns the arm's
   per-block, per-tensor SGD-with-momentum schedule by exact hypergradients through reversible
   training, one Optuna trial per meta-iteration (`budget.trials_per_arm` meta-iterations), then
@@ -30,12 +32,20 @@ Choices:
   cross-field checks (`worker.arms.optuna`, `worker.arms.hypergradient`: the hypergradient
   tuner needs the `sgd` scheme, the ReLU `mlp` on vector features and the `val_loss`
   objective); `worker.spec_checks` runs them with the checks of data and models.
+- An Optuna arm may carry a learning-rate `schedule` (`worker.spec_schedule.ScheduleSpec`:
+  constant by default, cosine, linear or step, each with an optional warm-up); its fields are
+  swept as search-space entries `schedule.<field>`. An arm without one dumps without the field,
+  so the dump (and a CLI study's key, a hash of it) of a spec without schedules is unchanged.
 - Stored specs are trusted data: `StudySpec.from_stored` (every read of a stored study: the
   scheduler, the API, plots, the CLI) migrates a spec of an older `version` (absent: 1) to
   `SPEC_VERSION` and validates it without the checks that depend on the machine (installed
   packages, registries, data, the build probes; `worker.spec_base.trusted`), so a study stays
   readable where it was not submitted. The limits are `worker.spec_base`'s `MAX_*`; a change
   that would refuse stored specs comes with a version and a migration (`_MIGRATIONS`).
+- A scheme's variant switches (`optim.registry.Hyperparameter.pinned`: bmp's `propagate` and
+  `mean_over_positions`) are written into an arm that leaves them out, at submit, so that a
+  later change of their default changes no stored arm; a stored arm without one predates
+  pinning and reads back with the default of its day (`_pin_stored_variants`).
 - Types are strict: a number given as a string (`"epochs": "3"`) or a boolean (`true`) is
   refused rather than coerced, and NaN, ±Infinity (and numbers that overflow to it, `1e400`)
   are refused wherever a number may appear. Every string, and every key, is checked for NUL
@@ -49,9 +59,11 @@ Choices:
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from collections.abc import Callable
-from typing import Annotated, Any, ClassVar, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
 from pydantic import (
     ConfigDict,
@@ -68,23 +80,16 @@ from pydantic import (
 from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 from pydantic_core.core_schema import ErrorType
 
-from worker.arms.hypergradient import (
-    HypergradientArmSpec,
-    HypergradientOptions,
-    hypergradient_steps,
-)
+from worker.arms import TUNERS
 from worker.spec_base import (
     MAX_ARMS,
-    MAX_BATCH_SIZE,
     MAX_CONCURRENT_TRIALS,
-    MAX_DEPTH,
     MAX_EPOCHS,
     MAX_FINAL_SEEDS,
     MAX_RETRIES,
     MAX_STEPS_PER_EPOCH,
     MAX_TRIAL_TIMEOUT_S,
     MAX_TRIALS_PER_ARM,
-    MAX_WIDTH,
     MODEL_CONFIG,
     ArmSpecBase,
     ModelOverrides,
@@ -92,22 +97,23 @@ from worker.spec_base import (
     spec_error,
     trusted,
 )
+from worker.spec_options import DataOptions, ModelOptions, SearchDimension
+from worker.spec_schedule import ScheduleSpec
 
 __all__ = [
+    "MAX_JSON_DEPTH",
     "SPEC_VERSION",
     "ArmSpec",
     "ArmSpecBase",
     "Budget",
     "DataOptions",
-    "HypergradientArmSpec",
-    "HypergradientOptions",
     "ModelOptions",
     "ModelOverrides",
     "Objective",
-    "OptunaArmSpec",
     "PrunerSpec",
     "Resources",
     "SamplerSpec",
+    "ScheduleSpec",
     "SearchDimension",
     "StudySpec",
     "format_errors",
@@ -122,119 +128,21 @@ SPEC_VERSION = 1
 def _list_tasks(schema: dict[str, Any]) -> None:
     """List the known tasks in the JSON schema (the OpenAPI document), as `worker.spec_base`
     lists the schemes; called only when a schema is built."""
-    from worker.tasks import TASKS
+    from worker.tasks import tasks
 
-    schema["enum"] = list(TASKS)
-
-
-class SearchDimension(Strict):
-    """One searched hyperparameter: a range (`low`, `high`, `log`), a list of `values`, or the
-    string `"auto"`: each arm's scheme's registered sweep range (`optim.SCHEMES`)."""
-
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    values: list[bool | int | float] | None = Field(None, min_length=1, max_length=100)
-    auto: bool = Field(False, description='"auto": the range registered for the arm\'s scheme')
-
-    @model_validator(mode="before")
-    @classmethod
-    def _from_auto(cls, data: Any) -> Any:
-        return {"auto": True} if data == "auto" else data
-
-    @model_validator(mode="after")
-    def _range(self) -> SearchDimension:
-        if self.auto:
-            if self.low is not None or self.high is not None or self.values is not None:
-                raise spec_error('"auto" takes the scheme\'s range; give no low/high/values')
-            return self
-        if self.values is not None:
-            if self.low is not None or self.high is not None:
-                raise spec_error("give either values or low/high, not both")
-            return self
-        if self.low is None or self.high is None:
-            raise spec_error("give low and high (or a list of values)")
-        if not self.low < self.high:
-            raise spec_error(f"low must be < high, got low={self.low:g}, high={self.high:g}")
-        if self.log and self.low <= 0:
-            raise spec_error(f"a log scale needs low > 0, got {self.low:g}")
-        return self
-
-    def for_scheme(self, scheme: str, name: str) -> SearchDimension:
-        """This dimension for an arm of `scheme`: `"auto"` becomes the scheme's registered
-        range for `name` (its valid range when none is registered; both values of a flag)."""
-        import optim
-
-        if not self.auto or name not in {h.name for h in optim.SCHEMES[scheme].hyperparameters}:
-            return self
-        hp = optim.SCHEMES[scheme].hyperparameter(name)
-        if hp.type == "bool":
-            return SearchDimension(values=[False, True])
-        low, high = hp.search or (hp.low, hp.high)
-        if low is None or high is None:
-            return self
-        return SearchDimension(low=low, high=high, log=hp.log)
+    schema["enum"] = list(tasks())
 
 
-class DataOptions(Strict):
-    """How the task's data are split and batched (the same for every arm)."""
-
-    batch_size: int = Field(128, ge=1, le=MAX_BATCH_SIZE)
-    split_seed: int = Field(0, ge=0, description="seed of the train/validation split")
-    val_fraction: float = Field(0.2, gt=0, lt=1, description="of the training pool")
-    n_train: int | None = Field(None, ge=1, description="cap on training examples")
-    n_val: int | None = Field(None, ge=1, description="validation examples (overrides fraction)")
-    n_test: int | None = Field(None, ge=1, description="cap on test examples")
-    data_dir: str | None = Field(None, description="cifar10/cifar100: the local directory")
-    input_shape: list[int] | None = Field(
-        None, min_length=1, max_length=3, description="synthetic: [features] or [C, H, W]"
-    )
-    n_classes: int | None = Field(None, ge=2, le=1000, description="synthetic: classes")
-    n_examples: int | None = Field(None, ge=10, le=1_000_000, description="synthetic: examples")
-
-    @field_validator("input_shape")
-    @classmethod
-    def _shape(cls, value: list[int] | None) -> list[int] | None:
-        if value is not None and (len(value) == 2 or not all(1 <= v <= 4096 for v in value)):
-            raise spec_error(f"must be [features] or [channels, height, width], got {value}")
-        return value
-
-
-class ModelOptions(Strict):
-    """The model of the task; `None` width/depth take the model's defaults."""
-
-    width: int | None = Field(None, ge=1, le=MAX_WIDTH, description="units or base channels")
-    depth: int | None = Field(None, ge=1, le=MAX_DEPTH, description="hidden layers or blocks")
-    activation: Literal["relu", "tanh"] = Field("relu", description="mlp only")
-    transformed: bool = Field(False, description="mlp only: transformed tanh units + shortcuts")
-    transform_every: int = Field(100, ge=1, le=1_000_000, description="steps between updates")
-
-
-class OptunaArmSpec(ArmSpecBase):
-    """An arm swept by Optuna (`tuner: "optuna"`, the default): its scheme's `fixed`
-    hyperparameters, and its `search_space` entries replacing the study's
-    (`worker.arms.optuna` checks them against the scheme)."""
-
-    other_tuners_fields: ClassVar[dict[str, str]] = {
-        "hypergradient": "options of the hypergradient tuner; this arm's tuner is 'optuna' "
-        "(set tuner 'hypergradient', or drop this)",
-    }
-
-    tuner: Literal["optuna"] = Field("optuna", description="optuna (default) or hypergradient")
-    fixed: dict[str, bool | int | float] = Field(default_factory=dict)
-    search_space: dict[str, SearchDimension] | None = Field(
-        None, description="replaces the study's entries of the same name for this arm"
-    )
-
-
-_TUNERS = ("optuna", "hypergradient")  # the tags of `ArmSpec`
+_TUNERS = tuple(TUNERS)  # the tags of `ArmSpec`; the first is the default
+_DEFAULT_TUNER = _TUNERS[0]
 
 
 def _tuner_of(arm: Any) -> str:
-    """The arm's tuner: its `tuner`, `optuna` when absent (pydantic's discriminator)."""
+    """The arm's tuner: its `tuner`, the default (optuna) when absent (pydantic's
+    discriminator)."""
     if isinstance(arm, dict):
-        return str(arm.get("tuner", "optuna"))
-    return str(getattr(arm, "tuner", "optuna"))
+        return str(arm.get("tuner", _DEFAULT_TUNER))
+    return str(getattr(arm, "tuner", _DEFAULT_TUNER))
 
 
 def _without_tag(arm: Any, handler: ValidatorFunctionWrapHandler) -> Any:
@@ -270,12 +178,18 @@ def _untagged(item: ErrorDetails, tag: str) -> InitErrorDetails:
     return InitErrorDetails(type=error, loc=loc, input=item["input"])
 
 
-# An arm: its `tuner` (absent: optuna) selects the model.
-ArmSpec = Annotated[
-    Annotated[OptunaArmSpec, Tag("optuna")] | Annotated[HypergradientArmSpec, Tag("hypergradient")],
-    Discriminator(_tuner_of),
-    WrapValidator(_without_tag),
-]
+# An arm: its `tuner` (absent: optuna) selects the model, one per tuner of the registry
+# (`worker.arms.TUNERS`). Static typing sees the arms' common base.
+if TYPE_CHECKING:
+    ArmSpec = ArmSpecBase
+else:
+    ArmSpec = Annotated[
+        functools.reduce(
+            operator.or_, (Annotated[t.arm_spec(), Tag(name)] for name, t in TUNERS.items())
+        ),
+        Discriminator(_tuner_of),
+        WrapValidator(_without_tag),
+    ]
 
 
 class Budget(Strict):
@@ -327,10 +241,16 @@ class PrunerSpec(_Named):
 class Objective(Strict):
     """What the sweep optimises, and how results are judged."""
 
-    metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
+    metric: Literal["val_accuracy", "val_loss"] = Field(
+        "val_accuracy", description="val_loss for a regression task (its default there)"
+    )
     direction: Literal["maximize", "minimize"] | None = Field(None, description="from metric")
     divergence_factor: float = Field(
-        10.0, gt=1, le=1e6, description="diverged when train loss > factor × ln(classes)"
+        10.0,
+        gt=1,
+        le=1e6,
+        description="diverged when train loss > factor × the chance-level loss (ln(classes); "
+        "regression: the targets' mean square)",
     )
     target: float | None = Field(None, description="for steps/time to target; default relative")
     target_fraction: float = Field(0.95, gt=0, le=1, description="default target vs best arm")
@@ -338,6 +258,8 @@ class Objective(Strict):
 
     @model_validator(mode="after")
     def _direction(self) -> Objective:
+        if "metric" not in self.model_fields_set and self.direction == "minimize":
+            self.metric = "val_loss"  # the metric to minimise that every task reports
         natural: Literal["maximize", "minimize"] = (
             "maximize" if self.metric == "val_accuracy" else "minimize"
         )
@@ -428,7 +350,8 @@ class StudySpec(Strict):
     )
     name: str = Field(min_length=1, max_length=200)
     task: str = Field(
-        description="<dataset>-<model>, e.g. mnist1d-mlp (GET /api/v1/tasks)",
+        description="an installed task: <dataset>-<model>, e.g. mnist1d-mlp, or a plugin's "
+        "(GET /api/v1/tasks)",
         json_schema_extra=_list_tasks,
     )
     seed: int = Field(0, ge=0, le=2**31 - 1, description="sweep seed; final seeds follow it")
@@ -461,19 +384,24 @@ class StudySpec(Strict):
     @field_validator("task")
     @classmethod
     def _known_task(cls, value: str, info: ValidationInfo) -> str:
-        from worker.tasks import TASKS
-
         if trusted(info):
             return value
-        if value not in TASKS:
-            raise spec_error(f"unknown task {value!r}; known: {', '.join(TASKS)}")
+        from worker.tasks import tasks
+
+        if value not in tasks():
+            raise spec_error(f"unknown task {value!r}; known: {', '.join(tasks())}")
         return value
 
     @model_validator(mode="after")
     def _cross_checks(self, info: ValidationInfo) -> StudySpec:
-        from worker.spec_checks import assign_labels, check_spec
+        if trusted(info) and all(arm.label is not None for arm in self.arms):
+            return self  # stored after its checks: labels and the task's defaults are in it
+        from worker.spec_checks import assign_labels, check_spec, pin_variants, task_defaults
 
-        problems = [] if trusted(info) else check_spec(self)
+        if not trusted(info):
+            task_defaults(self)
+        deadline = info.context.get("deadline") if info.context else None
+        problems = [] if trusted(info) else check_spec(self, deadline)
         if problems:
             raise ValidationError.from_exception_data(
                 "StudySpec",
@@ -482,6 +410,8 @@ class StudySpec(Strict):
                     for loc, message, value in problems
                 ],
             )
+        if not trusted(info):
+            pin_variants(self)
         assign_labels(self)
         return self
 
@@ -499,6 +429,7 @@ class StudySpec(Strict):
         for step in range(version, SPEC_VERSION):
             data = _MIGRATIONS[step](data)
         data["version"] = SPEC_VERSION
+        data = _pin_stored_variants(data)
         return cls.model_validate(data, context={"stored": True})
 
     def arm_model(self, arm: ArmSpec) -> ModelOptions:
@@ -508,14 +439,13 @@ class StudySpec(Strict):
     def arm_search_space(self, arm: ArmSpec) -> dict[str, SearchDimension]:
         """The arm's effective search space: the study's, with the arm's entries replacing, and
         `"auto"` ranges resolved for the arm's scheme."""
-        own = arm.search_space if isinstance(arm, OptunaArmSpec) else None
-        space = {**self.search_space, **(own or {})}
+        space = {**self.search_space, **(arm.own_search_space() or {})}
         return {name: dim.for_scheme(arm.optimizer, name) for name, dim in space.items()}
 
-    def arm_hypergradient_steps(self, arm: HypergradientArmSpec) -> int | None:
-        """T of a hypergradient arm: its own `steps`, else as long as the other arms train
-        (`budget.epochs × budget.steps_per_epoch`); None when neither is given."""
-        return hypergradient_steps(arm.hypergradient_options, self.budget)
+    def arm_schedule(self, arm: ArmSpec) -> ScheduleSpec:
+        """The arm's schedule as given (the constant rate when it has none); swept fields are
+        filled in per trial (`worker.spec_schedule.split_params`)."""
+        return arm.own_schedule() or ScheduleSpec()
 
     @property
     def labels(self) -> list[str]:
@@ -532,35 +462,57 @@ class StudySpec(Strict):
         epochs × steps per epoch (a hypergradient arm's runs are its `steps` long)."""
         runs = self.budget.trials_per_arm + self.budget.final_seeds
         default = self.budget.epochs * self.steps_per_epoch()
-        total = 0
-        for arm in self.arms:
-            steps = None
-            if isinstance(arm, HypergradientArmSpec):
-                steps = self.arm_hypergradient_steps(arm)
-            total += runs * (steps or default)
-        return total
+        return sum(runs * (arm.run_steps(self.budget) or default) for arm in self.arms)
 
 
 # `_MIGRATIONS[v]` turns a stored spec of version v into one of version v + 1 (none yet: a spec
 # without `version` is version 1, the first format).
 _MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
 
-# Training pools before the validation split (worker/tasks/datasets.py describes each dataset).
-_TRAIN_POOL = {"mnist1d": 4000, "digits": 1797 - 1797 // 5, "cifar10": 50_000, "cifar100": 50_000}
+
+# The defaults of the pinned options (`optim.registry.Hyperparameter.pinned`) before they were
+# pinned: a study submitted since then states them in its arms (`worker.spec_checks.
+# pin_variants`), so a stored Optuna arm without one was submitted when this was its default.
+_DEFAULTS_BEFORE_PINNING: dict[str, dict[str, bool]] = {
+    "bmp": {"propagate": True, "mean_over_positions": False},
+}
+
+
+def _pin_stored_variants(data: dict[str, Any]) -> dict[str, Any]:
+    """A stored spec with its arms' unstated pinned options filled in at the defaults of their
+    day (above): the scheme's default has changed since, and what a stored arm trained with,
+    its label and its leaderboard setting must not change with it."""
+    arms = data.get("arms")
+    if not isinstance(arms, list):
+        return data
+    study_space = data.get("search_space")
+    if not isinstance(study_space, dict):
+        study_space = _default_search_space()
+    searched_by_study = set(study_space)
+    pinned = []
+    for arm in arms:
+        scheme = arm.get("optimizer") if isinstance(arm, dict) else None
+        before = _DEFAULTS_BEFORE_PINNING.get(scheme) if isinstance(scheme, str) else None
+        if not before or arm.get("tuner", "optuna") != "optuna":
+            pinned.append(arm)
+            continue
+        fixed = dict(arm.get("fixed") or {})
+        searched = searched_by_study | set(arm.get("search_space") or {})
+        for name, value in before.items():
+            if name not in fixed and name not in searched:
+                fixed[name] = value
+        pinned.append({**arm, "fixed": fixed})
+    return {**data, "arms": pinned}
 
 
 def _train_examples(task: str, data: DataOptions) -> int:
-    """Examples in the training split, as `worker.tasks` will cut it."""
+    """Examples in the training split, as `worker.tasks.data` will cut it from the task's
+    training pool (its `DataShape`)."""
     from worker.tasks import get_task
-    from worker.tasks.datasets import SYNTHETIC_EXAMPLES
 
-    dataset = get_task(task).dataset.name
-    if dataset == "synthetic":
-        n = data.n_examples or SYNTHETIC_EXAMPLES
-        pool = n - n // 5
-    else:
-        pool = _TRAIN_POOL.get(dataset, max(_TRAIN_POOL.values()))  # a new dataset: the largest
-    n_val = data.n_val or max(1, round(data.val_fraction * pool))
+    shape = get_task(task).shape(data.model_dump())
+    pool = shape.train_pool
+    n_val = 0 if shape.own_validation else data.n_val or max(1, round(data.val_fraction * pool))
     train = max(1, pool - n_val)
     return min(train, data.n_train) if data.n_train else train
 
@@ -575,30 +527,46 @@ def _string_problem(text: str) -> str | None:
     return None
 
 
+MAX_JSON_DEPTH = 32  # a spec nests 6 deep (arms.0.search_space.lr.values.0); JSON deeper is refused
+
+
 def raw_input_problems(
     data: Any, loc: tuple[str | int, ...] = ()
 ) -> list[tuple[tuple[str | int, ...], str]]:
     """`(loc, message)` for every string or key in parsed JSON that no database can store (NUL
-    bytes, lone surrogates) and every non-finite number; a key's own problem is reported at
-    the key's location, written with its bad characters escaped."""
+    bytes, lone surrogates), every non-finite number, and any container nested deeper than
+    `MAX_JSON_DEPTH` (reported once, at the first one, without looking inside); a key's own
+    problem is reported at the key's location, written with its bad characters escaped. It
+    walks with a stack of its own, so no depth of nesting can exhaust Python's."""
     problems: list[tuple[tuple[str | int, ...], str]] = []
-    if isinstance(data, str):
-        if (problem := _string_problem(data)) is not None:
-            problems.append((loc, problem))
-    elif isinstance(data, float):
-        if not math.isfinite(data):
-            problems.append((loc, f"must be a finite number, got {data!r}"))
-    elif isinstance(data, dict):
-        for key, value in data.items():
-            name = str(key)
-            if (problem := _string_problem(name)) is not None:
-                escaped = name.encode("utf-8", "backslashreplace").decode().replace("\x00", "\\x00")
-                problems.append(((*loc, escaped), f"key {problem}"))
-                continue
-            problems.extend(raw_input_problems(value, (*loc, name)))
-    elif isinstance(data, list | tuple):
-        for index, value in enumerate(data):
-            problems.extend(raw_input_problems(value, (*loc, index)))
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(data, loc)]
+    too_deep = False
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            if (problem := _string_problem(item)) is not None:
+                problems.append((where, problem))
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                problems.append((where, f"must be a finite number, got {item!r}"))
+        elif isinstance(item, dict | list | tuple) and len(where) - len(loc) >= MAX_JSON_DEPTH:
+            if not too_deep:
+                problems.append((where, f"nested deeper than {MAX_JSON_DEPTH} levels"))
+                too_deep = True
+        elif isinstance(item, dict):
+            children: list[tuple[Any, tuple[str | int, ...]]] = []
+            for key, value in item.items():
+                name = str(key)
+                if (problem := _string_problem(name)) is not None:
+                    escaped = (
+                        name.encode("utf-8", "backslashreplace").decode().replace("\x00", "\\x00")
+                    )
+                    problems.append(((*where, escaped), f"key {problem}"))
+                    continue
+                children.append((value, (*where, name)))
+            stack.extend(reversed(children))
+        elif isinstance(item, list | tuple):
+            stack.extend(reversed([(value, (*where, i)) for i, value in enumerate(item)]))
     return problems
 
 

@@ -8,7 +8,7 @@ imports them: no module here imports `worker.spec`.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -24,6 +24,10 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+if TYPE_CHECKING:
+    from worker.spec_options import SearchDimension
+    from worker.spec_schedule import ScheduleSpec
+
 __all__ = [
     "LABEL_PATTERN",
     "MAX_ARMS",
@@ -31,6 +35,7 @@ __all__ = [
     "MAX_CONCURRENT_TRIALS",
     "MAX_DEPTH",
     "MAX_EPOCHS",
+    "MAX_FILE_VALUES",
     "MAX_FINAL_SEEDS",
     "MAX_HYPERGRAD_BLOCKS",
     "MAX_HYPERGRAD_DEPTH",
@@ -49,6 +54,7 @@ __all__ = [
     "ModelOverrides",
     "Problem",
     "Strict",
+    "given_options",
     "spec_error",
     "trusted",
 ]
@@ -66,6 +72,7 @@ MAX_BATCH_SIZE = 8192
 MAX_RETRIES = 5
 MAX_TRIAL_TIMEOUT_S = 86_400.0
 MAX_SYNTHETIC_VALUES = 200_000_000  # n_examples × input size of a synthetic dataset
+MAX_FILE_VALUES = 200_000_000  # every array of a files dataset together (worker.tasks.files)
 # The hypergradient tuner trains in exact fixed point on the CPU; its information buffer grows by
 # log2(1/momentum) bits per parameter per step (0.15 at momentum 0.9, at most 16), so at these
 # limits a run holds ~10 MB of buffer typically and 1 GB at worst (steps × parameters × 2 bytes).
@@ -115,13 +122,29 @@ def _list_schemes(schema: dict[str, Any]) -> None:
 
 
 class ModelOverrides(Strict):
-    """An arm's changes to the study's model options (unset fields keep the study's)."""
+    """An arm's changes to the study's model options (unset fields keep the study's); a
+    plugin model's own options are given by name, as in the study's `model`."""
+
+    model_config = ConfigDict(**{**MODEL_CONFIG, "extra": "allow"})
 
     width: int | None = Field(None, ge=1, le=MAX_WIDTH)
     depth: int | None = Field(None, ge=1, le=MAX_DEPTH)
     activation: Literal["relu", "tanh"] | None = None
     transformed: bool | None = None
     transform_every: int | None = Field(None, ge=1, le=1_000_000)
+
+
+def given_options(options: BaseModel) -> dict[str, Any]:
+    """The model options a spec (`worker.spec.ModelOptions`) or an arm (`ModelOverrides`) sets:
+    the built-in fields that differ from their defaults (None is always the default), and every
+    option given by another name (a plugin model's)."""
+    given = {
+        name: getattr(options, name)
+        for name, field in type(options).model_fields.items()
+        if getattr(options, name) is not None and getattr(options, name) != field.default
+    }
+    given.update({k: v for k, v in (options.model_extra or {}).items() if v is not None})
+    return given
 
 
 # Every tuner's own fields, empty. Before arms were split by tuner, one arm model held them all,
@@ -142,6 +165,7 @@ class ArmSpecBase(Strict):
         description="a key of optim.SCHEMES (GET /api/v1/schemes)",
         json_schema_extra=_list_schemes,
     )
+    tuner: str  # each tuner's arm narrows it to its name (`worker.arms.TUNERS`)
     label: str | None = Field(None, pattern=LABEL_PATTERN, description="unique; default derived")
     model: ModelOverrides = Field(default_factory=ModelOverrides)
 
@@ -162,13 +186,32 @@ class ArmSpecBase(Strict):
             raise ValidationError.from_exception_data(cls.__name__, refused)
         return kept
 
+    # What a tuner's arm may add to the study's settings (its own model overrides the defaults).
+
+    def fixed_values(self) -> dict[str, bool | int | float]:
+        """The scheme's hyperparameters the arm fixes ({}: none)."""
+        return {}
+
+    def own_search_space(self) -> dict[str, SearchDimension] | None:
+        """The arm's entries that replace the study's search space (None: none)."""
+        return None
+
+    def own_schedule(self) -> ScheduleSpec | None:
+        """The arm's learning-rate schedule (None: the constant rate)."""
+        return None
+
+    def run_steps(self, budget: Any) -> int | None:
+        """How many optimizer steps one run of this arm takes when it is not the budget's
+        `epochs × steps per epoch` (None: it is)."""
+        return None
+
     @field_validator("optimizer")
     @classmethod
     def _known_scheme(cls, value: str, info: ValidationInfo) -> str:
-        import optim
-
         if trusted(info):
             return value
+        import optim  # PyTorch: only where a spec is checked, not where one is read
+
         if value not in optim.SCHEMES:
             raise spec_error(f"unknown scheme {value!r}; known: {', '.join(optim.SCHEMES)}")
         return value

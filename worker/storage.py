@@ -6,18 +6,23 @@ storage holds at most `POOL_SIZE + MAX_OVERFLOW` connections, and the driver use
 thread, so a running study costs PostgreSQL at most that many connections however many trials
 run at once. SQLite waits up to `SQLITE_TIMEOUT_S` for a lock held by another process (e.g. the
 service writing its own tables) instead of failing at once.
+
+Optuna is imported when a storage is opened, not with this module: `make_sqlite_folder` is all
+that `service.db` needs, and every command that opens ratebench's own tables (`ratebench keys`,
+`import`, a re-run of a finished study) would otherwise pay Optuna's import (seconds).
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import optuna
 import sqlalchemy as sa
-from optuna.storages import RDBStorage
-from optuna.trial import FrozenTrial
+
+if TYPE_CHECKING:
+    from optuna.storages import RDBStorage
+    from optuna.trial import FrozenTrial
 
 __all__ = [
     "MAX_OVERFLOW",
@@ -52,6 +57,11 @@ def make_sqlite_folder(url: str) -> None:
 
 def open_storage(url: str) -> RDBStorage:
     """An Optuna RDB storage on `url` (tables created when missing); dispose its engine after."""
+    import optuna
+    from optuna.storages import RDBStorage
+
+    # Optuna logs each finished trial at INFO level; ratebench's driver logs what matters.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     kwargs: dict[str, Any]
     make_sqlite_folder(url)
     if url.startswith("sqlite"):
@@ -75,7 +85,3 @@ def study_trials(storage: RDBStorage, name: str) -> list[FrozenTrial]:
     except KeyError:
         return []
     return storage.get_all_trials(study_id, deepcopy=False)
-
-
-# Optuna logs each finished trial at INFO level; ratebench's driver logs what matters.
-optuna.logging.set_verbosity(optuna.logging.WARNING)

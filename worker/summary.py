@@ -6,7 +6,9 @@
   `best_params`, `best_sweep_value`);
 - **objective mean ± std** over the final seeds (sample std, ddof = 1; None for one seed). A
   final seed that diverged counts with its diverged value (it is what the scheme did at that
-  rate); failed seeds are left out. `final_values` lists the per-seed values for statistics;
+  rate); failed seeds are left out. `final_values` lists the per-seed values for statistics,
+  and `final_seeds` the seed of each, in the same order: a task board counts a re-run of the
+  same configuration and seed once (`service.evidence`);
 - **test metric mean ± std** over the final seeds that finished without diverging
   (`test_accuracy_*`, `test_loss_*`; `test_mean`/`test_std` are the one matching the objective);
 - **steps and wall time to target**: the target is `objective.target` when the spec gives one,
@@ -15,6 +17,16 @@
   reaches it at the first epoch whose validation metric meets it (epoch granularity; `step`
   and `wall_time` of that epoch); the row gives the median over the final seeds, where a seed
   that never reached counts as infinitely slow (None when more than half never did);
+- **training time**: `train_time_s`, the seconds of training and evaluation of every trial of
+  the arm (sweep and final seeds, pruned and diverged ones included), `train_steps` their
+  optimizer steps, and `ms_per_step` the ratio: what the scheme's steps cost. A trial trained
+  in a cohort of K (`worker.cohort`) shares its cohort's wall time and is charged 1/K of it,
+  here and in `time_to_target_s`; batching makes that less than the trial would take alone,
+  so `cohort_sizes` lists the sizes the arm's timed trials trained at (arms that batch
+  differently, bmp never, are compared by time fairly only with `resources.cohort_size` 1);
+- **schedule**: the arm's learning-rate schedule as its leaderboard setting names it
+  (`worker.spec_schedule.setting_fields`; None for the constant rate, `{"name": "learned"}`
+  for a hypergradient arm);
 - **rate band**: sweep trials (diverged ones included, pruned ones left out) sorted by rate;
   starting at the best trial, the band extends over neighbouring rates while their objective is
   within `band_tolerance` (relative) of the best: `value ≥ best − tol·|best|` (maximise) or
@@ -25,7 +37,7 @@
   `n_complete` (finished, not diverged), `n_pruned`, `n_diverged`, `n_failed`, `n_running`,
   and `n_seeds` (final seeds with a value). For a hypergradient arm a sweep trial is a
   meta-iteration, and a failed or stopped tuning run is a failed trial
-  (`worker.arms.hypergradient_arm`); `best_lr` is the best meta-iteration's SGD-equivalent rate.
+  (`worker.arms.hypergradient.arm`); `best_lr` is the best meta-iteration's SGD-equivalent rate.
 
 - **status**: `failed` when every sweep trial failed, or every final seed (the arm has no
   result), with `error`, the first failed trial's (not one the driver interrupted); `ok`
@@ -53,6 +65,8 @@ from typing import TYPE_CHECKING, Any
 from optuna.trial import FrozenTrial, TrialState
 
 from worker.arms.base import best_trial, final_study_name, sweep_study_name
+from worker.arms.optuna.spec import OptunaArmSpec
+from worker.spec_schedule import setting_fields, swept_fields
 from worker.storage import open_storage, study_trials
 
 if TYPE_CHECKING:
@@ -87,6 +101,7 @@ class ArmSummary:
     objective_mean: float | None = None
     objective_std: float | None = None
     final_values: list[float] = field(default_factory=list)
+    final_seeds: list[int] = field(default_factory=list)  # the seed of each final value
     n_seeds: int = 0
     test_metric: str = "test_accuracy"
     test_mean: float | None = None
@@ -95,10 +110,15 @@ class ArmSummary:
     test_accuracy_std: float | None = None
     test_loss_mean: float | None = None
     test_loss_std: float | None = None
+    schedule: dict[str, Any] | None = None
     target: float | None = None
     target_reached: int = 0
     steps_to_target: float | None = None
     time_to_target_s: float | None = None
+    train_time_s: float = 0.0
+    train_steps: int = 0
+    ms_per_step: float | None = None
+    cohort_sizes: list[int] = field(default_factory=list)
     band_tolerance: float = 0.0
     band_low: float | None = None
     band_high: float | None = None
@@ -199,12 +219,28 @@ def lr_edge(dim: SearchDimension, best_lr: float, tried: list[float]) -> str | N
     return None
 
 
+def _share(t: FrozenTrial) -> int:
+    """How many trials shared `t`'s wall time: its cohort's size, 1 when it trained alone."""
+    cohort = t.user_attrs.get("cohort")
+    return int(cohort.get("size", 1)) if isinstance(cohort, dict) else 1
+
+
 def _reached(t: FrozenTrial, metric: str, target: float, maximize: bool) -> tuple[float, float]:
     for record in t.user_attrs.get("history", []):
         value = record.get(metric)
         if value is not None and (value >= target if maximize else value <= target):
-            return float(record["step"]), float(record["wall_time"])
+            return float(record["step"]), float(record["wall_time"]) / _share(t)
     return math.inf, math.inf
+
+
+def _add_training_time(row: ArmSummary, trials: list[FrozenTrial]) -> None:
+    """The arm's charged seconds and steps over every trial that trained (module docstring)."""
+    timed = [t for t in trials if isinstance(t.user_attrs.get("wall_time"), int | float)]
+    row.train_time_s = sum(float(t.user_attrs["wall_time"]) / _share(t) for t in timed)
+    row.train_steps = sum(int(t.user_attrs.get("steps") or 0) for t in timed)
+    if row.train_steps:
+        row.ms_per_step = 1000.0 * row.train_time_s / row.train_steps
+    row.cohort_sizes = sorted({_share(t) for t in timed})
 
 
 def _median_or_none(values: list[float]) -> float | None:
@@ -231,6 +267,11 @@ def _summarize_arm(
         row.status = "failed"
     row.error = _first_error(sweep) or _first_error(final)
     space = spec.arm_search_space(arm) if arm.tuner == "optuna" else {}
+    if isinstance(arm, OptunaArmSpec):
+        row.schedule = setting_fields(spec.arm_schedule(arm), swept_fields(spec, arm))
+    else:  # the hypergradient tuner learns its per-step schedules
+        row.schedule = {"name": "learned"}
+    _add_training_time(row, sweep + final)
     if "lr" in space:
         row.lr_low, row.lr_high, _ = _lr_range(space["lr"])
     best = best_trial(sweep, objective.maximize)
@@ -252,6 +293,7 @@ def _summarize_arm(
             row.best_lr_at_edge = lr_edge(space["lr"], float(row.best_lr), tried)
     seeds = [t for t in final if t.state == TrialState.COMPLETE and t.value is not None]
     row.final_values = [float(t.value) for t in seeds]  # type: ignore[arg-type]
+    row.final_seeds = [int(t.user_attrs.get("seed", spec.seed)) for t in seeds]
     row.n_seeds = len(seeds)
     row.objective_mean, row.objective_std = _mean_std(row.final_values)
     for name in ("test_accuracy", "test_loss"):

@@ -18,7 +18,8 @@ Storage under concurrency: driver-side ask/tell, not Optuna's gRPC storage proxy
   The price of ask/tell: Optuna's heartbeat (`heartbeat_interval`,
   `RetryHeartbeatStaleTrialCallback`) only covers `study.optimize`, so we keep our own lease:
   a trial whose worker process dies surfaces as an error on its ObjectRef (Ray monitors its
-  workers and nodes), `resources.trial_timeout_s` bounds a trial that hangs, and trials left
+  workers and nodes), `resources.trial_timeout_s` (by default one derived from the budget,
+  `worker.footprint.default_trial_timeout_s`) bounds a trial that hangs, and trials left
   RUNNING by a driver that died are failed and retried when the study is resumed
   (`worker.arms.base`). Retries are new Optuna trials with the same parameters, so they are
   visible in the study; every other trial's result stays as it was.
@@ -48,17 +49,19 @@ A job may hold several trials (an Optuna arm's cohort, `resources.cohort_size`: 
 training them as one batched model): it takes one slot, and its members report under their own
 trial keys (`Job.routes`); the driver needs no more than that.
 
-Each tuner's arm is an `ArmRun` of `worker.arms` (`_ARM_RUNS`); the driver sees only
+Each tuner's arm is an `ArmRun` (`worker.arms.TUNERS`, each tuner's `arm`); the driver sees only
 `ArmRun.next_assignment()` and the `worker.arms.base.Job` contract, and knows no tuner. A
-hypergradient arm (`tuner: "hypergradient"`, `worker.arms.hypergradient_arm`) fills one slot with
+hypergradient arm (`tuner: "hypergradient"`, `worker.arms.hypergradient.arm`) fills one slot with
 a single Ray task that runs the whole tuning and reports every meta-iteration through the same
 mailbox; its job stores each as a trial of the arm's sweep study.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -68,10 +71,10 @@ import optuna
 import ray
 
 from worker import cluster
-from worker.arms.base import FINAL, SWEEP, ArmRun, Job
-from worker.arms.hypergradient_arm import HypergradArmRun
-from worker.arms.optuna import OptunaArmRun
+from worker.arms import TUNERS
+from worker.arms.base import FINAL, SWEEP, ArmRun, Job, close_unfinished
 from worker.failures import classify
+from worker.footprint import DEFAULT_TIMEOUT_BASE_S, default_trial_timeout_s
 from worker.remote import Mailbox, trial_task
 from worker.storage import open_storage
 from worker.summary import ArmSummary, study_outcome, summarize_arms
@@ -81,7 +84,15 @@ if TYPE_CHECKING:
     from worker.slots import StudySlots
     from worker.spec import StudySpec
 
-__all__ = ["ArmProgress", "Progress", "StudyResult", "TakenOverError", "run_study"]
+__all__ = [
+    "MAILBOX_NAMESPACE",
+    "ArmProgress",
+    "Progress",
+    "StudyResult",
+    "TakenOverError",
+    "close_study",
+    "run_study",
+]
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +171,27 @@ class TakenOverError(RuntimeError):
     The caller tells a lost study from a fault of its own by asking who owns the study now."""
 
 
+MAILBOX_NAMESPACE = "ratebench"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return text.splitlines()[0]
+
+
+def _new_mailbox(study_key: str) -> Any:
+    """A study's mailbox, on the driver's own node, strictly: placed on another node (which a
+    soft affinity allows) it would die with that node, while the driver's node going down ends
+    the driver anyway. Named (`mailbox:<study key>:<random>`, namespace `ratebench`) so that an
+    operator, a test or the chaos soak can find it; a driver that loses it resumes the study."""
+    node = ray.get_runtime_context().get_node_id()
+    strategy = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(node, soft=False)
+    name = f"mailbox:{study_key}:{uuid.uuid4().hex[:8]}"
+    return Mailbox.options(  # type: ignore[attr-defined]
+        scheduling_strategy=strategy, name=name, namespace=MAILBOX_NAMESPACE
+    ).remote()
+
+
 def _ensure_ray(address: str | None) -> None:
     cluster.connect(address, log_to_driver=False)
 
@@ -203,6 +235,16 @@ def run_study(
     return StudyResult(study_key, summaries, stopped, time.monotonic() - started)
 
 
+def close_study(spec: StudySpec, storage_url: str, study_key: str, reason: str) -> int:
+    """Fail the trials a study that ended left RUNNING or WAITING (`close_unfinished`); the
+    scheduler calls it when a study fails or is cancelled. Returns how many it closed."""
+    storage = open_storage(storage_url)
+    try:
+        return close_unfinished(storage, study_key, spec.labels, reason)
+    finally:
+        storage.engine.dispose()
+
+
 def _join_ray_and_open_arms(
     spec: StudySpec, storage: Any, study_key: str, ray_address: str | None
 ) -> list[ArmRun]:
@@ -227,12 +269,9 @@ def _join_ray_and_open_arms(
         return opened.result()
 
 
-_ARM_RUNS: dict[str, type[ArmRun]] = {"optuna": OptunaArmRun, "hypergradient": HypergradArmRun}
-
-
 def _arm_run(spec: StudySpec, index: int, storage: Any, study_key: str) -> ArmRun:
     """The arm's runner, by its tuner."""
-    return _ARM_RUNS[spec.arms[index].tuner](spec, index, storage, study_key)
+    return TUNERS[spec.arms[index].tuner].arm_run().open(spec, index, storage, study_key)
 
 
 class _Driver:
@@ -251,21 +290,18 @@ class _Driver:
         self.on_progress, self.should_stop, self.slots = on_progress, should_stop, slots
         self.running: dict[ray.ObjectRef, Job] = {}
         self.by_key: dict[str, Job] = {}
+        self.nodes: dict[str, str] = {}  # a started job's key → its Ray node id
         self._next_arm = 0
         self._last_progress: dict[str, Any] | None = None
         res = spec.resources
         self.fresh = res.fresh_process if res.fresh_process is not None else res.gpus_per_trial > 0
         self.mailbox: Any = None
         self.pending: Job | None = None  # handed out by its arm, waiting for a slot
+        self._default_timeout: float | None = None  # computed once a trial runs long
 
     def run(self) -> bool:
         """Drive every arm to its end; True when stopped by should_stop."""
-        # The mailbox lives on the driver's own node, strictly: placed on another node (which a
-        # soft affinity allows) it would die with that node and take the study with it, while
-        # the driver's node going down ends the driver anyway.
-        node = ray.get_runtime_context().get_node_id()
-        strategy = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(node, soft=False)
-        self.mailbox = Mailbox.options(scheduling_strategy=strategy).remote()  # type: ignore[attr-defined]
+        self.mailbox = _new_mailbox(self.study_key)
         take = self.mailbox.take.remote(_POLL_S)
         try:
             while True:
@@ -287,18 +323,20 @@ class _Driver:
                 self._check_timeouts()
         except optuna.exceptions.UpdateFinishedTrialError as exc:
             raise self._abandon(exc) from exc
-        except BaseException:
+        except BaseException as exc:
+            reason = f"stopped before it finished (the driver was interrupted: {_first_line(exc)})"
             try:
-                self._interrupt("stopped before it finished (the driver was interrupted)")
-            except optuna.exceptions.UpdateFinishedTrialError as exc:
-                raise self._abandon(exc) from exc
+                self._interrupt(reason)
+            except optuna.exceptions.UpdateFinishedTrialError as closed:
+                raise self._abandon(closed) from closed
             except Exception:  # keep the original error; a resume fails these trials as stale
                 log.exception("could not record the interrupted trials")
             raise
         finally:
             if self.slots is not None:
                 self.slots.withdraw()  # a slot granted but not taken goes to another study
-            ray.kill(self.mailbox)
+            with contextlib.suppress(Exception):  # a dead runtime took it already
+                ray.kill(self.mailbox)
 
     def _harvest(self) -> None:
         """Record every trial whose task has ended."""
@@ -352,6 +390,9 @@ class _Driver:
             a = self.by_key.get(key)
             if kind == "started" and a is not None:
                 a.record_start(*message[2:6])
+                node = message[5] or {}
+                if node.get("ray_node_id"):  # where it runs: a lost node is not its fault
+                    self.nodes[a.key] = str(node["ray_node_id"])
             elif kind == "report":  # an epoch's value, a meta-iteration's record, ...
                 index, payload = message[2], message[3]
                 stop = a.record_report(index, payload) if a is not None else True
@@ -365,7 +406,8 @@ class _Driver:
             self.slots.release()  # every way a trial ends passes here
         for key in a.routes():
             self.by_key.pop(key, None)
-            self.mailbox.forget.remote(key)
+            with contextlib.suppress(Exception):  # a dead mailbox answers nobody anyway
+                self.mailbox.forget.remote(key)
         return a
 
     def _finish(self, ref: ray.ObjectRef) -> None:
@@ -373,19 +415,35 @@ class _Driver:
         try:
             result = ray.get(ref)
         except ray.exceptions.RayError as exc:
-            failure = classify(exc)  # a deterministic error is not retried
+            node = self.nodes.pop(a.key, None)
+            failure = classify(exc, node_alive=node is None or cluster.node_alive(node))
             error = redact_paths(failure.error, DataRoots.from_env())  # readers see it
             log.warning("trial %s failed (attempt %d): %s", a.key, a.attempt, error,
                         extra={"trial_id": a.key})  # fmt: skip
-            a.record_failure(error, retry=failure.retry)
+            a.record_failure(error, retry=failure.retry, interrupted=failure.infrastructure)
             return
+        self.nodes.pop(a.key, None)
         a.record_result(result)
 
-    def _check_timeouts(self) -> None:
+    def _trial_timeout(self, oldest: float) -> float | None:
+        """`resources.trial_timeout_s`, else the default derived from the budget
+        (`worker.footprint`), worked out only once a trial has run as long as its least
+        value; None while no trial may have timed out."""
         limit = self.spec.resources.trial_timeout_s
+        if limit is not None:
+            return limit
+        if self._default_timeout is None:
+            if oldest < DEFAULT_TIMEOUT_BASE_S:
+                return None
+            self._default_timeout = default_trial_timeout_s(self.spec)
+        return self._default_timeout
+
+    def _check_timeouts(self) -> None:
+        now = time.monotonic()
+        oldest = max((now - a.started for a in self.running.values()), default=0.0)
+        limit = self._trial_timeout(oldest)
         if limit is None:
             return
-        now = time.monotonic()
         for ref, a in list(self.running.items()):
             allowed = limit * a.trials  # per trial: a cohort of K may take K times as long
             if now - a.started > allowed:
@@ -396,13 +454,19 @@ class _Driver:
                 a.record_failure(f"timed out after {allowed:g} s")
 
     def _interrupt(self, reason: str) -> None:
+        """Record every started or pending job as interrupted (re-run on resume without using
+        an attempt), then cancel its task: the record comes first, so a runtime that is gone
+        (and answers a cancel with an error) cannot leave a trial running in storage."""
         if self.pending is not None:  # never started: re-run on resume, like the others
             a, self.pending = self.pending, None
             a.record_failure(reason, interrupted=True)
         for ref in list(self.running):
-            ray.cancel(ref, force=True)
             a = self._release(ref)
             a.record_failure(reason, interrupted=True)
+            try:
+                ray.cancel(ref, force=True)
+            except Exception as exc:  # its node or the runtime is gone: so is the task
+                log.info("could not cancel trial %s (%s)", a.key, _first_line(exc))
 
     def _abandon(self, closed: Exception) -> TakenOverError:
         """Cancel the running tasks and record nothing, since another driver closed one of

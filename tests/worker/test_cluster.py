@@ -25,6 +25,7 @@ def _env(**values: str) -> dict[str, str]:
     return {**env, **values}
 
 
+@pytest.mark.slow
 def test_the_setting_reaches_rays_own_start_up_limits() -> None:
     """Ray's core, loading in a fresh process, reads the limit the setting exported."""
     probe = [sys.executable, "-c", _PROBE]

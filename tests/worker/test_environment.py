@@ -34,6 +34,18 @@ def test_collect_describes_this_process_in_json_safe_values() -> None:
         assert env["gpus"] == [] and env["cuda"] is None and env["cudnn"] is None
 
 
+def test_collect_records_what_decides_a_cpu_trials_rounding() -> None:
+    """experiments/determinism.py: ATen's SIMD level and MKL's code path change a trial's
+    numbers from the first epoch; a study records them, to tell such a difference from a bug."""
+    numerics = environment.collect()["numerics"]
+    assert numerics["aten_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert numerics["blas"] and numerics["onednn"]
+    assert set(numerics["cpu_simd"]) <= set(environment._SIMD_FLAGS)
+    assert numerics["overrides"] == {
+        k: os.environ[k] for k in environment._NUMERIC_VARIABLES if k in os.environ
+    }
+
+
 def test_collect_returns_a_copy_each_time() -> None:
     first = environment.collect()
     first["gpus"].append({"name": "changed by the caller"})
@@ -52,7 +64,8 @@ def test_git_commit_is_heads_in_a_checkout() -> None:
 
 def test_node_is_small_and_names_this_machine() -> None:
     node = environment.node()
-    assert set(node) == {"hostname", "ip", "ray_node_id", "cpu", "gpus"}
+    assert set(node) == {"hostname", "ip", "ray_node_id", "cpu", "cpu_capability", "gpus"}
+    assert node["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert node["hostname"] == environment.collect()["hostname"]
     assert node["cpu"] == environment.cpu_model()
     assert node["gpus"] == [g["name"] for g in environment.collect()["gpus"]]

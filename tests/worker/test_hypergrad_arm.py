@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 from pydantic import ValidationError
 
 from optim.hypergrad import mlp_param_names
-from worker.arms.hypergradient_jobs import Schedule, ScheduleConfig, TuneConfig, mlp_layer_sizes
+from worker.arms.hypergradient.jobs import Schedule, ScheduleConfig, TuneConfig, mlp_layer_sizes
 from worker.results import TrialRecord, load_trials
 from worker.spec import StudySpec, format_errors
 from worker.sweep import Progress, run_study
@@ -61,7 +61,7 @@ def test_a_hypergradient_arm_is_accepted_and_its_steps_default_to_the_budget() -
     assert arm.tuner == "hypergradient"
     assert spec.labels == ["sgd", "sgd-2"]
     assert arm.hypergradient_options.learn == ["lr"]
-    assert spec.arm_hypergradient_steps(arm) == 3 * 20  # epochs × steps_per_epoch, as sgd trains
+    assert arm.run_steps(spec.budget) == 3 * 20  # epochs × steps_per_epoch, as sgd trains
 
 
 @pytest.mark.parametrize(
@@ -69,12 +69,15 @@ def test_a_hypergradient_arm_is_accepted_and_its_steps_default_to_the_budget() -
     [
         ({"arms": [_hg_arm(optimizer="adam")]}, "arms.0.optimizer", "set optimizer 'sgd'"),
         ({"objective": {"metric": "val_accuracy"}}, "arms.1.tuner", "objective.metric 'val_loss'"),
-        ({"task": "digits-cnn", "model": {}}, "arms.1.tuner", "got digits-cnn"),
-        ({"task": "cifar10-mlp"}, "arms.1.tuner", "mlp on feature vectors"),
         (
-            {"task": "synthetic-mlp", "data": {"input_shape": [1, 8, 8]}},
+            {"task": "digits-cnn", "model": {}},
             "arms.1.tuner",
-            "with input_shape [1, 8, 8]",
+            "digits-cnn is a classification task whose cnn model does not declare one",
+        ),
+        (
+            {"task": "cifar10-mlp", "model": {"width": 64, "depth": 1}},  # 3072 inputs
+            "arms.1.model",
+            "197,322 parameters; the hypergradient tuner takes",
         ),
         ({"arms": [_hg_arm(model={"activation": "tanh"})]}, "arms.0.model", "ReLU"),
         ({"arms": [_hg_arm(model={"transformed": True})]}, "arms.0.model", "not transformed"),
@@ -123,6 +126,15 @@ def test_a_hypergradient_arm_that_cannot_run_is_refused_under_its_field(
     errors = _errors(_data(**changes))
     assert field in errors, errors
     assert words in errors[field]
+
+
+def test_the_tuner_takes_any_classifier_that_is_a_plain_relu_mlp() -> None:
+    """What the task declares decides (`Model.layer_sizes`), not a list of dataset names: image
+    inputs reach the MLP flattened, as they reach the built-in mlp."""
+    spec = StudySpec.model_validate(
+        _data(task="synthetic-mlp", data={**_data()["data"], "input_shape": [1, 8, 8]})
+    )
+    assert spec.arms[1].tuner == "hypergradient"
 
 
 # -- the jobs, without Ray ---------------------------------------------------------------------
@@ -247,6 +259,8 @@ def test_a_study_records_meta_iterations_as_trials_and_final_seeds(
     assert row.n_seeds == 2 and row.objective_std is not None
     assert row.objective_mean == pytest.approx(sum(float(t.value) for t in final) / 2)  # type: ignore[arg-type]
     assert row.best_lr == best.user_attrs["lr"] and row.band_low is None
+    assert row.schedule == {"name": "learned"} and rows["sgd"].schedule is None
+    assert row.train_time_s > 0 and row.train_steps > 0  # its runs' time, as any arm's
     assert rows["sgd"].n_seeds == 2  # the optuna arm ran beside it as always
 
 

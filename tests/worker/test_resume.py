@@ -24,7 +24,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from worker.arms.sampling import grid_values, make_sampler, suggest
+from worker.arms.optuna.sampling import grid_values, make_sampler, suggest
 from worker.results import load_trials
 from worker.spec import StudySpec
 from worker.storage import open_storage, study_trials

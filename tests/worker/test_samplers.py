@@ -12,7 +12,7 @@ import math
 import optuna
 import pytest
 
-from worker.arms.sampling import make_sampler, suggest
+from worker.arms.optuna.sampling import make_sampler, suggest
 from worker.spec import StudySpec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -36,7 +36,11 @@ def _spec(sampler: str) -> StudySpec:
     )
 
 
-@pytest.mark.parametrize("name", ["random", "grid", "tpe", "cmaes", "gp"])
+# CMA-ES and the Gaussian process take seconds to fit their samples; the others a fraction.
+@pytest.mark.parametrize(
+    "name",
+    ["random", "grid", "tpe"] + [pytest.param(n, marks=pytest.mark.slow) for n in ("cmaes", "gp")],
+)
 def test_sampler_keeps_to_the_space_and_improves_on_its_start(name: str) -> None:
     spec = _spec(name)
     space = spec.arm_search_space(spec.arms[0])

@@ -10,13 +10,9 @@ import pytest
 from pydantic import ValidationError
 
 from worker import spec_base as limits
-from worker.spec import (
-    SPEC_VERSION,
-    HypergradientArmSpec,
-    OptunaArmSpec,
-    StudySpec,
-    format_errors,
-)
+from worker.arms.hypergradient.spec import HypergradientArmSpec
+from worker.arms.optuna.spec import OptunaArmSpec
+from worker.spec import SPEC_VERSION, StudySpec, format_errors
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.json"))
 
@@ -38,7 +34,7 @@ def _errors(data: dict[str, Any]) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
-def test_every_example_spec_is_valid(path: Path) -> None:
+def test_every_example_spec_is_valid(path: Path, examples_ready: Path) -> None:
     spec = StudySpec.model_validate(json.loads(path.read_text()))
     assert len(set(spec.labels)) == len(spec.arms)
 
@@ -110,15 +106,25 @@ def test_model_over_the_parameter_limit_is_rejected() -> None:
 
 
 def test_model_options_must_fit_the_model() -> None:
+    """Each model declares its options (worker.tasks.models): another is refused at its path."""
     errors = _errors(_spec(task="digits-cnn", model={"transformed": True, "width": 8}))
-    assert "only the mlp model has a transformed variant" in errors["model"]
+    assert errors["model.transformed"] == (
+        "the cnn model of digits-cnn has no option 'transformed'; its options: width, depth"
+    )
     errors = _errors(_spec(task="digits-vgg", model={"depth": 3}))
-    assert "fixed depth" in errors["model"]
+    assert errors["model.depth"].endswith("has no option 'depth'; its options: width")
+    errors = _errors(_spec(arms=[{"optimizer": "sgd", "model": {"gate": "silu"}}]))
+    assert "has no option 'gate'" in errors["arms.0.model.gate"]
+
+
+def test_an_objective_to_minimise_without_a_metric_is_val_loss() -> None:
+    spec = StudySpec.model_validate(_spec(objective={"direction": "minimize"}))
+    assert (spec.objective.metric, spec.objective.direction) == ("val_loss", "minimize")
 
 
 def test_synthetic_options_belong_to_the_synthetic_dataset() -> None:
     errors = _errors(_spec(data={"input_shape": [10]}))
-    assert errors["data.input_shape"] == "only the synthetic dataset takes input_shape, not mnist1d"
+    assert errors["data.input_shape"] == "mnist1d takes no input_shape (its data options: none)"
     errors = _errors(_spec(task="synthetic-cnn", data={"input_shape": [10]}))
     assert "needs images" in errors["data.input_shape"]
 
@@ -260,20 +266,103 @@ def test_the_json_schema_carries_an_example_that_validates() -> None:
 
 def test_bmp_variants_get_their_own_labels_and_no_label_can_pool_them() -> None:
     """Leaderboards pool arms by label and scheme: propagating bmp, bmp-local and a bmp arm that
-    searches `propagate` must never share a label, whether derived or chosen."""
+    searches `propagate` must never share a label, whether derived or chosen. Labels name how
+    an arm differs from the paper's form (propagating, sums over positions), whatever the
+    defaults are: the default arm is `bmp-local-mean-positions`."""
+    sums = {"mean_over_positions": False}
     arms = [
+        {"optimizer": "bmp", "fixed": {"propagate": True, **sums}},
+        {"optimizer": "bmp", "fixed": {"propagate": False, **sums}},
+        {
+            "optimizer": "bmp",
+            "search_space": {"propagate": {"values": [True, False]}},
+            "fixed": sums,
+        },
         {"optimizer": "bmp"},
-        {"optimizer": "bmp", "fixed": {"propagate": False}},
-        {"optimizer": "bmp", "search_space": {"propagate": {"values": [True, False]}}},
     ]
     spec = StudySpec.model_validate(_spec(arms=arms))
-    assert spec.labels == ["bmp", "bmp-local", "bmp-propagate-searched"]
-    disguised = [{"optimizer": "bmp", "fixed": {"propagate": False}, "label": "bmp"}]
+    assert spec.labels == ["bmp", "bmp-local", "bmp-propagate-searched", "bmp-local-mean-positions"]
+    disguised = [{"optimizer": "bmp", "fixed": {"propagate": False, **sums}, "label": "bmp"}]
     assert "this arm is 'bmp-local'" in _errors(_spec(arms=disguised))["arms.0.label"]
+    default_disguised = [{"optimizer": "bmp", "label": "bmp"}]
+    error = _errors(_spec(arms=default_disguised))["arms.0.label"]
+    assert "this arm is 'bmp-local-mean-positions'" in error
     wrong_scheme = [{"optimizer": "adam", "label": "sgd+fast"}]
     assert "this arm is 'adam'" in _errors(_spec(arms=wrong_scheme))["arms.0.label"]
     free = [{"optimizer": "bmp", "fixed": {"propagate": False}, "label": "mine"}]
     assert StudySpec.model_validate(_spec(arms=free)).labels == ["mine"]
+
+
+def test_bmp_position_modes_get_their_own_labels() -> None:
+    """`mean_over_positions` changes bmp's rates: an arm with it fixed true or searched never
+    shares a label (and so a leaderboard row) with the sum mode, alone or with propagate."""
+    mean = {"mean_over_positions": True}
+    arms = [
+        {"optimizer": "bmp", "fixed": {"propagate": True, "mean_over_positions": False}},
+        {"optimizer": "bmp", "fixed": {"propagate": True, **mean}},
+        {"optimizer": "bmp", "fixed": {"propagate": False, **mean}},
+        {
+            "optimizer": "bmp",
+            "search_space": {"mean_over_positions": "auto"},
+            "fixed": {"propagate": True},
+        },
+        {
+            "optimizer": "bmp",
+            "search_space": {"propagate": {"values": [True, False]}},
+            "fixed": mean,
+        },
+    ]
+    spec = StudySpec.model_validate(_spec(arms=arms))
+    assert spec.labels == [
+        "bmp",
+        "bmp-mean-positions",
+        "bmp-local-mean-positions",
+        "bmp-positions-searched",
+        "bmp-propagate-searched-mean-positions",
+    ]
+    disguised = [{"optimizer": "bmp", "fixed": {"propagate": True, **mean}, "label": "bmp-local"}]
+    error = _errors(_spec(arms=disguised))["arms.0.label"]
+    assert "this arm is 'bmp-mean-positions'" in error
+    wrong = [{"optimizer": "bmp", "fixed": {"mean_over_positions": 1}}]
+    assert "true or false" in _errors(_spec(arms=wrong))["arms.0.fixed.mean_over_positions"]
+
+
+def test_a_bmp_arm_states_its_variant_so_a_later_default_cannot_change_it() -> None:
+    """`propagate` and `mean_over_positions` decide which bmp an arm is: a spec that leaves
+    them out gets today's defaults written into the arm at submit, and a spec stored before that
+    (without them) reads back with the defaults of its day, so neither its training, its label
+    nor its leaderboard setting follows a later change of default."""
+    import optim
+
+    defaults = {h.name: h.default for h in optim.scheme("bmp").hyperparameters if h.pinned}
+    assert set(defaults) == {"propagate", "mean_over_positions"}
+    arms = [
+        {"optimizer": "bmp"},
+        {"optimizer": "bmp", "search_space": {"propagate": {"values": [True, False]}}},
+        {"optimizer": "sgd"},
+    ]
+    spec = StudySpec.model_validate(_spec(arms=arms))
+    stored = spec.model_dump(mode="json")
+    assert stored["arms"][0]["fixed"] == defaults
+    assert stored["arms"][1]["fixed"] == {"mean_over_positions": defaults["mean_over_positions"]}
+    assert stored["arms"][2]["fixed"] == {}
+    assert StudySpec.from_stored(stored).model_dump(mode="json") == stored
+
+    before_pinning = {  # as a study submitted before the options were pinned was stored
+        **_spec(),
+        "arms": [
+            {"optimizer": "bmp", "label": "bmp", "fixed": {"momentum": 0.9}},
+            {"optimizer": "bmp", "label": "bmp-local", "fixed": {"propagate": False}},
+            {"optimizer": "sgd", "label": "sgd"},
+        ],
+    }
+    read = StudySpec.from_stored(before_pinning)
+    assert read.labels == ["bmp", "bmp-local", "sgd"]
+    assert [arm.fixed_values() for arm in read.arms] == [
+        {"momentum": 0.9, "propagate": True, "mean_over_positions": False},
+        {"propagate": False, "mean_over_positions": False},
+        {},
+    ]
 
 
 # -- stored specs ------------------------------------------------------------------------------
@@ -313,3 +402,29 @@ def test_a_stored_spec_still_has_its_types_checked_and_its_version_known() -> No
         StudySpec.from_stored({**stored, "budget": {**stored["budget"], "epochs": "3"}})
     with pytest.raises(ValueError, match="version: unknown spec version 2"):
         StudySpec.from_stored({**stored, "version": 2})
+
+
+def test_reading_a_stored_spec_imports_neither_optuna_nor_torch() -> None:
+    """The API, the CLI and the plots read stored specs all the time (`from_stored`); only the
+    checks of a new spec build models. A fresh interpreter shows what reading one imports."""
+    import json
+    import subprocess
+    import sys
+
+    stored = StudySpec.model_validate(
+        {"name": "x", "task": "digits-mlp", "arms": [{"optimizer": "sgd"}, {"optimizer": "bmp"}]}
+    ).model_dump(mode="json")
+    code = (
+        "import json, sys\n"
+        "from worker.spec import StudySpec\n"
+        "spec = StudySpec.from_stored(json.loads(sys.argv[1]))\n"
+        "heavy = ('torch', 'optuna', 'optim', 'ray', 'sqlalchemy')\n"
+        "print(json.dumps([spec.labels, sorted(m for m in heavy if m in sys.modules)]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(stored)], capture_output=True, text=True,
+        check=True, timeout=120,
+    )  # fmt: skip
+    labels, imported = json.loads(out.stdout)
+    assert labels == ["sgd", "bmp-local-mean-positions"]  # bmp's defaults, pinned at submit
+    assert imported == []

@@ -306,3 +306,67 @@ def test_lr_auto_gives_each_arm_its_schemes_registered_range(sqlite_url: str) ->
         assert (rows[arm.optimizer].lr_low, rows[arm.optimizer].lr_high) == hp.search
         ranges.add(hp.search)
     assert len(ranges) == 3  # a range per scheme, not one shared
+
+
+def test_training_time_charges_a_cohort_member_its_share_and_names_the_schedule(
+    sqlite_url: str,
+) -> None:
+    """Every trial that trained counts (pruned and diverged ones too, failed ones have no
+    time); a member of a cohort of K is charged 1/K of the cohort's wall time, in the total
+    and in the time to target."""
+    spec = StudySpec.model_validate(
+        {
+            "name": "t",
+            "task": "mnist1d-mlp",
+            "arms": [{"optimizer": "sgd", "schedule": {"name": "cosine", "warmup": 0.1}}],
+            "budget": {"trials_per_arm": 3, "final_seeds": 2},
+            "objective": {"target": 0.8},
+        }
+    )
+    cohort = {"key": "sgd+warmup-cosine/sweep/cohort/0", "size": 2}
+    storage = open_storage(sqlite_url)
+    _study(
+        storage,
+        "t/sgd+warmup-cosine",
+        "maximize",
+        [
+            _trial(0.1, 0.9, "complete", wall_time=8.0, steps=30, cohort=cohort),
+            _trial(0.2, 0.5, "pruned", TrialState.PRUNED, wall_time=8.0, steps=10, cohort=cohort),
+            _trial(9.0, 0.0, "diverged", wall_time=1.0, steps=5),
+            _trial(3.0, None, "failed", TrialState.FAIL),
+        ],
+    )
+    final = [
+        _trial(0.1, 0.9, "complete", wall_time=3.0, steps=30, history=_history([0.5, 0.85, 0.9]))
+        for _ in range(2)
+    ]
+    _study(storage, "t/sgd+warmup-cosine/final", "maximize", final)
+    storage.engine.dispose()
+    (row,) = summarize_study(sqlite_url, "t", spec)
+    assert row.train_time_s == pytest.approx(8.0 / 2 + 8.0 / 2 + 1.0 + 3.0 + 3.0)
+    assert row.train_steps == 30 + 10 + 5 + 30 + 30
+    assert row.ms_per_step == pytest.approx(1000 * 15.0 / 105)
+    assert row.cohort_sizes == [1, 2]
+    assert (row.steps_to_target, row.time_to_target_s) == (20.0, 2.0)  # epoch 2, alone
+    assert row.schedule == {"name": "cosine", "warmup": 0.1, "floor": 0.0}
+
+
+def test_a_cohort_members_time_to_target_is_its_share(sqlite_url: str) -> None:
+    spec = StudySpec.model_validate(
+        {"name": "c", "task": "mnist1d-mlp", "arms": [{"optimizer": "sgd"}],
+         "objective": {"target": 0.8}}
+    )  # fmt: skip
+    cohort = {"key": "sgd/final/cohort/0", "size": 4}
+    storage = open_storage(sqlite_url)
+    _study(storage, "c/sgd", "maximize", [_trial(0.1, 0.9, "complete")])
+    seeds = [
+        _trial(0.1, 0.9, "complete", cohort=cohort, wall_time=12.0, steps=30,
+               history=_history([0.5, 0.85, 0.9]))
+        for _ in range(4)
+    ]  # fmt: skip
+    _study(storage, "c/sgd/final", "maximize", seeds)
+    storage.engine.dispose()
+    (row,) = summarize_study(sqlite_url, "c", spec)
+    assert row.time_to_target_s == 2.0 / 4  # the history's 2 s were the cohort's
+    assert row.train_time_s == pytest.approx(4 * 12.0 / 4)
+    assert row.schedule is None  # the constant rate

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from tests.worker.helpers import digits_spec, watch_running_trials
 from worker.arms.base import sweep_study_name
-from worker.arms.sampling import grid_values
+from worker.arms.optuna.sampling import grid_values
 from worker.results import TrialRecord, load_trials
 from worker.spec import StudySpec, format_errors
 from worker.storage import open_storage
@@ -95,11 +95,49 @@ def test_a_cohort_sweep_records_what_single_trials_record(
     assert _study_attrs(sqlite_url, "singles", "sgd")["cohort_size"] == 1
 
 
-def test_bmp_and_hypergradient_arms_stay_at_one_and_say_why(
+def test_cohort_members_with_swept_schedules_match_their_single_runs(
     ray_runtime: None, sqlite_url: str
 ) -> None:
-    """'auto' batches an sgd arm; bmp (the engine refuses it) and a hypergradient arm (one
-    tuning per task) keep one trial per task, with the reason in the sweep study."""
+    """A warm-up swept with the rate (`schedule.warmup`) on a 2 × 2 grid, one slot: one cohort
+    of four whose members train with different warm-ups of one cosine schedule, each trial's
+    value equal (to float32 rounding) to the same point trained alone, and differing between
+    the two warm-ups. The best point's schedule is the final seed's."""
+    changes: dict[str, Any] = {
+        "arms": [{"optimizer": "sgd", "fixed": {"momentum": 0.9}, "schedule": "cosine"}],
+        "search_space": {"lr": {"values": [0.05, 0.3]}, "schedule.warmup": {"values": [0, 0.5]}},
+        "budget": {"trials_per_arm": 4, "final_seeds": 1},
+        "resources": {"max_concurrent_trials": 1},
+    }
+    cohorts, singles = _spec(4, **changes), _spec(1, **changes)
+    assert cohorts.labels == ["sgd+warmup-cosine"]
+    assert not run_study(cohorts, sqlite_url, "sched-cohorts").stopped
+    assert not run_study(singles, sqlite_url, "sched-singles").stopped
+
+    def point(t: TrialRecord) -> tuple[float, float]:
+        return t.params["lr"], t.params["schedule.warmup"]
+
+    together = [t for t in load_trials(sqlite_url, "sched-cohorts", cohorts) if t.role == "sweep"]
+    alone = {point(t): t for t in load_trials(sqlite_url, "sched-singles", singles)
+             if t.role == "sweep"}  # fmt: skip
+    assert sorted(point(t) for t in together) == sorted(alone) == [
+        (0.05, 0), (0.05, 0.5), (0.3, 0), (0.3, 0.5),
+    ]  # fmt: skip
+    assert [t.user_attrs["cohort"]["size"] for t in together] == [4] * 4
+    assert len(_tasks(together)) == 1
+    for t in together:
+        assert t.value == pytest.approx(alone[point(t)].value, rel=_RTOL), point(t)
+    assert alone[0.3, 0].value != pytest.approx(alone[0.3, 0.5].value, rel=_RTOL)
+    final = [t for t in load_trials(sqlite_url, "sched-cohorts", cohorts) if t.role == "final"]
+    best = min(together, key=lambda t: t.value or 0.0)
+    assert [point(t) for t in final] == [point(best)]
+
+
+def test_bmp_arms_batch_and_hypergradient_arms_stay_at_one_and_say_why(
+    ray_runtime: None, sqlite_url: str
+) -> None:
+    """'auto' batches sgd, bmp and bmp_exact arms (their optimizers per member); a
+    hypergradient arm (one tuning per task) keeps one trial per task, with the reason in the
+    sweep study."""
     spec = _spec(
         "auto",
         task="mnist1d-mlp",
@@ -108,6 +146,7 @@ def test_bmp_and_hypergradient_arms_stay_at_one_and_say_why(
         arms=[
             {"optimizer": "sgd"},
             {"optimizer": "bmp"},
+            {"optimizer": "bmp_exact"},
             {
                 "optimizer": "sgd",
                 "tuner": "hypergradient",
@@ -119,23 +158,25 @@ def test_bmp_and_hypergradient_arms_stay_at_one_and_say_why(
     )
     storage = open_storage(sqlite_url)
     try:
-        arms = [_arm_run(spec, i, storage, "probe") for i in range(3)]
+        arms = [_arm_run(spec, i, storage, "probe") for i in range(4)]
         sizes = [arm.cohort_size for arm in arms]
     finally:
         storage.engine.dispose()
-    assert sizes[0] > 1 and sizes[1:] == [1, 1]
-    bmp_note = _study_attrs(sqlite_url, "probe", arms[1].label)["cohort_note"]
-    assert "bmp" in bmp_note and "cohort size 1" in bmp_note
-    assert "hypergradient" in _study_attrs(sqlite_url, "probe", arms[2].label)["cohort_note"]
+    assert sizes[0] > 1 and sizes[1] == sizes[2] == sizes[0] and sizes[3] == 1
+    for arm in arms[:3]:
+        assert _study_attrs(sqlite_url, "probe", arm.label)["cohort_note"] is None
+    assert "hypergradient" in _study_attrs(sqlite_url, "probe", arms[3].label)["cohort_note"]
 
-    spec = spec.model_copy(update={"arms": spec.arms[:2]})
+    spec = spec.model_copy(update={"arms": spec.arms[:3]})
     assert not run_study(spec, sqlite_url, "run").stopped
     trials = load_trials(sqlite_url, "run", spec)
-    sgd = [t for t in trials if t.arm == "sgd" and t.role == "sweep"]
-    bmp = [t for t in trials if t.arm == "bmp" and t.role == "sweep"]
-    assert len(sgd) == len(bmp) == 4
-    assert all("cohort" in t.user_attrs for t in sgd) and len(_tasks(sgd)) < 4
-    assert not any("cohort" in t.user_attrs for t in bmp) and len(_tasks(bmp)) == 4
+    sweeps = {arm: [t for t in trials if t.arm == arm and t.role == "sweep"] for arm in spec.labels}
+    assert [len(s) for s in sweeps.values()] == [4, 4, 4]
+    for sweep in sweeps.values():
+        assert all("cohort" in t.user_attrs for t in sweep) and len(_tasks(sweep)) < 4
+        assert all(t.state == "COMPLETE" for t in sweep)
+    bmp = sweeps["bmp-local-mean-positions"]  # bmp's default variant
+    assert all(len(t.user_attrs["layer_factors"]["values"]) == 1 for t in bmp)
 
 
 def test_a_stopped_cohort_sweep_resumes_to_the_uninterrupted_rates(

@@ -10,11 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from worker.tasks import TASKS, build_model, count_parameters, describe_tasks, load_task_data
+from worker.tasks import build_model, count_parameters, describe_tasks, load_task_data, tasks
 from worker.tasks.datasets import load_arrays
 
 
 def test_registry_pairs_convolutional_models_with_image_datasets_only() -> None:
+    TASKS = tasks()
     assert "mnist1d-mlp" in TASKS and "mnist1d-resnet" in TASKS
     assert "mnist1d-vgg" not in TASKS and "mnist1d-cnn1d" not in TASKS
     assert TASKS["mnist1d-cnn"].model.name == "cnn1d"  # the one 1-D network, mnist1d only
@@ -133,19 +134,18 @@ def test_vgg_has_the_vgg13_bn_shape() -> None:
 
 
 def test_resnet_is_built_from_residual_blocks() -> None:
-    optim = pytest.importorskip("optim")
-    residual = getattr(optim, "Residual", None)
-    if residual is None:
-        residual = pytest.importorskip("optim.residual").Residual
+    from optim import Residual
+
     net = build_model("resnet", (3, 16, 16), 10, width=4, depth=2)
-    assert sum(isinstance(m, residual) for m in net.modules()) == 6  # 3 stages × depth
-    block = next(m for m in net.modules() if isinstance(m, residual))
+    assert sum(isinstance(m, Residual) for m in net.modules()) == 6  # 3 stages × depth
+    block = next(m for m in net.modules() if isinstance(m, Residual))
     x = torch.randn(2, 4, 16, 16)
     assert torch.allclose(block(x), x + block.branch(x))
 
 
 def test_transformed_mlp_comes_from_optim() -> None:
-    transformed = pytest.importorskip("optim.transformed")
+    from optim import transformed
+
     net = build_model("mlp", (40,), 10, width=16, depth=2, transformed=True)
     assert any(isinstance(m, transformed.TransformedTanh) for m in net.modules())
     assert net(torch.randn(3, 40)).shape == (3, 10)

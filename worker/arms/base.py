@@ -4,7 +4,7 @@ An arm owns a sweep study `<study key>/<label>` (`sweep_study_name`) and, once t
 finished, a final study `<study key>/<label>/final` (`final_study_name`) holding one trial per
 final seed with the sweep's best trial's parameters (`best_trial`: diverged trials excluded).
 How the sweep study fills is the tuner's: `worker.arms.optuna` asks a sampler for
-`budget.trials_per_arm` trials, `worker.arms.hypergradient_arm` stores the meta-iterations of
+`budget.trials_per_arm` trials, `worker.arms.hypergradient.arm` stores the meta-iterations of
 one tuning run. The final seeds are the same for every tuner, and so is this module's
 bookkeeping of trials that Optuna hands out (`ArmRun.recover_trials`, `record_*`).
 
@@ -20,8 +20,12 @@ so that a resumed driver derives the same state from storage:
   `attempt` + 1) while `attempt <= resources.max_retries`; a trial the driver itself stopped
   (`interrupted`) is retried without using up an attempt; a trial that failed
   `deterministic`ally (its own code raised: `worker.failures`) is never retried;
-- a trial found RUNNING when a driver starts is stale (the previous driver died): it is failed
-  and retried like any failure.
+- a trial found RUNNING when a driver starts is stale (the previous driver died, or the Ray
+  runtime under it): it is failed and retried as an interrupted one, without using up an
+  attempt, since its end was the driver's and not the trial's (a study whose drivers keep
+  dying is bounded at the study level, `RATEBENCH_MAX_ATTEMPTS`);
+- when a study ends, `close_unfinished` fails whatever it left RUNNING or WAITING (a study
+  that failed or was cancelled mid-sweep), so no tool shows its trials as still running.
 
 An arm whose trials all failed (the sweep's, or every final seed) is `failed`, with the first
 error its trials recorded (`first_error`).
@@ -32,7 +36,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -50,19 +54,28 @@ __all__ = [
     "Work",
     "WorkReporter",
     "best_trial",
+    "close_unfinished",
     "final_study_name",
+    "study_name_prefix",
     "sweep_study_name",
 ]
 
 SWEEP, FINAL = "sweep", "final"
 
 
+def study_name_prefix(study_key: str) -> str:
+    """What every Optuna study of a ratebench study is named with first (the naming rule:
+    `<study key>/<arm label>` for the sweep, `<study key>/<arm label>/final` for the final
+    seeds); a reader of the study's trials selects them by it."""
+    return f"{study_key}/"
+
+
 def sweep_study_name(study_key: str, label: str) -> str:
-    return f"{study_key}/{label}"
+    return f"{study_name_prefix(study_key)}{label}"
 
 
 def final_study_name(study_key: str, label: str) -> str:
-    return f"{study_key}/{label}/final"
+    return f"{study_name_prefix(study_key)}{label}/final"
 
 
 def best_trial(trials: list[FrozenTrial], maximize: bool) -> FrozenTrial | None:
@@ -76,6 +89,28 @@ def best_trial(trials: list[FrozenTrial], maximize: bool) -> FrozenTrial | None:
         return None
     key = (lambda t: -t.value) if maximize else (lambda t: t.value)
     return min(candidates, key=lambda t: (key(t), t.number))
+
+
+def close_unfinished(storage: Any, study_key: str, labels: list[str], reason: str) -> int:
+    """Fail every RUNNING or WAITING trial of the arms' Optuna studies (sweep and final), as
+    interrupted with `reason`: a study that ended (failed, cancelled) runs none of them, and
+    Optuna's tools would otherwise show them running or waiting forever. A later resume (a
+    `ratebench run` of the same spec) retries them as any interrupted trial. Returns how many."""
+    closed = 0
+    for label in labels:
+        for name in (sweep_study_name(study_key, label), final_study_name(study_key, label)):
+            try:
+                study_id = storage.get_study_id_from_name(name)
+            except KeyError:  # not created: the study ended before this arm got that far
+                continue
+            states = (TrialState.RUNNING, TrialState.WAITING)
+            for t in storage.get_all_trials(study_id, deepcopy=False, states=states):
+                storage.set_trial_user_attr(t._trial_id, "outcome", "failed")
+                storage.set_trial_user_attr(t._trial_id, "error", reason[:2000])
+                storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+                storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+                closed += 1
+    return closed
 
 
 class WorkReporter(Protocol):
@@ -201,12 +236,34 @@ class ArmRun(ABC):
     A tuner subclasses it and fills in how its sweep runs: `sweep_sampler`, `recover_sweep`,
     `sweep_done`, `next_sweep_job` and `ask_final` (the final seed's work). The final seeds,
     their retries and the counts are kept here.
+
+    Made in two steps, `ArmRun.open(spec, index, storage, study_key)`: the constructor sets
+    fields only (the base's, then a subclass's own), and `open_studies` then opens the Optuna
+    studies, which calls the tuner's methods (`sweep_sampler`, `cohort_choice`) on a fully
+    constructed arm.
     """
 
     def __init__(self, spec: StudySpec, index: int, storage: Any, study_key: str) -> None:
         self.spec, self.storage, self.study_key = spec, storage, study_key
         self.arm = spec.arms[index]
         self.label, self.scheme = str(self.arm.label), self.arm.optimizer
+        self.cohort_size = 1
+        self.final: optuna.Study | None = None
+        self.no_final = False  # the sweep ended without a usable best trial
+        self.counts = {SWEEP: Counts(), FINAL: Counts()}
+        self.best: FrozenTrial | None = None
+        self.first_error: str | None = None  # of the arm's first failed trial (not interrupted)
+
+    @classmethod
+    def open(cls, spec: StudySpec, index: int, storage: Any, study_key: str) -> Self:
+        """The arm, constructed, with its Optuna studies opened (`open_studies`)."""
+        run = cls(spec, index, storage, study_key)
+        run.open_studies()
+        return run
+
+    def open_studies(self) -> None:
+        """Open the sweep study (with the tuner's sampler; its cohort size recorded) and, when
+        it exists, the final study."""
         self.sweep = self.open_study(SWEEP)
         self.sweep.sampler = self.sweep_sampler()
         self.cohort_size, note = self.cohort_choice()
@@ -214,13 +271,8 @@ class ArmRun(ABC):
         if attrs.get("cohort_size") != self.cohort_size or attrs.get("cohort_note") != note:
             self.sweep.set_user_attr("cohort_size", self.cohort_size)  # shown, and resumed as is
             self.sweep.set_user_attr("cohort_note", note)
-        self.final: optuna.Study | None = None
-        self.no_final = False  # the sweep ended without a usable best trial
-        self.counts = {SWEEP: Counts(), FINAL: Counts()}
-        self.best: FrozenTrial | None = None
-        self.first_error: str | None = None  # of the arm's first failed trial (not interrupted)
         try:
-            storage.get_study_id_from_name(final_study_name(study_key, self.label))
+            self.storage.get_study_id_from_name(final_study_name(self.study_key, self.label))
             self.final = self.open_study(FINAL)
         except KeyError:
             pass
@@ -303,6 +355,7 @@ class ArmRun(ABC):
             trial = optuna.Trial(study, t._trial_id)
             trial.set_user_attr("outcome", "failed")
             trial.set_user_attr("error", "stale: its driver stopped before it finished")
+            trial.set_user_attr("interrupted", True)
             study.tell(t.number, state=TrialState.FAIL)
         trials = study.get_trials(deepcopy=False)
         retried = {t.user_attrs.get("retry_of") for t in trials}

@@ -29,22 +29,18 @@ def parameter_labels(spec: StudySpec, arm_label: str, names: list[str]) -> dict[
     own text (an arm missing from the spec, or a model that cannot be built here, gives {})."""
     import torch
 
-    from worker.tasks import build_model, get_task
+    from worker.spec_base import given_options
+    from worker.tasks import get_task
 
     arm = next((a for a in spec.arms if a.label == arm_label), None)
     if arm is None:
         return {}
-    options = spec.arm_model(arm)
-    data = spec.data.model_dump()
+    options = given_options(spec.arm_model(arm))
     try:
-        task = get_task(spec.task)
+        task = get_task(spec.task)  # a task not installed here (a plugin, an inline one): {}
         with torch.device("meta"):
-            model = build_model(
-                task.model.name, task.input_shape(data), task.n_classes(data),
-                width=options.width, depth=options.depth, activation=options.activation,
-                transformed=options.transformed,
-            )  # fmt: skip
-    except (ValueError, KeyError, RuntimeError, TypeError):
+            model = task.build(spec.data.model_dump(), options)
+    except (ValueError, KeyError, RuntimeError, TypeError, OSError):
         return {}
     modules = dict(model.named_modules())
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

@@ -20,7 +20,9 @@
   is the fraction it wins. A scheme absent from a task was not run there: the task is left
   out of its denominator (and reported as not run), not counted as a loss. A scheme that ran
   but has no finite score (None, NaN, ±∞) failed there: its gap is ∞, it counts as run and
-  never lies within any τ.
+  never lies within any τ. Times to a target (AlgoPerf's measure) are scores to minimise: their
+  `1 + gap` is Dolan–Moré's ratio `time / fastest time`, and a target never reached (None) is
+  an infinite time.
 """
 
 from __future__ import annotations

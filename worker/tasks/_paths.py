@@ -11,21 +11,28 @@ the path exists or not, so a key holder cannot probe the server's file system wi
 
 The service builds its roots from its settings, the worker from the same environment variables
 (`DataRoots.from_env`): the worker checks again just before it reads, so a spec that bypassed
-the service (or a root removed since) is still refused.
+the service (or a root removed since) is still refused. What a spec check reads while the spec
+is validated (the headers of a files dataset, `worker.tasks.files`) is read under
+`DataRoots.current()`: the roots a service declared for its process (`DataRoots.use`, at start),
+else the environment's.
 
 `redact_paths` replaces absolute paths outside the roots with `<path>` in error texts that
 anonymous readers may see (a trial's `error`), so those texts do not reveal the server's layout.
+`public_paths` goes further for the service's answers to a submit (a refused `data.data_dir`,
+missing CIFAR files): no absolute path at all, a path under a root shown relative to it
+(`<data root>/cifar-10-batches-py`), so a caller learns neither the roots nor anything else.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DataPathError", "DataRoots", "redact_paths"]
+__all__ = ["DataPathError", "DataRoots", "public_paths", "redact_paths"]
 
 ROOTS_VARIABLE = "RATEBENCH_DATA_ROOTS"
 
@@ -68,6 +75,30 @@ class DataRoots:
             os.environ.get("RATEBENCH_CIFAR_DIR") or None,
         )
 
+    @classmethod
+    def use(cls, roots: DataRoots | None) -> None:
+        """Declare `roots` as this process's (a service, from its settings); None: the
+        environment's again."""
+        global _PROCESS_ROOTS
+        _PROCESS_ROOTS = roots
+
+    @classmethod
+    @contextmanager
+    def using(cls, roots: DataRoots) -> Iterator[None]:
+        """`roots` as this process's while the block runs (a command validating a spec as a
+        service would), then what was there before."""
+        before = _PROCESS_ROOTS
+        cls.use(roots)
+        try:
+            yield
+        finally:
+            cls.use(before)
+
+    @classmethod
+    def current(cls) -> DataRoots:
+        """The roots this process declared (`use`), else the environment's (`from_env`)."""
+        return _PROCESS_ROOTS if _PROCESS_ROOTS is not None else cls.from_env()
+
     def describe(self) -> str:
         return ", ".join(str(f) for f in self.folders)
 
@@ -90,6 +121,8 @@ class DataRoots:
         return path
 
 
+_PROCESS_ROOTS: DataRoots | None = None
+
 # An absolute POSIX path: a slash not preceded by a word character, a dot, a slash or a colon
 # (so neither `a/b` nor `http://host/x`), up to whitespace, quotes or punctuation.
 _ABSOLUTE = re.compile(r"""(?<![\w./:~-])/[^\s'"`<>|,;:()\[\]{}]+""")
@@ -104,6 +137,21 @@ def redact_paths(text: str, roots: DataRoots | Sequence[Path]) -> str:
         path = Path(os.path.normpath(match.group(0)))
         if any(path.is_relative_to(root) for root in folders):
             return match.group(0)
+        return "<path>"
+
+    return _ABSOLUTE.sub(replace, text)
+
+
+def public_paths(text: str, roots: DataRoots) -> str:
+    """`text` with every absolute path replaced: under a root by `<data root>/<relative>`, any
+    other by `<path>` (compared after normalising `..`, without touching the file system)."""
+
+    def replace(match: re.Match[str]) -> str:
+        path = Path(os.path.normpath(match.group(0)))
+        for root in roots.folders:
+            if path.is_relative_to(root):
+                relative = path.relative_to(root).as_posix()
+                return "<data root>" if relative == "." else f"<data root>/{relative}"
         return "<path>"
 
     return _ABSOLUTE.sub(replace, text)

@@ -23,6 +23,10 @@ split's statistics (one mean/std for vectors, one per channel for images).
   file cannot run code.
 - `synthetic`: Gaussian inputs of a chosen shape labelled by a random linear teacher
   (argmax of `x·W`, W Gaussian, seed fixed), for throughput measurements.
+
+Each is a `worker.tasks.contract.Dataset` (all classification): its loader, its shape (what the
+spec checks need: input shape, classes, the training pool's size), the data options it takes,
+and for CIFAR the check of its folder at submission.
 """
 
 from __future__ import annotations
@@ -32,10 +36,11 @@ import importlib
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import pickle
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,11 +48,12 @@ from typing import Any
 import numpy as np
 
 from worker.tasks._paths import DataPathError, DataRoots
+from worker.tasks.contract import Dataset, DataShape, Splits
 
 __all__ = [
     "DATASETS",
+    "SYNTHETIC_EXAMPLES",
     "Arrays",
-    "DatasetInfo",
     "cache_dir",
     "cifar_folder",
     "load_arrays",
@@ -57,26 +63,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Arrays:
-    """A dataset before splitting: training pool and test set (inputs float32, labels int64)."""
-
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """A dataset: its description, input shape and class count (from the data options)."""
-
-    name: str
-    description: str
-    image: bool  # whether inputs are (C, H, W) images; False for vectors
-    input_shape: Callable[[dict[str, Any]], tuple[int, ...]]
-    n_classes: Callable[[dict[str, Any]], int]
-    loader: Callable[[dict[str, Any]], Arrays]
+# A built-in dataset before splitting: training pool and test set (inputs float32, labels int64).
+Arrays = Splits
 
 
 def cache_dir() -> Path:
@@ -88,7 +76,7 @@ def _disk_cached(name: str, key: dict[str, Any], make: Callable[[], Arrays]) -> 
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir() / f"{name}-{digest}.npz"
     if path.exists():
-        with np.load(path) as f:
+        with np.load(path, allow_pickle=False) as f:
             return Arrays(f["x_train"], f["y_train"], f["x_test"], f["y_test"])
     arrays = make()
     try:
@@ -96,14 +84,15 @@ def _disk_cached(name: str, key: dict[str, Any], make: Callable[[], Arrays]) -> 
         # Write to a temporary file and rename, so concurrent trials never read a partial file.
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays.__dict__)
+            parts = ("x_train", "y_train", "x_test", "y_test")
+            np.savez(f, **{k: getattr(arrays, k) for k in parts})
         os.replace(tmp, path)
     except OSError as exc:  # a read-only home must not stop training; only the cache is lost
         log.warning("cannot cache %s in %s: %s", name, path.parent, exc)
     return arrays
 
 
-def _mnist1d(options: dict[str, Any]) -> Arrays:
+def _mnist1d(options: Mapping[str, Any]) -> Arrays:
     def make() -> Arrays:
         from mnist1d.data import get_dataset_args, make_dataset
 
@@ -120,7 +109,7 @@ def _mnist1d(options: dict[str, Any]) -> Arrays:
     return _disk_cached("mnist1d", {"version": importlib.metadata.version("mnist1d")}, make)
 
 
-def _digits(options: dict[str, Any]) -> Arrays:
+def _digits(options: Mapping[str, Any]) -> Arrays:
     from sklearn.datasets import load_digits
 
     data = load_digits()
@@ -172,7 +161,7 @@ def locate_cifar(dataset: str, data_dir: str | None, roots: DataRoots) -> Path:
     raise FileNotFoundError(f"no {dataset} ({layout.folder}/{marker}) in {base}")
 
 
-def cifar_folder(dataset: str, options: dict[str, Any]) -> Path:
+def cifar_folder(dataset: str, options: Mapping[str, Any]) -> Path:
     """`locate_cifar` with the roots of this process's environment: the worker checks again,
     just before reading, whatever the service checked."""
     try:
@@ -238,7 +227,7 @@ def _cifar_images(batch: dict[bytes, Any]) -> np.ndarray:
     return np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
 
 
-def _cifar10(options: dict[str, Any]) -> Arrays:
+def _cifar10(options: Mapping[str, Any]) -> Arrays:
     root = cifar_folder("cifar10", options)
     batches = [_unpickle(root / f"data_batch_{i}") for i in range(1, 6)]
     test = _unpickle(root / "test_batch")
@@ -252,7 +241,7 @@ def _cifar10(options: dict[str, Any]) -> Arrays:
     )
 
 
-def _cifar100(options: dict[str, Any]) -> Arrays:
+def _cifar100(options: Mapping[str, Any]) -> Arrays:
     root = cifar_folder("cifar100", options)
     train, test = _unpickle(root / "train"), _unpickle(root / "test")
     return Arrays(
@@ -268,15 +257,15 @@ SYNTHETIC_CLASSES = 10
 SYNTHETIC_EXAMPLES = 4096
 
 
-def _synthetic_shape(options: dict[str, Any]) -> tuple[int, ...]:
+def _synthetic_shape(options: Mapping[str, Any]) -> tuple[int, ...]:
     return tuple(options.get("input_shape") or SYNTHETIC_SHAPE)
 
 
-def _synthetic_classes(options: dict[str, Any]) -> int:
+def _synthetic_classes(options: Mapping[str, Any]) -> int:
     return int(options.get("n_classes") or SYNTHETIC_CLASSES)
 
 
-def _synthetic(options: dict[str, Any]) -> Arrays:
+def _synthetic(options: Mapping[str, Any]) -> Arrays:
     shape, classes = _synthetic_shape(options), _synthetic_classes(options)
     n = int(options.get("n_examples") or SYNTHETIC_EXAMPLES)
     rng = np.random.default_rng(1234)
@@ -287,57 +276,90 @@ def _synthetic(options: dict[str, Any]) -> Arrays:
     return Arrays(x[n_test:], y[n_test:], x[:n_test], y[:n_test])
 
 
-def _fixed(value: Any) -> Callable[[dict[str, Any]], Any]:
-    return lambda options: value
+def _synthetic_data_shape(options: Mapping[str, Any]) -> DataShape:
+    n = int(options.get("n_examples") or SYNTHETIC_EXAMPLES)
+    return DataShape(_synthetic_shape(options), _synthetic_classes(options), n - n // 5)
 
 
-DATASETS: dict[str, DatasetInfo] = {
+def _synthetic_limits(options: Mapping[str, Any]) -> list[tuple[str, str]]:
+    from worker.spec_base import MAX_SYNTHETIC_VALUES
+
+    size = int(options.get("n_examples") or SYNTHETIC_EXAMPLES) * math.prod(
+        _synthetic_shape(options)
+    )
+    if size > MAX_SYNTHETIC_VALUES:
+        return [("n_examples", f"{size:,} input values; at most {MAX_SYNTHETIC_VALUES:,}")]
+    return []
+
+
+def _cifar_source(dataset: str) -> Callable[[Mapping[str, Any], DataRoots], str | None]:
+    def check(options: Mapping[str, Any], roots: DataRoots) -> str | None:
+        try:
+            locate_cifar(dataset, options.get("data_dir"), roots)
+        except (DataPathError, FileNotFoundError) as exc:
+            return str(exc)
+        return None
+
+    return check
+
+
+def _cifar_key(dataset: str) -> Callable[[Mapping[str, Any]], Any]:
+    # the folder the loader will read (checked on every call), so a new copy is a new entry
+    return lambda options: str(cifar_folder(dataset, options))
+
+
+_DIGITS_POOL = 1797 - 1797 // 5
+
+DATASETS: dict[str, Dataset] = {
     d.name: d
     for d in (
-        DatasetInfo(
+        Dataset(
             "mnist1d",
             "MNIST-1D: 4000 train / 1000 test signals of length 40, 10 classes (generated)",
-            False,
-            _fixed((40,)),
-            _fixed(10),
+            "classification",
             _mnist1d,
+            DataShape((40,), 10, 4000),
         ),
-        DatasetInfo(
+        Dataset(
             "digits",
             "scikit-learn digits: 1797 8x8 grey images, 10 classes (bundled)",
-            True,
-            _fixed((1, 8, 8)),
-            _fixed(10),
+            "classification",
             _digits,
+            DataShape((1, 8, 8), 10, _DIGITS_POOL),
         ),
-        DatasetInfo(
+        Dataset(
             "cifar10",
             "CIFAR-10: 50000 train / 10000 test 32x32 colour images, 10 classes (local files)",
-            True,
-            _fixed((3, 32, 32)),
-            _fixed(10),
+            "classification",
             _cifar10,
+            DataShape((3, 32, 32), 10, 50_000),
+            options=frozenset({"data_dir"}),
+            check=_cifar_source("cifar10"),
+            cache_key=_cifar_key("cifar10"),
         ),
-        DatasetInfo(
+        Dataset(
             "cifar100",
             "CIFAR-100: 50000 train / 10000 test 32x32 colour images, 100 classes (local files)",
-            True,
-            _fixed((3, 32, 32)),
-            _fixed(100),
+            "classification",
             _cifar100,
+            DataShape((3, 32, 32), 100, 50_000),
+            options=frozenset({"data_dir"}),
+            check=_cifar_source("cifar100"),
+            cache_key=_cifar_key("cifar100"),
         ),
-        DatasetInfo(
+        Dataset(
             "synthetic",
             "Gaussian inputs of data.input_shape labelled by a random linear teacher",
-            False,  # decided by data.input_shape: three dimensions make it an image dataset
-            _synthetic_shape,
-            _synthetic_classes,
+            "classification",
             _synthetic,
+            _synthetic_data_shape,
+            options=frozenset({"input_shape", "n_classes", "n_examples"}),
+            limits=_synthetic_limits,
         ),
     )
 }
 
 
-def load_arrays(dataset: str, options: dict[str, Any]) -> Arrays:
-    """The named dataset's training pool and test set, as numpy arrays."""
-    return DATASETS[dataset].loader(options)
+def load_arrays(dataset: str, options: Mapping[str, Any]) -> Arrays:
+    """The named built-in dataset's training pool and test set, as numpy arrays."""
+    return DATASETS[dataset].load(options)

@@ -31,30 +31,26 @@ convolutional models take (N, C, H, W) images.
   normalised-convolution class of the back-matching paper at CPU scale; the mnist1d paper
   (Greydanus 2020, arXiv 2011.14439) reports CNN test accuracy in the low-to-mid 90s.
   Not paired with other datasets: it exists for `mnist1d-cnn` (`worker.tasks`).
+
+Each is a `worker.tasks.contract.Model` with its typed options (`width`, `depth`; the MLP also
+`activation`, `transformed`, `transform_every`), their defaults and bounds (the spec's limits,
+`worker.spec_base`); `vgg` has no depth (the VGG13 shape fixes it). `build_model` builds one
+by name for benchmarks and tests.
 """
 
 from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["CNN1D", "MODELS", "ModelInfo", "build_model", "count_parameters"]
+from worker.spec_base import MAX_DEPTH, MAX_WIDTH
+from worker.tasks.contract import Model, Option
 
-
-@dataclass(frozen=True)
-class ModelInfo:
-    name: str
-    description: str
-    needs_image: bool
-    default_width: int
-    default_depth: int | None  # None: the depth is fixed by the architecture
-    build: Callable[..., nn.Module]
+__all__ = ["CNN1D", "MODELS", "build_model", "count_parameters"]
 
 
 def _activation(name: str) -> nn.Module:
@@ -68,6 +64,7 @@ def _mlp(
     depth: int,
     activation: str = "relu",
     transformed: bool = False,
+    **_: Any,
 ) -> nn.Module:
     n_in = math.prod(input_shape)
     if transformed:
@@ -150,9 +147,11 @@ def _conv_bn(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
 
 
 def _resnet(
-    input_shape: tuple[int, ...], n_classes: int, width: int, depth: int, **_: Any
+    input_shape: tuple[int, ...], n_classes: int, width: int | None, depth: int, **_: Any
 ) -> nn.Module:
     layers: list[nn.Module]
+    if width is None:
+        width = _RESNET_VECTOR_WIDTH if len(input_shape) != 3 else _RESNET_IMAGE_WIDTH
     if len(input_shape) != 3:
         layers = [nn.Linear(math.prod(input_shape), width), nn.ReLU()]
         for _i in range(depth):
@@ -175,32 +174,81 @@ def _resnet(
     return nn.Sequential(*layers)
 
 
-MODELS: dict[str, ModelInfo] = {
+def _width(default: int | None, note: str = "units or base channels") -> Option:
+    return Option("width", "int", default, 1, MAX_WIDTH, description=note)
+
+
+def _depth(default: int, note: str = "hidden layers or blocks") -> Option:
+    return Option("depth", "int", default, 1, MAX_DEPTH, description=note)
+
+
+def _mlp_layer_sizes(
+    input_shape: tuple[int, ...],
+    n_outputs: int,
+    width: int,
+    depth: int,
+    activation: str,
+    transformed: bool,
+    **_: Any,
+) -> list[int] | None:
+    """The plain ReLU MLP's layer sizes (what the hypergradient tuner trains), or None."""
+    if activation != "relu" or transformed:
+        return None
+    return [math.prod(input_shape), *[width] * depth, n_outputs]
+
+
+_RESNET_IMAGE_WIDTH = 16
+_RESNET_VECTOR_WIDTH = 128
+MLP = Model(
+    "mlp",
+    "multilayer perceptron (optionally transformed)",
+    _mlp,
+    (
+        _width(128),
+        _depth(2),
+        Option("activation", "str", "relu", choices=("relu", "tanh"), description="hidden units"),
+        Option("transformed", "bool", False, description="transformed tanh units + shortcuts"),
+        Option("transform_every", "int", 100, 1, 1_000_000, description="steps between updates"),
+    ),
+    inputs="flat",
+    layer_sizes=_mlp_layer_sizes,
+)
+MODELS: dict[str, Model] = {
     m.name: m
     for m in (
-        ModelInfo("mlp", "multilayer perceptron (optionally transformed)", False, 128, 2, _mlp),
-        ModelInfo("cnn", "small CNN: conv-ReLU-pool blocks, linear head", True, 32, 2, _cnn),
-        ModelInfo(
+        MLP,
+        Model(
+            "cnn",
+            "small CNN: conv-ReLU-pool blocks, linear head",
+            _cnn,
+            (_width(32), _depth(2)),
+            inputs="image",
+        ),
+        Model(
             "vgg",
             "VGG13 with BatchNorm, width-scalable (width 64 = original)",
-            True,
-            64,
-            None,
             _vgg,
+            (_width(64, "base channels (the VGG13 shape fixes the depth)"),),
+            inputs="image",
         ),
-        ModelInfo(
-            "resnet", "ResNet of optim.Residual blocks (conv or linear)", False, 16, 1, _resnet
+        Model(
+            "resnet",
+            "ResNet of optim.Residual blocks (conv or linear)",
+            _resnet,
+            (
+                _width(None, f"units or base channels (default {_RESNET_IMAGE_WIDTH} for "
+                       f"images, {_RESNET_VECTOR_WIDTH} for vectors)"),
+                _depth(1, "residual blocks per stage"),
+            ),
         ),
     )
-}
-_RESNET_VECTOR_WIDTH = 128
-CNN1D = ModelInfo(
+}  # fmt: skip
+CNN1D = Model(
     "cnn1d",
     "VGG-style 1-D CNN: Conv1d-BN-ReLU pairs, max-pooling, linear head",
-    False,
-    32,
-    3,
     _cnn1d,
+    (_width(32, "base channels"), _depth(3, "stages of two convolutions")),
+    inputs="flat",
 )
 _ALL_MODELS = {**MODELS, CNN1D.name: CNN1D}  # CNN1D is paired with mnist1d only
 
@@ -215,21 +263,15 @@ def build_model(
     activation: str = "relu",
     transformed: bool = False,
 ) -> nn.Module:
-    """Build model `name` for inputs of `input_shape` (unflattened) and `n_classes` classes;
-    `None` width/depth take the model's defaults."""
-    info = _ALL_MODELS[name]
-    if width is None:
-        vector_resnet = name == "resnet" and len(input_shape) != 3
-        width = _RESNET_VECTOR_WIDTH if vector_resnet else info.default_width
-    depth = info.default_depth if depth is None else depth
-    return info.build(
-        input_shape,
-        n_classes,
-        width=width,
-        depth=depth,
-        activation=activation,
-        transformed=transformed,
-    )
+    """Build built-in model `name` for inputs of `input_shape` (unflattened) and `n_classes`
+    outputs; `None` width/depth take the model's defaults, and options the model does not
+    declare are ignored."""
+    model = _ALL_MODELS[name]
+    given = {"width": width, "depth": depth, "activation": activation, "transformed": transformed}
+    options = {
+        o.name: given[o.name] if given.get(o.name) is not None else o.default for o in model.options
+    }
+    return model.build(input_shape, n_classes, **options)
 
 
 def count_parameters(

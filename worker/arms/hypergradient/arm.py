@@ -1,7 +1,7 @@
 """A hypergradient arm (`tuner: "hypergradient"`) and its two Optuna studies: the driver's side.
 
 Its spec options and checks are `worker.arms.hypergradient`; what runs in its Ray tasks is
-`worker.arms.hypergradient_jobs`.
+`worker.arms.hypergradient.jobs`.
 
 The sweep study `<study key>/<label>` gets one COMPLETE trial per meta-iteration of
 `optim.hypergrad.tune`, added by the driver as the tuning reports it (`optuna.trial.
@@ -50,8 +50,8 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from worker.arms.base import FINAL, SWEEP, ArmRun, Assignment, Counts, Job, best_trial
-from worker.arms.hypergradient import HypergradientArmSpec
-from worker.arms.hypergradient_jobs import ScheduleConfig, TuneConfig, TuneSummary
+from worker.arms.hypergradient.jobs import ScheduleConfig, TuneConfig, TuneSummary
+from worker.arms.hypergradient.spec import HypergradientArmSpec
 
 if TYPE_CHECKING:
     from worker.spec import StudySpec
@@ -104,19 +104,22 @@ class HypergradArmRun(ArmRun):
         arm = spec.arms[index]
         assert isinstance(arm, HypergradientArmSpec), "the driver runs an arm by its tuner"
         self.options = arm.hypergradient_options
-        steps = spec.arm_hypergradient_steps(arm)
+        steps = arm.run_steps(spec.budget)
         assert steps is not None, "validated by the spec"
         self.steps = steps
         self.batch_size = self.options.batch_size or spec.data.batch_size
-        self.study_id = storage.get_study_id_from_name(self.sweep.study_name)
-        if "hypergradient" not in self.sweep.user_attrs:  # what the trials were tuned with
-            resolved = {"steps": steps, "batch_size": self.batch_size}
-            self.sweep.set_user_attr("hypergradient", {**self.options.model_dump(), **resolved})
         self.tuning: TuneJob | None = None
         self.recorded: set[int] = set()  # meta-iteration indices in storage
         self.failed_runs = 0  # failed tuning runs, stopped ones excluded
         self.gave_up = False
         self._runs = 0
+
+    def open_studies(self) -> None:
+        super().open_studies()
+        self.study_id = self.storage.get_study_id_from_name(self.sweep.study_name)
+        if "hypergradient" not in self.sweep.user_attrs:  # what the trials were tuned with
+            resolved = {"steps": self.steps, "batch_size": self.batch_size}
+            self.sweep.set_user_attr("hypergradient", {**self.options.model_dump(), **resolved})
 
     def sweep_sampler(self) -> optuna.samplers.BaseSampler:
         return optuna.samplers.RandomSampler(seed=self.spec.seed)  # never asked: trials are added
@@ -304,3 +307,6 @@ class HypergradArmRun(ArmRun):
             divergence_factor=spec.objective.divergence_factor,
         )
         return self.assign(role, trial, config, params, attrs, popped=popped, num_gpus=0.0)
+
+
+ARM_RUN = HypergradArmRun  # what the registry (`worker.arms`) reads

@@ -2,7 +2,7 @@
 
 - `TuneConfig.run(reporter)`: one call of `optim.hypergrad.tune` for an arm (Maclaurin,
   Duvenaud, Adams 2015, arXiv 1502.03492). Each meta-iteration goes to `reporter.report(index,
-  record)` as a JSON-safe record (what `worker.arms.hypergradient_arm` stores as an Optuna
+  record)` as a JSON-safe record (what `worker.arms.hypergradient.arm` stores as an Optuna
   trial); a True answer aborts the tuning (`_StopTuningError`, raised from the callback).
 - `ScheduleConfig.run(reporter)`: a learned schedule retrained on one seed, for the final seeds.
 
@@ -49,10 +49,10 @@ from optim.hypergrad import (
     mlp_param_names,
     tune,
 )
-from worker.arms.hypergradient import mlp_layer_sizes, mlp_parameter_count
+from worker.arms.hypergradient.spec import mlp_layer_sizes, mlp_parameter_count
 from worker.runner import EpochRecord, Reporter, TrialResult, diverged_value, trial_objective
-from worker.spec import DataOptions, ModelOptions
-from worker.tasks import load_task_data
+from worker.spec_options import DataOptions, ModelOptions
+from worker.tasks import Task, get_task, load_task_data, require
 
 __all__ = [
     "MetaReporter",
@@ -131,6 +131,21 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _stamp(config: Any) -> None:
+    """Fill in the task's package and version from this process's registry (the driver's)."""
+    if config.task_package is None:
+        task = get_task(config.task)
+        object.__setattr__(config, "task_package", task.package)
+        object.__setattr__(config, "task_version", task.version)
+
+
+def _sizes(task: Task, data: DataOptions, model: ModelOptions) -> list[int]:
+    sizes = mlp_layer_sizes(task, data, model)
+    if sizes is None:  # the spec checks refuse such an arm
+        raise ValueError(f"{task.name}: the hypergradient tuner needs a plain ReLU MLP")
+    return sizes
+
+
 @dataclass(frozen=True)
 class TuneConfig:
     """One arm's hypergradient tuning; plain data, so it pickles into a Ray task."""
@@ -151,12 +166,18 @@ class TuneConfig:
     seed: int
     skip: int = 0  # meta-iterations already stored: rerun, not reported
     divergence_factor: float = 10.0
+    task_package: str | None = None  # the driver's, filled in where the config is made
+    task_version: str | None = None
+
+    def __post_init__(self) -> None:
+        _stamp(self)
 
     def run(self, reporter: MetaReporter) -> TuneSummary:
         setup_start = time.perf_counter()
-        data = load_task_data(self.task, self.data.model_dump(), "cpu")
-        sizes = mlp_layer_sizes(self.task, self.data, self.model)
-        bound = self.divergence_factor * math.log(data.n_classes)
+        task = require(self.task, self.task_package, self.task_version)
+        data = load_task_data(task, self.data.model_dump(), "cpu")
+        sizes = _sizes(task, self.data, self.model)
+        bound = self.divergence_factor * data.chance_loss
         n_parameters = mlp_parameter_count(sizes)
         started = time.perf_counter()
         counts = {"run": 0, "reported": 0}
@@ -165,7 +186,7 @@ class TuneConfig:
             counts["run"] += 1
             if it.index < self.skip:
                 return
-            record = self._record(it, bound, data.n_classes, n_parameters)
+            record = self._record(it, bound, data.chance_loss, n_parameters)
             counts["reported"] += 1
             if reporter.report(it.index, record):
                 raise _StopTuningError
@@ -204,12 +225,12 @@ class TuneConfig:
         )
 
     def _record(
-        self, it: MetaIteration, bound: float, n_classes: int, n_parameters: int
+        self, it: MetaIteration, bound: float, chance_loss: float, n_parameters: int
     ) -> dict[str, Any]:
-        """The JSON-safe record of a meta-iteration (see worker.arms.hypergradient_arm)."""
+        """The JSON-safe record of a meta-iteration (see worker.arms.hypergradient.arm)."""
         schedule = Schedule.of(it)
         diverged = it.diverged or not math.isfinite(it.val_loss) or it.val_loss > bound
-        value = diverged_value("val_loss", n_classes, self.divergence_factor)
+        value = diverged_value("val_loss", chance_loss, self.divergence_factor)
         speed = self.steps * self.batch_size / max(it.seconds, 1e-9)
         end = EpochRecord(1, self.steps, math.nan, it.val_loss, math.nan, it.seconds, speed)
         return {
@@ -242,6 +263,11 @@ class ScheduleConfig:
     objective: str = "val_loss"
     divergence_factor: float = 10.0
     evaluate_test: bool = True
+    task_package: str | None = None  # the driver's, filled in where the config is made
+    task_version: str | None = None
+
+    def __post_init__(self) -> None:
+        _stamp(self)
 
     def run(self, reporter: Reporter | None = None) -> TrialResult:
         return train_schedule(self, reporter)
@@ -257,9 +283,10 @@ def _evaluate(params: Sequence[Tensor], x: Tensor, y: Tensor) -> tuple[float, fl
 def train_schedule(config: ScheduleConfig, reporter: Reporter | None = None) -> TrialResult:
     """Train the MLP with the schedule for `config.steps` steps; one history record a block."""
     setup_start = time.perf_counter()
-    data = load_task_data(config.task, config.data.model_dump(), "cpu")
+    task = require(config.task, config.task_package, config.task_version)
+    data = load_task_data(task, config.data.model_dump(), "cpu")
     x_train, x_val = data.x_train.double(), data.x_val.double()
-    sizes = mlp_layer_sizes(config.task, config.data, config.model)
+    sizes = _sizes(task, config.data, config.model)
     s = Schedule.from_flat(config.schedule, mlp_param_names(sizes), config.blocks)
     w = [
         (scale * base).requires_grad_()
@@ -267,7 +294,7 @@ def train_schedule(config: ScheduleConfig, reporter: Reporter | None = None) -> 
     ]
     v = [torch.zeros_like(p) for p in w]
     batches = BatchSchedule(len(x_train), config.batch_size, config.seed)
-    bound = config.divergence_factor * math.log(data.n_classes)
+    bound = config.divergence_factor * data.chance_loss
     history: list[EpochRecord] = []
     outcome, diverged_at, loss_sum, block_start = "complete", None, 0.0, 0
     started = time.perf_counter()
@@ -307,7 +334,7 @@ def train_schedule(config: ScheduleConfig, reporter: Reporter | None = None) -> 
     result = TrialResult(
         outcome=outcome,  # type: ignore[arg-type]
         value=trial_objective(
-            config.objective, config.divergence_factor, history, outcome, data.n_classes
+            config.objective, config.divergence_factor, history, outcome, data.chance_loss
         ),
         history=history,
         steps=diverged_at or config.steps,

@@ -34,11 +34,20 @@ from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 import optim
+from worker.spec_schedule import is_schedule_param
 
 if TYPE_CHECKING:
     from worker.spec import SearchDimension, StudySpec
 
 __all__ = ["draw_index", "draw_seed", "grid_values", "make_pruner", "make_sampler", "suggest"]
+
+
+def _integer(scheme: str, name: str) -> bool:
+    """Whether dimension `name` takes whole numbers: an int hyperparameter of the scheme (a
+    schedule's fields, `schedule.*`, are all real numbers)."""
+    if is_schedule_param(name):
+        return False
+    return optim.SCHEMES[scheme].hyperparameter(name).type == "int"
 
 
 def grid_values(spec: StudySpec, space: dict[str, SearchDimension], scheme: str) -> dict[str, Any]:
@@ -54,7 +63,7 @@ def grid_values(spec: StudySpec, space: dict[str, SearchDimension], scheme: str)
             values = np.geomspace(dim.low, dim.high, points)
         else:
             values = np.linspace(dim.low, dim.high, points)
-        if optim.SCHEMES[scheme].hyperparameter(name).type == "int":
+        if _integer(scheme, name):
             grid[name] = sorted({round(float(v)) for v in values})
         else:
             grid[name] = [float(v) for v in values]
@@ -239,7 +248,7 @@ def suggest(trial: optuna.Trial, space: dict[str, SearchDimension], scheme: str)
             params[name] = trial.suggest_categorical(name, list(dim.values))
             continue
         assert dim.low is not None and dim.high is not None
-        if optim.SCHEMES[scheme].hyperparameter(name).type == "int":
+        if _integer(scheme, name):
             params[name] = trial.suggest_int(name, int(dim.low), int(dim.high), log=dim.log)
         else:
             params[name] = trial.suggest_float(name, dim.low, dim.high, log=dim.log)
