@@ -7,6 +7,16 @@ never trained). schemathesis then sends generated requests to every operation, w
 through all its phases (coverage, fuzzing, stateful), and checks two things of every response:
 no 5xx (`not_a_server_error`) and a body that matches the documented schema
 (`response_schema_conformance`). The server's access log counts the requests it answered.
+The run is reproducible: `--seed` (default 0) fixes schemathesis' generation, and
+`--max-examples` bounds it per operation and phase.
+
+Then the explicit examples (`EXPLICIT`): the hostile requests a review found, each sent as it
+is and checked the same way (no 5xx; the documented schema, through schemathesis' own
+validation of the operation's response) and for its expected status: JSON nested thousands
+deep in a body and in a filter, unknown HTTP methods, a study whose step needs hundreds of
+gigabytes, an anonymous submit, a data folder outside the roots (and no server path in the
+answer), names in mathtext, Rich markup, escape sequences and path traversal, and the plots
+and lists that show them.
 
     scripts/fuzz --max-examples 200              # both databases
     scripts/fuzz --max-examples 20 --database sqlite
@@ -42,6 +52,38 @@ BIN = Path(sys.executable).parent
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 CHECKS = "not_a_server_error,response_schema_conformance"
 _ACCESS = re.compile(r'"[A-Z]+ [^"]*" (\d{3})')
+_SPEC = {"name": "explicit", "task": "digits-mlp", "arms": [{"optimizer": "sgd"}],
+         "budget": {"trials_per_arm": 1, "epochs": 1, "final_seeds": 1}}  # fmt: skip
+_DEEP = "[" * 5000 + "]" * 5000
+# (name, method, path template, path values, request options, expected status); a name's
+# study is submitted first (`{id}` in a path is its id)
+EXPLICIT: list[tuple[str, str, str, dict[str, str], dict[str, Any], int]] = [
+    ("json nested 5000 deep", "POST", "/api/v1/studies", {},
+     {"content": json.dumps(_SPEC)[:-1] + ', "x": ' + _DEEP + "}",
+      "headers": {"Content-Type": "application/json"}}, 422),
+    ("a filter nested 2000 deep", "GET", "/api/v1/leaderboard", {},
+     {"params": {"task": "digits-mlp", "model.width": "[" * 2000}}, 404),
+    ("an unknown method", "PURGE", "/api/v1/health", {}, {}, 405),
+    ("381 GiB of activations", "POST", "/api/v1/studies", {},
+     {"json": {**_SPEC, "task": "synthetic-vgg",
+               "data": {"input_shape": [1, 4096, 4096], "n_examples": 11, "batch_size": 8}}},
+     422),
+    ("an anonymous submit", "POST", "/api/v1/studies", {},
+     {"json": {**_SPEC, "task": "cifar10-cnn"}, "anonymous": True}, 401),
+    ("a data folder outside the roots", "POST", "/api/v1/studies", {},
+     {"json": {**_SPEC, "task": "cifar10-cnn", "data": {"data_dir": "/etc"}}}, 422),
+    ("a name in mathtext", "POST", "/api/v1/studies", {},
+     {"json": {**_SPEC, "name": "$\\frac{1}{$ x^$"}}, 202),
+    ("its plot", "GET", "/api/v1/studies/{study_id}/plots/{kind}.{fmt}",
+     {"study_id": "a name in mathtext", "kind": "curves", "fmt": "svg"}, {}, 200),
+    ("a name in markup", "POST", "/api/v1/studies", {},
+     {"json": {**_SPEC, "name": "[/][bold]\x1b[2J\x1b]0;t\x07"}}, 202),
+    ("a name that climbs", "POST", "/api/v1/studies", {},
+     {"json": {**_SPEC, "name": "../../../tmp/x"}}, 202),
+    ("the list of them", "GET", "/api/v1/studies", {}, {}, 200),
+    ("its export", "GET", "/api/v1/studies/{study_id}/export",
+     {"study_id": "a name that climbs"}, {}, 200),
+]  # fmt: skip
 
 
 def _free_port() -> int:
@@ -72,6 +114,7 @@ def _run(database: str, url: str, work: Path, args: argparse.Namespace) -> dict[
         "RATEBENCH_ANONYMOUS_READS": "true",
         # Not the limits under test: let generated submissions reach the database.
         "RATEBENCH_MAX_QUEUED_PER_KEY": "100000",
+        "RATEBENCH_RATE_LIMIT_PER_MINUTE": "0",  # thousands of requests from one key
     }
     for name in ("RAY_ADDRESS", "RATEBENCH_RAY_ADDRESS"):
         env.pop(name, None)
@@ -100,12 +143,51 @@ def _run(database: str, url: str, work: Path, args: argparse.Namespace) -> dict[
         started = time.monotonic()
         result = subprocess.run(command, cwd=work, capture_output=True, text=True)
         elapsed = time.monotonic() - started
+        explicit = _explicit(base, key)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
     if not report.exists():
         raise SystemExit(f"schemathesis wrote no report:\n{result.stdout[-3000:]}")
-    return _summary(database, json.loads(report.read_text()), log.read_text(), elapsed, result)
+    summary = _summary(database, json.loads(report.read_text()), log.read_text(), elapsed, result)
+    summary["explicit"] = explicit
+    return summary
+
+
+def _explicit(base: str, key: str) -> dict[str, Any]:
+    """Send `EXPLICIT`; each failure as `name: what went wrong`."""
+    import schemathesis
+
+    schema = schemathesis.openapi.from_url(f"{base}/openapi.json")
+    ids: dict[str, str] = {}
+    failed = []
+    with httpx.Client(base_url=base, timeout=120) as client:
+        for name, method, template, values, options, expected in EXPLICIT:
+            options = dict(options)
+            headers = {} if options.pop("anonymous", False) else {"Authorization": f"Bearer {key}"}
+            headers.update(options.pop("headers", {}))
+            path = template.format(**{k: ids.get(v, v) for k, v in values.items()})
+            response = client.request(method, path, headers=headers, **options)
+            if response.status_code == 202:
+                ids[name] = response.json()["id"]
+            problem = None
+            if response.status_code != expected:
+                problem = f"status {response.status_code}, expected {expected}"
+            elif re.search(r'"/(etc|tmp|home|root|srv)\b', response.text):
+                problem = "a server path in the answer"
+            else:
+                try:  # documented operations only: an unknown method has no schema
+                    operation = schema[template][method]
+                except (KeyError, LookupError):
+                    operation = None
+                try:
+                    if operation is not None:
+                        operation.validate_response(response)
+                except Exception as exc:  # schemathesis' FailureGroup: the schema's violations
+                    problem = f"schema: {str(exc).splitlines()[0][:300]}"
+            if problem is not None:
+                failed.append(f"{name}: {problem}")
+    return {"cases": len(EXPLICIT), "failed": failed}
 
 
 def _summary(
@@ -175,7 +257,12 @@ def main(argv: list[str] | None = None) -> int:
                 admin.dispose()
         # A finding is a 5xx or a failed check. schemathesis' own errors (a crash while it
         # generates cases) are reported, with its output, but say nothing about the API.
-        bad = bool(summary["server_errors"] or summary["failed_checks"] or not summary["requests"])
+        bad = bool(
+            summary["server_errors"]
+            or summary["failed_checks"]
+            or not summary["requests"]
+            or summary["explicit"]["failed"]
+        )
         if bad:
             summary["kept"] = str(work)  # the server's log and schemathesis' report
         else:

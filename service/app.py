@@ -1,7 +1,8 @@
 """The FastAPI application factory and its lifespan.
 
-At start-up: migrate the database, connect to Ray in the background, and (unless disabled)
-start the study scheduler. Routes live in `service/api/`, one router per resource.
+At start-up: migrate the database, connect to Ray (on the main thread, `RayRuntime`), and
+(unless disabled) start the study scheduler, which asks the same runtime to start Ray again
+when its node dies. Routes live in `service/api/`, one router per resource.
 
 While the database cannot be reached (server down or restarting, no free connection within
 `db_pool_timeout`, SQLite lock not granted), every endpoint answers 503 with `Retry-After`,
@@ -13,6 +14,7 @@ never a 500: the client should retry, and nothing it sent was half stored.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -25,20 +27,22 @@ from fastapi.staticfiles import StaticFiles
 from optuna.exceptions import StorageInternalError
 
 from service import __version__
-from service.api import catalog, health, leaderboard, metrics, plots, studies
+from service.api import catalog, export, health, leaderboard, metrics, plots, studies
 from service.api.auth import BEARER
 from service.api.deps import read_db, set_up_limiters, uses_dependency
 from service.config import Settings, get_settings
 from service.db import get_engine, is_unavailable, migrate
 from service.errors import install_error_handlers
-from service.limits import BodySizeLimit, NoNulInUrl
+from service.limits import BodySizeLimit, JsonDepthLimit, NoNulInUrl
 from service.metrics import AppMetrics, LeaseCounters, RequestMetrics
 from service.ray_runtime import RayRuntime
 from service.scheduler import Scheduler, SchedulerConfig
 from service.web import pages
+from worker import footprint
 from worker.spec import warm_up_checks
+from worker.tasks import DataRoots
 
-__all__ = ["RETRY_AFTER_SECONDS", "create_app"]
+__all__ = ["RETRY_AFTER_SECONDS", "create_app", "scheduler_config"]
 
 log = logging.getLogger(__name__)
 API_PREFIX = "/api/v1"
@@ -68,6 +72,18 @@ async def _database_unavailable(_request: Request, exc: Exception) -> JSONRespon
     )
 
 
+def scheduler_config(settings: Settings, url: str) -> SchedulerConfig:
+    """The scheduler's settings, as `ratebench serve` and `ratebench scheduler` both run it."""
+    return SchedulerConfig(
+        storage_url=url,
+        ray_address=settings.ray_address,
+        lease_seconds=settings.lease_seconds,
+        max_running_per_key=settings.max_running_per_key,
+        max_running_studies=settings.max_running_studies,
+        max_attempts=settings.max_attempts,
+    )
+
+
 def create_app(settings: Settings | None = None, *, start_ray: bool = True) -> FastAPI:
     """Build the app; `start_ray=False` serves the API without Ray and without the scheduler
     (tests of the HTTP surface)."""
@@ -77,20 +93,19 @@ def create_app(settings: Settings | None = None, *, start_ray: bool = True) -> F
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         migrate(url)
+        DataRoots.use(settings.allowed_data_roots())  # what validating a spec may read
         warm_up_checks()  # the first submit then answers in milliseconds, not seconds
+        # PyTorch's meta kernels for the step estimate (`worker.footprint`), while it serves
+        warming = threading.Thread(target=footprint.warm_up, name="warm-up", daemon=True)
+        warming.start()
         set_up_limiters(app, settings)
-        app.state.ray.start()  # on the main thread: Ray must not be initialised elsewhere
+        app.state.ray.start()  # on the main thread (`RayRuntime`): Ray must not start elsewhere
         scheduler = None
         if settings.run_scheduler and app.state.ray.connected:
             scheduler = Scheduler(
                 app.state.engine,
-                SchedulerConfig(
-                    storage_url=url,
-                    ray_address=settings.ray_address,
-                    lease_seconds=settings.lease_seconds,
-                    max_running_per_key=settings.max_running_per_key,
-                    max_running_studies=settings.max_running_studies,
-                ),
+                scheduler_config(settings, url),
+                ray=app.state.ray,
             )
             app.state.scheduler = scheduler
             scheduler.start_in_thread()
@@ -98,6 +113,11 @@ def create_app(settings: Settings | None = None, *, start_ray: bool = True) -> F
         if scheduler is not None:
             scheduler.stop()
         app.state.ray.shutdown()
+        DataRoots.use(None)
+        # a process that exits while the thread is inside PyTorch aborts ("terminate called
+        # without an active exception", exit status 134): a service stopped seconds after it
+        # started did
+        warming.join()
 
     app = FastAPI(
         title="ratebench",
@@ -118,12 +138,13 @@ def create_app(settings: Settings | None = None, *, start_ray: bool = True) -> F
     # never joins it: a Ray driver needs a raylet on its own machine (service.ray_runtime).
     needs_ray = settings.run_scheduler
     app.state.ray = RayRuntime(settings.ray_address, enabled=start_ray and needs_ray)
-    for module in (health, studies, plots, leaderboard, catalog):
+    for module in (health, studies, export, plots, leaderboard, catalog):  # every router, here
         app.include_router(module.router, prefix=API_PREFIX)
     app.include_router(metrics.router)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=pages.STATIC_DIR), name="static")
     app.add_middleware(NoNulInUrl)
+    app.add_middleware(JsonDepthLimit)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)  # outermost: counts all
     install_error_handlers(app)

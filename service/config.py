@@ -29,6 +29,11 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         None, description="SQLAlchemy URL; default sqlite:///<data_dir>/ratebench.db"
     )
+    database_password_file: Path | None = Field(
+        None,
+        description="a file holding the database password (a Docker secret), used with a "
+        "database_url that has none, so that the password is in no URL and no environment",
+    )
     ray_address: str | None = Field(
         None,
         validation_alias=AliasChoices("RATEBENCH_RAY_ADDRESS", "RAY_ADDRESS"),
@@ -44,7 +49,48 @@ class Settings(BaseSettings):
         description="a scheduler that stops renewing for this long loses "
         "its running study to the next scheduler",
     )
+    max_attempts: int = Field(
+        8,
+        ge=1,
+        le=1000,
+        description="attempts of a study that faults may end (a scheduler or Ray runtime that "
+        "died, a lost actor, a cluster not ready): each is resumed from storage; the study "
+        "fails at this many, with every attempt's cause",
+    )
     anonymous_reads: bool = Field(True, description="allow GET endpoints without an API key")
+    private_studies: bool = Field(
+        False,
+        description="a key reads only its own studies (an admin key every study), and others "
+        "only once their owner marks them public; anonymous reads see public studies only",
+    )
+    rate_limit_per_minute: int = Field(
+        600,
+        ge=0,
+        le=1_000_000,
+        description="requests one API key (an anonymous client: one address) may make per "
+        "minute, refilled evenly, beyond a burst of `rate_limit_burst`; 0 turns it off",
+    )
+    rate_limit_burst: int = Field(
+        120, ge=1, le=1_000_000, description="requests a key may make at once before the rate"
+    )
+    max_validation_s: float = Field(
+        30.0,
+        gt=0,
+        le=600,
+        description="seconds a submit's validation (model builds on the meta device) may take "
+        "before it is refused",
+    )
+    max_step_memory_gb: float = Field(
+        16.0,
+        gt=0,
+        description="estimated memory (GiB) one trial's training step may need, a cohort's "
+        "task all its trials together: what one node can give a trial",
+    )
+    max_step_gflop: float = Field(
+        10_000.0,
+        gt=0,
+        description="estimated floating-point operations (GFLOP) of one trial's training step",
+    )
     max_body_bytes: int = Field(64_000, ge=1024, description="largest accepted request body")
     max_study_steps: int = Field(
         10_000_000,
@@ -94,7 +140,11 @@ class Settings(BaseSettings):
         "study_id, trial_id) for log collectors; `text` is for people",
     )
 
-    url: str = Field("http://127.0.0.1:8000", description="the API the CLI client talks to")
+    url: str | None = Field(
+        None,
+        description="the API the CLI client talks to; default http://127.0.0.1:<port>, so a "
+        "RATEBENCH_PORT that moved the service moves the client with it",
+    )
     api_key: str | None = Field(None, description="the key the CLI client sends")
 
     @model_validator(mode="after")
@@ -105,6 +155,14 @@ class Settings(BaseSettings):
                 f"({self.api_threads}); each API thread needs a connection"
             )
         return self
+
+    def client_url(self) -> str:
+        """The API the CLI talks to: `url`, else this machine's service at `port` (on loopback
+        even when the service binds every interface)."""
+        if self.url:
+            return self.url
+        host = "127.0.0.1" if self.host in {"0.0.0.0", "::", ""} else self.host
+        return f"http://{host}:{self.port}" if ":" not in host else f"http://[{host}]:{self.port}"
 
     def resolved_pool_size(self) -> int:
         """Connections per process: one per API thread, plus the scheduler's claims, two per
@@ -121,10 +179,29 @@ class Settings(BaseSettings):
         return DataRoots.configure(self.data_roots, self.data_dir, self.cifar_dir)
 
     def resolved_database_url(self) -> str:
-        """The database URL to use, defaulting to a SQLite file in `data_dir`."""
-        if self.database_url:
+        """The database URL to use, defaulting to a SQLite file in `data_dir`; with
+        `database_password_file`, its password taken from that file."""
+        if not self.database_url:
+            return f"sqlite:///{(self.data_dir / 'ratebench.db').resolve()}"
+        if self.database_password_file is None:
             return self.database_url
-        return f"sqlite:///{(self.data_dir / 'ratebench.db').resolve()}"
+        return _with_password(self.database_url, self.database_password_file)
+
+
+@lru_cache(maxsize=8)
+def _with_password(url: str, password_file: Path) -> str:
+    """`url` with the password read from `password_file` (once per process: the engine made
+    from it keeps its connections anyway)."""
+    import sqlalchemy as sa
+
+    try:
+        password = password_file.read_text().strip()
+    except OSError as exc:
+        raise ValueError(
+            f"database_password_file: cannot read {password_file}: {exc.strerror}"
+        ) from None
+    with_password = sa.engine.make_url(url).set(password=password)
+    return with_password.render_as_string(hide_password=False)
 
 
 @lru_cache

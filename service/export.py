@@ -18,8 +18,19 @@ spreadsheet formula get a leading `'`, so opening the file never runs one.
 
 The bundle (`FORMAT`, `VERSION`) holds the study row, its stored leaderboard rows and every
 Optuna study of its arms with each trial's parameters and distributions, values, state,
-intermediate values, attributes and times. `load_bundle` checks a bundle without writing;
-`import_bundle` writes it into a database with the same study id, all or nothing.
+intermediate values, attributes and times (timezone-aware: Optuna's naive UTC is written with
+its `+00:00`). `public_bundle` is what a reader who does not own the study gets
+(`service.privacy`). `load_bundle` checks a bundle without writing; `import_bundle` writes it
+into a database with the same study id, all or nothing.
+
+A bundle is a file from elsewhere, so `load_bundle` trusts none of it: JSON nested deeper than
+a bundle needs is refused before parsing; the study id must be one this service could have
+made (`STUDY_ID_PATTERN`: no `/`, so its Optuna studies `<id>/<arm>` can never be named like
+another study's, e.g. a forged `<victim>/<arm>` + `/final` that a running victim would adopt
+as its final seeds; nor `..`, which would put its plot cache outside its folder); its name,
+task and rows must fit their columns and agree with its spec; every leaderboard row must name
+an arm of the spec with its scheme, the spec's objective, and numbers of the right kind.
+`import_bundle` also refuses an id under which the database already holds any Optuna study.
 """
 
 from __future__ import annotations
@@ -28,9 +39,10 @@ import csv
 import io
 import json
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import optuna
@@ -41,7 +53,9 @@ from optuna.trial import FrozenTrial, TrialState, create_trial
 from sqlalchemy.orm import Session
 
 from service.db import session_scope
-from service.models import ArmResult, StudyRecord, StudyStatus
+from service.json_depth import json_depth_exceeded
+from service.models import STUDY_ID_PATTERN, ArmResult, StudyRecord, StudyStatus
+from service.privacy import public_environment, public_spec, public_trial_attrs
 from worker.arms.base import final_study_name, sweep_study_name
 from worker.results import TrialRecord
 from worker.spec import StudySpec
@@ -56,6 +70,7 @@ __all__ = [
     "import_bundle",
     "load_bundle",
     "optuna_studies",
+    "public_bundle",
     "study_part",
     "trial_csv",
 ]
@@ -74,7 +89,7 @@ _ARM_COLUMNS = (
     "objective_std", "test_mean", "n_trials", "n_diverged", "summary",
 )  # fmt: skip
 _STUDY_TIMES = ("created_at", "started_at", "finished_at")
-_OPTIONAL_STUDY_COLUMNS = ("environment", "source")  # newer schemas; copied when both sides have
+_OPTIONAL_STUDY_COLUMNS = ("environment", "source", "faults")  # newer: copied when both have
 
 
 # --- CSV -------------------------------------------------------------------------------------
@@ -190,7 +205,10 @@ def _finite(value: Any) -> Any:
 
 
 def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat()
+    """ISO 8601 with its offset; a naive time (Optuna's) is UTC."""
+    if value is None:
+        return None
+    return (value if value.tzinfo is not None else value.replace(tzinfo=UTC)).isoformat()
 
 
 def study_part(session: Session, study_id: str) -> dict[str, Any] | None:
@@ -303,6 +321,14 @@ def _time(value: Any) -> datetime | None:
     return None if value is None else datetime.fromisoformat(value)
 
 
+def _optuna_time(value: Any) -> datetime | None:
+    """A trial's time as Optuna stores it: naive UTC (an older bundle's naive time is so)."""
+    time = _time(value)
+    if time is None or time.tzinfo is None:
+        return time
+    return time.astimezone(UTC).replace(tzinfo=None)
+
+
 def _trial(data: dict[str, Any]) -> FrozenTrial:
     state = TrialState[data["state"]]
     trial = create_trial(
@@ -316,12 +342,88 @@ def _trial(data: dict[str, Any]) -> FrozenTrial:
         system_attrs=dict(data["system_attrs"]),
         intermediate_values={int(k): v for k, v in data["intermediate_values"].items()},
     )
-    trial.datetime_start = _time(data["datetime_start"])
-    trial.datetime_complete = _time(data["datetime_complete"])
+    trial.datetime_start = _optuna_time(data["datetime_start"])
+    trial.datetime_complete = _optuna_time(data["datetime_complete"])
     return trial
 
 
+def public_bundle(bundle: dict[str, Any]) -> dict[str, Any]:
+    """The bundle as a reader who does not own the study sees it: without the hosts it ran on
+    and its data folder (`service.privacy`)."""
+    study = dict(bundle["study"])
+    study["spec"] = public_spec(study["spec"])
+    if "environment" in study:
+        study["environment"] = public_environment(study["environment"])
+    trials = [
+        {**s, "trials": [{**t, "user_attrs": public_trial_attrs(t["user_attrs"])}
+                         for t in s["trials"]]}
+        for s in bundle.get("trials", [])
+    ]  # fmt: skip
+    return {**bundle, "study": study, "trials": trials}
+
+
+def _check_study(data: dict[str, Any]) -> None:
+    """The study row's identity and text fields, before anything uses them."""
+    study_id = data["id"]
+    if not isinstance(study_id, str) or not re.fullmatch(STUDY_ID_PATTERN, study_id):
+        raise BundleError(
+            f"study.id {str(study_id)[:120]!r}: not a study id (1 to 100 letters, digits, "
+            "'_', '.' or '-', starting with a letter, digit or '_')"
+        )
+    for name, limit in (("name", 200), ("task", 100)):
+        value = data[name]
+        if not isinstance(value, str) or not 1 <= len(value) <= limit:
+            raise BundleError(f"study.{name}: must be text of 1 to {limit} characters")
+    if data.get("error") is not None and not isinstance(data["error"], str):
+        raise BundleError("study.error: must be text or null")
+    for name in ("spec", "progress", "environment"):
+        value = data.get(name)
+        if value is not None and not isinstance(value, dict):
+            raise BundleError(f"study.{name}: must be an object")
+    attempts = data.get("attempts") or 0
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 0:
+        raise BundleError("study.attempts: must be a whole number, at least 0")
+
+
+def _check_arm_rows(rows: Any, spec: StudySpec, task: str) -> None:
+    """Every leaderboard row names an arm of `spec` (once) with its scheme, the study's task
+    and objective, and has numbers where numbers go."""
+    if not isinstance(rows, list):
+        raise BundleError("arm_results: must be a list")
+    schemes = {str(arm.label): arm.optimizer for arm in spec.arms}
+    seen: set[str] = set()
+    for i, row in enumerate(rows):
+        where = f"arm_results[{i}]"
+        if not isinstance(row, dict):
+            raise BundleError(f"{where}: must be an object")
+        arm = row.get("arm")
+        if arm not in schemes or arm in seen:
+            raise BundleError(f"{where}.arm: {str(arm)[:80]!r} is not an arm of the study's spec "
+                              "(or is listed twice)")  # fmt: skip
+        seen.add(arm)
+        expected = {
+            "scheme": schemes[arm], "task": task, "metric": spec.objective.metric,
+            "direction": spec.objective.direction,
+        }  # fmt: skip
+        for name, value in expected.items():
+            if row.get(name) != value:
+                raise BundleError(f"{where}.{name}: {str(row.get(name))[:80]!r}, but the "
+                                  f"study's spec says {value!r}")  # fmt: skip
+        for name in ("best_lr", "objective_mean", "objective_std", "test_mean"):
+            value = row.get(name)
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if value is not None and not (number and math.isfinite(value)):
+                raise BundleError(f"{where}.{name}: must be a finite number or null")
+        for name in ("rank", "n_trials", "n_diverged"):
+            value = row.get(name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise BundleError(f"{where}.{name}: must be a whole number, at least 0")
+        if not isinstance(row.get("summary"), dict):
+            raise BundleError(f"{where}.summary: must be an object")
+
+
 def _record(data: dict[str, Any]) -> StudyRecord:
+    _check_study(data)
     study = StudyRecord(
         id=str(data["id"]), name=str(data["name"]), task=str(data["task"]), spec=data["spec"],
         status=StudyStatus(data["status"]).value, error=data.get("error"),
@@ -331,12 +433,19 @@ def _record(data: dict[str, Any]) -> StudyRecord:
     for name in _OPTIONAL_STUDY_COLUMNS:
         if data.get(name) is not None and hasattr(StudyRecord, name):
             setattr(study, name, data[name])
+    faults = data.get("faults")
+    if faults is not None and not (
+        isinstance(faults, list) and all(isinstance(f, dict) for f in faults)
+    ):
+        raise BundleError("study.faults: must be a list of objects")
     return study
 
 
 def load_bundle(text: str) -> Bundle:
     """Parse and check a bundle without touching any database; BundleError when it is not
     one this code can import."""
+    if json_depth_exceeded(text):
+        raise BundleError("not a ratebench export: its JSON nests deeper than a bundle does")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -355,6 +464,9 @@ def load_bundle(text: str) -> Bundle:
                 f"study {study.id} is {study.status}; only finished studies can be imported"
             )
         spec = StudySpec.from_stored(study.spec)
+        if spec.task != study.task:
+            raise BundleError(f"study.task {study.task!r} is not its spec's ({spec.task!r})")
+        _check_arm_rows(data["arm_results"], spec, study.task)
         arms = [ArmResult(study_id=study.id, **{c: a[c] for c in _ARM_COLUMNS})
                 for a in data["arm_results"]]  # fmt: skip
         expected = set(_study_names(study.id, spec))
@@ -390,12 +502,16 @@ def import_bundle(engine: sa.Engine, storage_url: str, bundle: Bundle) -> None:
     storage = open_storage(storage_url)
     created: list[str] = []
     try:
-        for s in bundle.optuna_studies:
-            try:
-                storage.get_study_id_from_name(s.name)
-            except KeyError:
-                continue
-            raise BundleError(f"Optuna study {s.name!r} already exists in this database")
+        taken = [
+            s.study_name
+            for s in storage.get_all_studies()
+            if s.study_name.startswith(f"{study_id}/")
+        ]
+        if taken:
+            raise BundleError(
+                f"Optuna study {taken[0]!r} already exists in this database: study {study_id}'s "
+                "Optuna studies would mix with it; not imported"
+            )
         for s in bundle.optuna_studies:
             study = optuna.create_study(storage=storage, study_name=s.name, directions=s.directions)
             created.append(s.name)

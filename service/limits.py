@@ -8,6 +8,10 @@
 - `NoNulInUrl`: a NUL byte in the path or a query parameter gets 422 naming the parameter.
   PostgreSQL refuses NUL in text (`DataError`, a 500 if it reached a query), so it is refused
   at the edge for every endpoint at once.
+- `JsonDepthLimit`: a body whose JSON nests deeper than `worker.spec.MAX_JSON_DEPTH` gets 422
+  at `body`, counted on the bytes as they arrive (brackets outside strings), before anything
+  parses it: Python's JSON parser and every walk over the parsed value recurse, and ~1,000
+  levels fit in a few kilobytes.
 """
 
 from __future__ import annotations
@@ -18,7 +22,10 @@ from urllib.parse import parse_qsl
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["BodySizeLimit", "NoNulInUrl"]
+from service.json_depth import DepthScanner, json_depth_exceeded
+from worker.spec import MAX_JSON_DEPTH
+
+__all__ = ["BodySizeLimit", "JsonDepthLimit", "NoNulInUrl", "json_depth_exceeded"]
 
 
 class BodySizeLimit:
@@ -57,6 +64,37 @@ class BodySizeLimit:
         except _BodyTooLargeError:  # read outside FastAPI's body parsing (e.g. a plain route)
             if not started:
                 await _answer(send, 413, {"detail": _too_large(self.max_bytes)})
+
+
+class JsonDepthLimit:
+    """Answer 422 to a body whose JSON nests deeper than `max_depth`, as it streams in."""
+
+    def __init__(self, app: ASGIApp, max_depth: int = MAX_JSON_DEPTH) -> None:
+        self.app, self.max_depth = app, max_depth
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        scanner = DepthScanner(self.max_depth)
+        started = False
+
+        async def scanning_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.request" and scanner.feed(message.get("body", b"")):
+                raise _TooDeepError(self.max_depth)
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, scanning_receive, tracking_send)
+        except _TooDeepError as exc:  # read outside FastAPI's body parsing
+            if not started:
+                await _answer(send, 422, {"detail": exc.detail})
 
 
 class NoNulInUrl:
@@ -100,3 +138,9 @@ async def _answer(send: Send, status: int, content: object) -> None:
 class _BodyTooLargeError(HTTPException):
     def __init__(self, max_bytes: int) -> None:
         super().__init__(413, detail=_too_large(max_bytes))
+
+
+class _TooDeepError(HTTPException):
+    def __init__(self, max_depth: int) -> None:
+        message = f"JSON nested deeper than {max_depth} levels; a study spec needs far fewer"
+        super().__init__(422, detail=[{"loc": ["body"], "msg": message, "type": "json_depth"}])

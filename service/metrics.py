@@ -6,7 +6,9 @@ counters). It holds:
 - `ratebench_http_requests_total{method,route,status}` and
   `ratebench_http_request_duration_seconds{method,route}`: counted by `RequestMetrics`, labelled
   with the route's template (`/api/v1/studies/{study_id}`), never the raw path, so ids do not
-  make a series each; a path that matches no route is `route="unmatched"`. Scrapes of
+  make a series each; a path that matches no route is `route="unmatched"`, and a method other
+  than HTTP's usual ones (`METHODS`) is `method="other"`: the client chooses both, and every
+  distinct label value would be a series kept for the life of the process. Scrapes of
   `/metrics` are left out.
 - What the database says at scrape time (`StudyCollector`), so that every API process reports
   the same whether or not it runs the scheduler: `ratebench_studies{status}` (the queue's depth
@@ -38,10 +40,18 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.models import StudyRecord, StudyStatus
 
-__all__ = ["METRICS_PATH", "AppMetrics", "LeaseCounters", "RequestMetrics", "StudyCollector"]
+__all__ = [
+    "METHODS",
+    "METRICS_PATH",
+    "AppMetrics",
+    "LeaseCounters",
+    "RequestMetrics",
+    "StudyCollector",
+]
 
 log = logging.getLogger(__name__)
 METRICS_PATH = "/metrics"
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 OUTCOMES = ("complete", "pruned", "diverged", "failed")
 
 
@@ -203,8 +213,12 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, recording_send)
         finally:
+            method = scope.get("method", "")
             self.metrics.observe(
-                scope.get("method", ""), self._route(scope), status, time.perf_counter() - start
+                method if method in METHODS else "other",
+                self._route(scope),
+                status,
+                time.perf_counter() - start,
             )
 
     def _route(self, scope: Scope) -> str:

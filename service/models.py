@@ -4,10 +4,15 @@
   queued → running → completed | completed_with_errors | failed | cancelled. A scheduler owns
   a running row while its lease (`lease_expires_at`) is fresh; an expired lease means the
   scheduler died and the study may be claimed again, which resumes it from the Optuna storage.
-  `source` says who runs it: "api" (submitted, run by a scheduler) or "cli" (`ratebench run`,
-  whose id is the run's study key and which only that command claims). `environment` records
-  what ran it (`worker.environment.collect()` of the host that started it, and under `nodes`
-  the distinct machines its trials trained on).
+  `source` says who runs it: "api" (submitted, run by a scheduler), "cli" (`ratebench run`,
+  whose id is the run's study key and which only that command claims) or "python" (the Python
+  API, `ratebench.compare`, which runs it in the caller's process as `ratebench run` does).
+  `environment` records what ran it (`worker.environment.collect()` of the host that started
+  it, the task's package and version under `task`, and under `nodes` the distinct machines its
+  trials trained on). `attempts` counts the study's starts, and `faults` says what ended each
+  attempt that did not finish (the scheduler gives up after `RATEBENCH_MAX_ATTEMPTS` of them,
+  naming every cause). `public` lets every key read it where studies are private
+  (`service.privacy`).
 - `ratebench_arm_results`: one leaderboard row per arm of a finished study, written once, so
   leaderboards are aggregates over these rows and their cost does not grow with trials.
 - `ratebench_api_keys`: API keys, stored as SHA-256 hashes (keys are 256-bit random tokens, so
@@ -30,6 +35,7 @@ from service.db import UtcDateTime
 
 __all__ = [
     "STUDY_ID_LENGTH",
+    "STUDY_ID_PATTERN",
     "ApiKey",
     "ArmResult",
     "Base",
@@ -40,6 +46,9 @@ __all__ = [
 ]
 
 STUDY_ID_LENGTH = 100  # an API study's id is 32 hex digits; a `ratebench run` key may be longer
+# Every study id: an API id (hex), a `ratebench run` key, an imported id. No `/` (Optuna study
+# names are `<id>/<arm>`), no leading `.` (plot files live under `plots/<id>/`).
+STUDY_ID_PATTERN = rf"[A-Za-z0-9_][A-Za-z0-9_.-]{{0,{STUDY_ID_LENGTH - 1}}}"
 
 
 def utcnow() -> datetime:
@@ -69,6 +78,7 @@ class StudyStatus(enum.StrEnum):
 class StudySource(enum.StrEnum):
     API = "api"  # submitted to the API, run by a scheduler
     CLI = "cli"  # run by `ratebench run` in its own process; no scheduler claims it
+    PYTHON = "python"  # run by the Python API (`ratebench.compare`) in the caller's process
 
 
 class ApiKey(Base):
@@ -118,6 +128,11 @@ class StudyRecord(Base):
         sa.String(16), default=StudySource.API.value, server_default=StudySource.API.value
     )
     environment: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON, default=None)
+    # One entry per attempt that a fault ended ({"attempt", "at", "error"}): a scheduler that
+    # died, a Ray runtime or actor lost, a cluster not ready (`service.queue.record_fault`).
+    faults: Mapped[list[dict[str, Any]] | None] = mapped_column(sa.JSON, default=None)
+    # Readable by every key where studies are private (`RATEBENCH_PRIVATE_STUDIES`).
+    public: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
 
     arm_results: Mapped[list[ArmResult]] = relationship(
         back_populates="study", cascade="all, delete-orphan", order_by="ArmResult.rank"

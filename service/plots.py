@@ -25,19 +25,26 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from service.models import StudyRecord, StudyStatus
+from service.optuna_tables import TrialsVersion, trials_version
 from worker.report import plots
 from worker.results import load_trials
 from worker.spec import StudySpec
 
-__all__ = ["FORMATS", "KINDS", "MEMORY_ENTRIES", "Plot", "PlotSource", "plot_source", "study_plot"]
+__all__ = [
+    "FORMATS",
+    "KINDS",
+    "MEMORY_ENTRIES",
+    "Plot",
+    "PlotSource",
+    "plot_source",
+    "study_plot",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -46,13 +53,7 @@ FORMATS = plots.FORMATS
 MEMORY_ENTRIES = 256
 _STRIPES = 64
 
-# Optuna's own tables (optuna.storages._rdb.models), read-only and only these columns.
-_optuna_studies = sa.table("studies", sa.column("study_id"), sa.column("study_name"))
-_optuna_trials = sa.table(
-    "trials", sa.column("trial_id"), sa.column("study_id"), sa.column("datetime_complete")
-)
-
-Version = tuple[int, int, datetime | None]
+Version = TrialsVersion
 
 
 @dataclass(frozen=True)
@@ -71,40 +72,13 @@ class Plot:
     rendered: bool  # False when served from a cache
 
 
-_databases_with_trials: set[str] = set()  # Optuna's tables, once made, stay
-
-
-def _has_trials_table(session: Session) -> bool:
-    connection = session.connection()
-    url = connection.engine.url.render_as_string(hide_password=True)
-    if url not in _databases_with_trials and sa.inspect(connection).has_table("trials"):
-        _databases_with_trials.add(url)
-    return url in _databases_with_trials
-
-
-def _trials_version(session: Session, study_id: str) -> Version:
-    if not _has_trials_table(session):
-        return 0, 0, None  # no study has run in this database yet
-    studies, trials = _optuna_studies.c, _optuna_trials.c
-    count, done, last = session.execute(
-        sa.select(
-            sa.func.count(trials.trial_id),
-            sa.func.count(trials.datetime_complete),
-            sa.func.max(trials.datetime_complete),
-        )
-        .select_from(_optuna_trials.join(_optuna_studies, studies.study_id == trials.study_id))
-        .where(studies.study_name.startswith(f"{study_id}/", autoescape=True))
-    ).one()
-    return int(count), int(done), last
-
-
 def plot_source(session: Session, study_id: str) -> PlotSource | None:
     """The study's spec, whether it finished, and its trials' version; None for no study."""
     study = session.get(StudyRecord, study_id)
     if study is None:
         return None
     finished = StudyStatus(study.status).finished
-    version = (0, 0, None) if finished else _trials_version(session, study_id)
+    version = (0, 0, None) if finished else trials_version(session, study_id)
     return PlotSource(study.id, dict(study.spec), finished, version)
 
 

@@ -4,9 +4,11 @@
        └──────────cancel──────────────────────────▶ cancelled
 
 A scheduler *claims* a study by one conditional UPDATE that succeeds only while the row is still
-claimable (queued, or running with an expired lease): on SQLite the single writer makes that
-atomic; on PostgreSQL the candidate is first locked with `SELECT … FOR UPDATE SKIP LOCKED`, so
-concurrent schedulers pick different rows instead of queueing on one. A claim holds a lease
+claimable (queued, or running with an expired lease), in fair order across keys (`claim_next`:
+a key's backlog never keeps another key's first study waiting for more than one slot): on
+SQLite the single writer makes that atomic; on PostgreSQL the candidate is first locked with
+`SELECT … FOR UPDATE SKIP LOCKED`, so concurrent schedulers pick different rows instead of
+queueing on one. A claim holds a lease
 that the scheduler renews while it works; a scheduler that dies stops renewing, the lease
 expires, and the next claim resumes the study from its Optuna storage. Every transition after
 the claim is conditional on `claimed_by`, so a scheduler that lost its lease can write nothing.
@@ -25,8 +27,6 @@ The refusals are plain exceptions; `service.errors` gives each its HTTP status.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import uuid
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -34,9 +34,20 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from service.models import ApiKey, StudyRecord, StudySource, StudyStatus, utcnow
+from service.optuna_tables import trial_nodes
+from service.refusals import (
+    BudgetExceededError,
+    IdempotencyConflictError,
+    NotOwnerError,
+    QueueRefusalError,
+    StudyBusyError,
+    TooManyStudiesError,
+    check_budget,
+    spec_hash,
+)
 
 __all__ = [
     "BudgetExceededError",
@@ -46,45 +57,20 @@ __all__ = [
     "QueueRefusalError",
     "StudyBusyError",
     "TooManyStudiesError",
+    "cancel_queued_of_key",
     "check_budget",
     "check_owner",
     "claim_next",
     "finish",
     "owns",
+    "record_fault",
     "release",
     "renew_lease",
     "request_cancel",
     "spec_hash",
     "start_local",
     "submit",
-    "trial_nodes",
 ]
-
-
-class QueueRefusalError(Exception):
-    """A request the queue refuses; the message says why, for the client."""
-
-
-class NotOwnerError(QueueRefusalError):
-    """The key is neither the study's submitter nor an admin key."""
-
-
-class IdempotencyConflictError(QueueRefusalError):
-    """The idempotency key was used before, by the same API key, with a different body."""
-
-
-class BudgetExceededError(QueueRefusalError):
-    """The study's estimated optimizer steps exceed the configured maximum."""
-
-    loc = ("budget",)
-
-
-class TooManyStudiesError(QueueRefusalError):
-    """The key already has as many queued studies as it may."""
-
-
-class StudyBusyError(QueueRefusalError):
-    """`ratebench run` found its study key taken: running elsewhere, or not a study of its own."""
 
 
 @dataclass(frozen=True)
@@ -95,29 +81,13 @@ class KeyLimits:
     max_running: int
 
 
-def spec_hash(spec: dict[str, Any]) -> str:
-    """SHA-256 of the spec's canonical JSON (sorted keys, no spaces): equal bodies, equal hash."""
-    canonical = json.dumps(spec, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def check_budget(estimated_steps: int, max_steps: int) -> None:
-    """Refuse a study whose estimated optimizer steps exceed `max_steps`."""
-    if estimated_steps > max_steps:
-        raise BudgetExceededError(
-            f"the study needs an estimated {estimated_steps:,} optimizer steps (arms × (trials "
-            f"+ final seeds) × epochs × steps per epoch); this service allows at most "
-            f"{max_steps:,} per study: lower budget.trials_per_arm, budget.epochs, "
-            "budget.steps_per_epoch or the number of arms"
-        )
-
-
 def check_owner(study: StudyRecord, key: ApiKey) -> None:
     """Only the submitting key, or an admin key, may act on a study."""
     if not key.is_admin and study.api_key_id != key.id:
         raise NotOwnerError(
             f"study {study.id} belongs to another API key; only the key that submitted it or "
-            "an admin key (`ratebench keys create --admin`) may cancel it"
+            "an admin key (`ratebench keys create --admin`) may cancel it or change who may "
+            "read it"
         )
 
 
@@ -167,6 +137,7 @@ def submit(
     idempotency_key: str | None = None,
     api_key_id: int | None = None,
     limits: KeyLimits | None = None,
+    public: bool = False,
 ) -> tuple[StudyRecord, bool]:
     """Queue a validated spec; returns (study, created). An idempotency key this API key used
     before returns the study it created, without writing anything, if the body is the same
@@ -187,6 +158,7 @@ def submit(
         spec_hash=digest,
         idempotency_key=idempotency_key,
         api_key_id=api_key_id,
+        public=public,
     )
     session.add(study)
     try:
@@ -238,6 +210,26 @@ def _key_not_busy(now: datetime, max_running: int | None) -> sa.ColumnElement[bo
     )
 
 
+def _fair_order(now: datetime) -> list[sa.ColumnElement[Any]]:
+    """Claim order: first the running studies whose scheduler died (they already held a slot),
+    then queued studies by how many studies their key runs now, fewest first, then oldest
+    first. So however many studies one key has queued, another key's first study is the next
+    to start when a slot frees: it waits for at most one study's slot time."""
+    running = aliased(StudyRecord)
+    key_running = (
+        sa.select(sa.func.count())
+        .select_from(running)
+        .where(
+            running.api_key_id == StudyRecord.api_key_id,
+            running.status == StudyStatus.RUNNING.value,
+            running.lease_expires_at >= now,
+        )
+        .scalar_subquery()
+    )
+    resume_first = sa.case((StudyRecord.status == StudyStatus.RUNNING.value, 0), else_=1)
+    return [resume_first, key_running, StudyRecord.created_at.asc()]
+
+
 def claim_next(
     engine: sa.Engine,
     scheduler_id: str,
@@ -246,14 +238,15 @@ def claim_next(
     max_running_per_key: int | None = None,
     driving: Collection[str] = (),
 ) -> StudyRecord | None:
-    """Claim the oldest claimable study for `scheduler_id`, or return None; with
-    `max_running_per_key`, a key's queued studies wait while it runs that many. `driving`: the
-    studies the caller is driving now, never claimed again even when their lease ran out (a
-    database outage longer than the lease stops the renewals, not the drivers)."""
+    """Claim the next claimable study for `scheduler_id` in fair order (`_fair_order`), or
+    return None; with `max_running_per_key`, a key's queued studies wait while it runs that
+    many. `driving`: the studies the caller is driving now, never claimed again even when
+    their lease ran out (a database outage longer than the lease stops the renewals, not the
+    drivers)."""
     now = utcnow()
     with engine.begin() as conn:
-        candidate = conn.execute(
-            sa.select(StudyRecord.id)
+        found = conn.execute(
+            sa.select(StudyRecord.id, StudyRecord.status, StudyRecord.claimed_by)
             .where(
                 _claimable(now),
                 StudyRecord.source == StudySource.API.value,  # `ratebench run` drives its own
@@ -261,12 +254,13 @@ def claim_next(
                 _key_not_busy(now, max_running_per_key),
                 StudyRecord.id.not_in(list(driving)),
             )
-            .order_by(StudyRecord.created_at)
+            .order_by(*_fair_order(now))
             .limit(1)
             .with_for_update(skip_locked=True)
-        ).scalar()
-        if candidate is None:
+        ).first()
+        if found is None:
             return None
+        candidate, status, previous_owner = found
         claimed = conn.execute(
             sa.update(StudyRecord)
             .where(StudyRecord.id == candidate, _claimable(now))
@@ -280,6 +274,13 @@ def claim_next(
         ).rowcount
     if claimed != 1:
         return None
+    if status == StudyStatus.RUNNING.value and previous_owner is not None:  # not released
+        record_fault(
+            engine, candidate, scheduler_id,
+            f"its scheduler {previous_owner} stopped renewing the lease before the study "
+            "finished (it crashed, was killed, or lost the database for longer than the lease)",
+            previous_attempt=True,
+        )  # fmt: skip
     _record_environment(engine, candidate, scheduler_id)
     with Session(engine, expire_on_commit=False) as session:
         return session.get(StudyRecord, candidate)
@@ -291,10 +292,25 @@ def _record_environment(engine: sa.Engine, study_id: str, owner: str) -> None:
     from worker.environment import collect
 
     environment = collect()
+    environment["task"] = _task_source(engine, study_id)
     with engine.begin() as conn:
         conn.execute(
             sa.update(StudyRecord).where(_owned(study_id, owner)).values(environment=environment)
         )
+
+
+def _task_source(engine: sa.Engine, study_id: str) -> dict[str, Any] | None:
+    """The study's task as this process has it: its package and version (None for an inline
+    task of the Python API: its package), or None when it is not installed here."""
+    from worker.tasks import UnknownTaskError, get_task
+
+    with engine.connect() as conn:
+        name = conn.execute(sa.select(StudyRecord.task).where(StudyRecord.id == study_id)).scalar()
+    try:
+        task = get_task(str(name))
+    except UnknownTaskError:
+        return None
+    return {"name": task.name, "package": task.package, "version": task.version}
 
 
 def start_local(
@@ -306,9 +322,11 @@ def start_local(
     *,
     name: str,
     task: str,
+    source: StudySource = StudySource.CLI,
 ) -> StudyRecord:
-    """Create or find `ratebench run`'s study `study_id` (source "cli") and claim it for
-    `owner`, as `claim_next` claims an API study: running, leased, its environment recorded.
+    """Create or find `ratebench run`'s study `study_id` (source "cli", or "python" for the
+    Python API's) and claim it for `owner`, as `claim_next` claims an API study: running,
+    leased, its environment recorded.
     A re-run of the same spec claims the same row again (resuming its Optuna studies); a
     finished row starts over as running (its results are written again at the end).
     `StudyBusyError` when the row runs under a fresh lease elsewhere, belongs to the API, or
@@ -316,7 +334,9 @@ def start_local(
     digest = spec_hash(spec)
     now = utcnow()
     try:
-        claimed = _claim_local(engine, study_id, owner, now + lease, spec, digest, name, task)
+        claimed = _claim_local(
+            engine, study_id, owner, now + lease, spec, digest, name, task, source
+        )
     except sa.exc.IntegrityError:  # another process created the row meanwhile
         claimed = False
     if not claimed:
@@ -337,6 +357,7 @@ def _claim_local(
     digest: str,
     name: str,
     task: str,
+    source: StudySource,
 ) -> bool:
     now = utcnow()
     with Session(engine) as session, session.begin():
@@ -349,12 +370,17 @@ def _claim_local(
                     task=task,
                     spec=spec,
                     spec_hash=digest,
-                    source=StudySource.CLI.value,
+                    source=source.value,
                 )
             )
             session.flush()
-        elif study.source != StudySource.CLI.value:
+        elif study.source == StudySource.API.value:
             raise StudyBusyError(f"study {study_id} was submitted to the API; choose another key")
+        elif study.source != source.value:
+            raise StudyBusyError(
+                f"study {study_id} was recorded by {study.source}, not {source.value}; choose "
+                "another key"
+            )
         elif study.spec_hash != digest:
             raise StudyBusyError(
                 f"study {study_id} holds a different spec; run this one under another key"
@@ -419,13 +445,45 @@ def renew_lease(
 
 
 def release(engine: sa.Engine, study_id: str, scheduler_id: str) -> None:
-    """Give a running study back (scheduler shutting down): the next claim resumes it at once."""
+    """Give a running study back (scheduler shutting down): the next claim resumes it at once.
+    The owner is cleared, which tells that claim a release from a crash (no fault recorded)."""
     with engine.begin() as conn:
         conn.execute(
             sa.update(StudyRecord)
             .where(_owned(study_id, scheduler_id))
-            .values(lease_expires_at=utcnow() - timedelta(seconds=1))
+            .values(lease_expires_at=utcnow() - timedelta(seconds=1), claimed_by=None)
         )
+
+
+def record_fault(
+    engine: sa.Engine,
+    study_id: str,
+    scheduler_id: str,
+    error: str,
+    *,
+    previous_attempt: bool = False,
+) -> list[dict[str, Any]]:
+    """Note that a fault ended an attempt of the owned running study, and return every fault
+    noted so far ([] when the study is no longer `scheduler_id`'s). The fault is the current
+    attempt's, which ends, and the attempt count grows for the resume that follows; with
+    `previous_attempt` it is the attempt before the claim that just counted the new one."""
+    with engine.begin() as conn:
+        row = conn.execute(
+            sa.select(StudyRecord.attempts, StudyRecord.faults)
+            .where(_owned(study_id, scheduler_id))
+            .with_for_update()
+        ).first()
+        if row is None:
+            return []
+        attempts, faults = row
+        attempt = attempts - 1 if previous_attempt else attempts
+        entry = {"attempt": attempt, "at": utcnow().isoformat(), "error": error[:2000]}
+        faults = [*(faults or []), entry]
+        values: dict[str, Any] = {"faults": faults}
+        if not previous_attempt:
+            values["attempts"] = attempts + 1
+        conn.execute(sa.update(StudyRecord).where(_owned(study_id, scheduler_id)).values(**values))
+    return faults
 
 
 def finish(
@@ -449,49 +507,13 @@ def finish(
     environment = session.scalar(
         sa.select(StudyRecord.environment).where(_owned(study_id, scheduler_id))
     )
-    nodes = trial_nodes(session, study_id)
+    nodes = trial_nodes(session, study_id)  # Optuna's tables: `service.optuna_tables`
     if environment is not None or nodes:
         values["environment"] = {**(environment or {}), "nodes": nodes}
     done = session.execute(
         sa.update(StudyRecord).where(_owned(study_id, scheduler_id)).values(**values)
     )
     return bool(done.rowcount == 1)  # type: ignore[attr-defined]
-
-
-# Optuna's own tables (optuna.storages._rdb.models), read-only and only these columns.
-_optuna_studies = sa.table("studies", sa.column("study_id"), sa.column("study_name"))
-_optuna_trials = sa.table("trials", sa.column("trial_id"), sa.column("study_id"))
-_optuna_user_attrs = sa.table(
-    "trial_user_attributes", sa.column("trial_id"), sa.column("key"), sa.column("value_json")
-)
-MAX_NODES = 100  # a study's environment lists at most this many distinct machines
-
-
-def trial_nodes(session: Session, study_id: str) -> list[dict[str, Any]]:
-    """The distinct machines the study's trials ran on (their `node` attribute, set by
-    `worker.remote`), read in one query from Optuna's tables; [] before any trial ran."""
-    if not sa.inspect(session.connection()).has_table("trial_user_attributes"):
-        return []
-    studies, trials, attrs = _optuna_studies.c, _optuna_trials.c, _optuna_user_attrs.c
-    values = session.scalars(
-        sa.select(attrs.value_json)
-        .distinct()
-        .select_from(
-            _optuna_user_attrs.join(_optuna_trials, trials.trial_id == attrs.trial_id).join(
-                _optuna_studies, studies.study_id == trials.study_id
-            )
-        )
-        .where(
-            attrs.key == "node",
-            studies.study_name.startswith(f"{study_id}/", autoescape=True),
-        )
-    )
-    nodes: dict[str, dict[str, Any]] = {}
-    for value in values:
-        node = json.loads(value)
-        if isinstance(node, dict):
-            nodes.setdefault(json.dumps(node, sort_keys=True), node)
-    return [nodes[key] for key in sorted(nodes)][:MAX_NODES]
 
 
 def request_cancel(session: Session, study: StudyRecord) -> None:
@@ -506,3 +528,37 @@ def request_cancel(session: Session, study: StudyRecord) -> None:
         study.cancel_requested = True
     session.flush()
     session.refresh(study)
+
+
+def cancel_queued_of_key(session: Session, api_key_id: int) -> tuple[list[str], list[str]]:
+    """Cancel every queued study of a key (it is being revoked: nothing of it should start);
+    returns (the cancelled ids, the ids of its studies still running, which go on)."""
+    now = utcnow()
+    queued = list(
+        session.scalars(
+            sa.select(StudyRecord.id).where(
+                StudyRecord.api_key_id == api_key_id,
+                StudyRecord.status == StudyStatus.QUEUED.value,
+            )
+        )
+    )
+    if queued:
+        session.execute(
+            sa.update(StudyRecord)
+            .where(StudyRecord.id.in_(queued), StudyRecord.status == StudyStatus.QUEUED.value)
+            .values(
+                status=StudyStatus.CANCELLED.value,
+                finished_at=now,
+                cancel_requested=True,
+                error="cancelled: its API key was revoked before it started",
+            )
+        )
+    running = list(
+        session.scalars(
+            sa.select(StudyRecord.id).where(
+                StudyRecord.api_key_id == api_key_id,
+                StudyRecord.status == StudyStatus.RUNNING.value,
+            )
+        )
+    )
+    return queued, running

@@ -14,20 +14,32 @@ share the cluster through one `worker.slots.TrialGate`: when their trials want m
 GPUs than Ray has, the next trial slot goes round-robin over API keys, then over a key's
 studies. Only the polling thread claims, so `max_running_per_key` (checked by the claim) and
 `max_running_studies` both hold.
+
+Faults never fail a study. When a sweep stops with an error, `worker.failures.study_fault`
+says whether it was transient (a Ray runtime, node or actor lost, the cluster not ready) or
+deterministic (the spec, data or model refused). A transient fault is noted on the study
+(`faults`), the Ray runtime is started again when this process's node died (`RayRuntime`,
+on the main thread, once every study has stepped out of Ray), and the study is resumed from
+its storage after a back-off: finished trials are kept, interrupted ones re-run. A study that
+faults end `max_attempts` times fails, and its error names every attempt's cause. A study
+that ends failed or cancelled has whatever trials it left running or waiting closed in its
+Optuna studies (`worker.sweep.close_study`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import os
 import socket
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 
@@ -38,12 +50,18 @@ from service.metrics import LeaseCounters
 from service.models import ArmResult, StudyRecord, StudyStatus
 from worker.slots import Capacity, StudySlots, TrialGate
 
-__all__ = ["Scheduler", "SchedulerConfig", "StudyDriver", "final_status"]
+if TYPE_CHECKING:
+    from service.ray_runtime import RayRuntime
+
+__all__ = ["Scheduler", "SchedulerConfig", "StudyDriver", "attempts_error", "final_status"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _MAX_BACKOFF_S = 5.0  # longest wait between two tries while the database is down
+_MAX_FAULT_BACKOFF_S = 30.0  # longest wait before a study resumes after a transient fault
+_RAY_QUIET_TIMEOUT_S = 180.0  # longest wait for the studies to step out of a dead runtime
+_RAY_WATCH_S = 5.0  # how often the polling thread checks that Ray's node is alive
 
 
 @dataclass(frozen=True)
@@ -54,11 +72,14 @@ class SchedulerConfig:
     lease_seconds: float = 30.0
     max_running_per_key: int | None = None  # a key's queued studies wait while it runs this many
     max_running_studies: int = 4  # studies this scheduler drives at once, each in its own thread
+    max_attempts: int = 8  # attempts of a study that transient faults may end before it fails
     scheduler_id: str = f"{socket.gethostname()}:{os.getpid()}"
 
     def __post_init__(self) -> None:
         if self.max_running_studies < 1:
             raise ValueError(f"max_running_studies: {self.max_running_studies}; at least 1")
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts: {self.max_attempts}; at least 1")
 
     @property
     def lease(self) -> timedelta:
@@ -134,10 +155,19 @@ class Scheduler:
     thread, until `stop()`; `run_once()` claims one study and drives it in the caller (tests)."""
 
     def __init__(
-        self, engine: sa.Engine, config: SchedulerConfig, gate: TrialGate | None = None
+        self,
+        engine: sa.Engine,
+        config: SchedulerConfig,
+        gate: TrialGate | None = None,
+        ray: RayRuntime | None = None,
     ) -> None:
         self.engine = engine
         self.config = config
+        self.ray = ray  # restarts a dead runtime; None: faults are resumed on the same one
+        self._in_ray = 0  # study threads inside `run_study`
+        self._ray_quiet = threading.Condition()
+        self._ray_down = threading.Event()  # set while a dead runtime is being replaced
+        self._ray_checked = time.monotonic()  # when the polling thread last looked at Ray
         self.leases = LeaseCounters()  # exported by the app's /metrics when it runs here
         self.gate = gate if gate is not None else TrialGate()  # the running studies' trials
         self._stopping = threading.Event()
@@ -171,6 +201,7 @@ class Scheduler:
         try:
             while not self._stopping.is_set():
                 self._wake.clear()
+                self._watch_ray()
                 if len(self.running) >= self.config.max_running_studies:
                     self._wake.wait(self.config.poll_seconds)  # until a study ends
                     continue
@@ -191,6 +222,19 @@ class Scheduler:
                 self._start(study)  # and claim again at once: more may be waiting
         finally:
             self._join_studies()
+
+    def _watch_ray(self) -> None:
+        """Every `_RAY_WATCH_S`, bring back a runtime whose node died while no study used it
+        (a study that uses it notices by itself), so the next claimed study finds Ray up."""
+        now = time.monotonic()
+        if self.ray is None or now - self._ray_checked < _RAY_WATCH_S:
+            return
+        self._ray_checked = now
+        from worker import cluster
+
+        if self.ray.connected and not cluster.local_node_alive():
+            log.warning("the Ray runtime's node is gone; starting Ray again before the next claim")
+            self._recover_ray(self.ray.generation)
 
     def run_once(self) -> bool:
         """Claim one study and drive it to an end (or to shutdown) in this thread; False when
@@ -248,26 +292,38 @@ class Scheduler:
             StudyDriver(self.engine, study.id, self.config, self.leases) as driver,
             self.gate.seat(study.id, study.api_key_id, trial) as slots,
         ):
+            if len(study.faults or []) >= self.config.max_attempts:  # it kept killing drivers
+                self._give_up(study.id, spec, driver, study.faults or [])
+                return
             self._run_and_record(study, spec, driver, slots)
 
     def _run_and_record(
         self, study: StudyRecord, spec: Any, driver: StudyDriver, slots: StudySlots | None = None
     ) -> None:
-        """Run the sweep and store its outcome, all while `driver` holds the lease."""
+        """Run the sweep and store its outcome, all while `driver` holds the lease; resume it
+        after a database outage or a transient fault."""
+        from worker.failures import study_fault
         from worker.sweep import run_study
 
         while True:
+            generation = self.ray.generation if self.ray is not None else 0
             try:
-                result = run_study(
-                    spec,
-                    self.config.storage_url,
-                    study.id,
-                    ray_address=self.config.ray_address,
-                    on_progress=driver.on_progress,
-                    should_stop=lambda: driver.should_stop(self._stopping),
-                    slots=slots,
-                )
-                break
+                with self._using_ray():
+                    result = run_study(
+                        spec,
+                        self.config.storage_url,
+                        study.id,
+                        ray_address=self.config.ray_address,
+                        on_progress=driver.on_progress,
+                        should_stop=lambda: (
+                            driver.should_stop(self._stopping) or self._ray_down.is_set()
+                        ),
+                        slots=slots,
+                    )
+                    for_ray = result.stopped and self._ray_down.is_set()  # before it clears
+                if not for_ray or driver.should_stop(self._stopping):
+                    break
+                fault: Exception = ConnectionError("the Ray runtime's node died; Ray restarted")
             except Exception as exc:  # a failed study is recorded, and the scheduler goes on
                 if is_unavailable(exc) and not driver.should_stop(self._stopping):
                     self._wait_for_database(study.id, exc)
@@ -279,11 +335,12 @@ class Scheduler:
                     log.warning("study %s: lease lost to another scheduler, which runs it now "
                                 "(%s); stopping", study.id, exc)  # fmt: skip
                     return
-                log.exception("study %s failed", study.id)
-                self._retry(
-                    f"study {study.id}: recording the failure",
-                    partial(self.finish_study, study.id, StudyStatus.FAILED, driver, exc=exc),
-                )
+                if not study_fault(exc).retry or driver.should_stop(self._stopping):
+                    log.exception("study %s failed", study.id)
+                    self._fail(study.id, spec, driver, exc)
+                    return
+                fault = exc
+            if not self._resume_after(study.id, spec, driver, fault, generation):
                 return
         if driver.lost:
             log.warning("study %s: lease lost to another scheduler; stopping", study.id)
@@ -296,6 +353,8 @@ class Scheduler:
             return
         summaries = result.arms  # the leaderboard rows run_study read once the trials ended
         status, error = final_status(driver.cancelled, summaries)
+        if status is StudyStatus.CANCELLED:
+            self._close_trials(study.id, spec, "the study was cancelled")
         self._retry(
             f"study {study.id}: recording the result",
             lambda: self.finish_study(
@@ -303,6 +362,95 @@ class Scheduler:
             ),
         )
         log.info("study %s %s", study.id, status.value)
+
+    def _resume_after(
+        self, study_id: str, spec: Any, driver: StudyDriver, fault: Exception, generation: int
+    ) -> bool:
+        """A transient fault ended this attempt: note it, bring Ray back if its node died, and
+        wait a back-off. True: resume the study; False: it was given up (or lost) here."""
+        from worker.failures import study_fault
+
+        error = study_fault(fault).error
+        log.warning("study %s: a transient fault stopped it (%s); resuming", study_id, error)
+        faults = self._retry(
+            f"study {study_id}: noting a fault",
+            lambda: queue.record_fault(self.engine, study_id, self.config.scheduler_id, error),
+        )
+        if not faults:  # no longer ours
+            return False
+        if len(faults) >= self.config.max_attempts:
+            self._give_up(study_id, spec, driver, faults)
+            return False
+        self._recover_ray(generation)
+        delay = min(2.0 ** (len(faults) - 1), _MAX_FAULT_BACKOFF_S)
+        return not self._stopping.wait(delay) and not driver.should_stop(self._stopping)
+
+    @contextlib.contextmanager
+    def _using_ray(self) -> Iterator[None]:
+        """Count a study thread in Ray; none enters while a dead runtime is being replaced."""
+        with self._ray_quiet:
+            self._ray_quiet.wait_for(lambda: not self._ray_down.is_set())
+            self._in_ray += 1
+        try:
+            yield
+        finally:
+            with self._ray_quiet:
+                self._in_ray -= 1
+                self._ray_quiet.notify_all()
+
+    def _recover_ray(self, generation: int) -> None:
+        """When the Ray runtime this process drives died, stop every study's use of it (their
+        drivers see `_ray_down` within a poll and interrupt their trials), then have the main
+        thread start a new one (`RayRuntime.recover`). A no-op when only an actor was lost."""
+        if self.ray is None or self.ray.generation != generation:
+            return
+        from worker import cluster
+
+        if cluster.local_node_alive():
+            return
+        self._ray_down.set()
+        try:
+            with self._ray_quiet:
+                if not self._ray_quiet.wait_for(lambda: self._in_ray == 0, _RAY_QUIET_TIMEOUT_S):
+                    log.warning("studies still in Ray after %g s; restarting it regardless",
+                                _RAY_QUIET_TIMEOUT_S)  # fmt: skip
+            self.ray.recover(generation)
+        finally:
+            with self._ray_quiet:
+                self._ray_down.clear()
+                self._ray_quiet.notify_all()
+
+    def _fail(self, study_id: str, spec: Any, driver: StudyDriver, exc: Exception) -> None:
+        self._close_trials(study_id, spec, f"the study failed: {type(exc).__name__}")
+        self._retry(
+            f"study {study_id}: recording the failure",
+            partial(self.finish_study, study_id, StudyStatus.FAILED, driver, exc=exc),
+        )
+
+    def _give_up(
+        self, study_id: str, spec: Any, driver: StudyDriver, faults: list[dict[str, Any]]
+    ) -> None:
+        error = attempts_error(faults, self.config.max_attempts)
+        log.error("study %s: %s", study_id, error)
+        self._close_trials(study_id, spec, "the study ran out of attempts")
+        self._retry(
+            f"study {study_id}: recording the failure",
+            partial(self.finish_study, study_id, StudyStatus.FAILED, driver, error=error),
+        )
+
+    def _close_trials(self, study_id: str, spec: Any, reason: str) -> None:
+        """Fail the trials the ending study left running or waiting (best effort: a study
+        whose storage cannot be reached keeps them, and says so in the log)."""
+        from worker.sweep import close_study
+
+        try:
+            closed = close_study(spec, self.config.storage_url, study_id, reason)
+        except Exception:
+            log.warning("study %s: could not close its unfinished trials", study_id,
+                        exc_info=True)  # fmt: skip
+            return
+        if closed:
+            log.info("study %s: closed %d unfinished trials (%s)", study_id, closed, reason)
 
     def _lost(self, study_id: str, driver: StudyDriver) -> bool:
         """The lease is gone (the heartbeat saw it, or the database says another owns it)."""
@@ -355,6 +503,13 @@ class Scheduler:
             lambda: _ping(self.engine), f"study {study_id}: waiting for the database",
             self._stopping, max_delay=_MAX_BACKOFF_S,
         )  # fmt: skip
+
+
+def attempts_error(faults: list[dict[str, Any]], max_attempts: int) -> str:
+    """The error of a study that faults ended `max_attempts` times: every attempt's cause."""
+    causes = "; ".join(f"attempt {f.get('attempt')}: {f.get('error')}" for f in faults)
+    return (f"gave up after {len(faults)} attempts ended by faults "
+            f"(RATEBENCH_MAX_ATTEMPTS={max_attempts}): {causes}")  # fmt: skip
 
 
 def final_status(cancelled: bool, summaries: list[Any]) -> tuple[StudyStatus, str | None]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from worker.report.stats import MIN_SEEDS_TO_TELL
 
@@ -22,6 +22,11 @@ class Page(BaseModel, Generic[T]):
 class StudyOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
+    @field_validator("faults", mode="before")
+    @classmethod
+    def _no_faults(cls, value: Any) -> Any:
+        return [] if value is None else value
+
     id: str
     name: str
     task: str
@@ -30,15 +35,27 @@ class StudyOut(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
-    attempts: int
+    attempts: int = Field(description="how many times the study was started (resumes count)")
     error: str | None
+    faults: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="what ended each attempt that did not finish (`attempt`, `at`, `error`); "
+        "the study was resumed after each",
+    )
     progress: dict[str, Any] | None = Field(
         None,
         description="per arm: trials complete / pruned / diverged / failed / running of the "
         "budget, best so far",
     )
     spec: dict[str, Any]
-    source: str = Field("api", description="'api' (submitted) or 'cli' (`ratebench run`)")
+    source: str = Field(
+        "api",
+        description="'api' (submitted), 'cli' (`ratebench run`) or 'python' (the Python API, "
+        "`ratebench.compare`)",
+    )
+    public: bool = Field(
+        False, description="readable by every key where studies are private (its owner sets it)"
+    )
     environment: dict[str, Any] | None = Field(
         None, description="versions and hardware of the host that ran it; `nodes`: its trials'"
     )
@@ -109,11 +126,35 @@ class ArmRow(BaseModel):
         "ok", description="'failed': every sweep trial or every final seed failed; no result"
     )
     error: str | None = Field(None, description="a failed arm's first error")
+    schedule: dict[str, Any] | None = Field(
+        None,
+        description="the arm's learning-rate schedule (name, warm-up, its decay's fields; "
+        "'searched' for a swept field); null: the constant rate",
+    )
+    target: float | None = Field(
+        None, description="the objective's target for steps and time to target (the study's)"
+    )
+    steps_to_target: float | None = Field(
+        None,
+        description="median over the final seeds of the optimizer steps until the first epoch "
+        "that met the target (null: more than half never did)",
+    )
+    time_to_target_s: float | None = Field(
+        None, description="the same median in seconds of training and evaluation"
+    )
+    train_time_s: float | None = Field(
+        None,
+        description="seconds of training and evaluation of all the arm's trials, sweep and "
+        "final seeds (a trial trained in a cohort of K is charged 1/K of the cohort's time)",
+    )
+    ms_per_step: float | None = Field(
+        None, description="train_time_s per optimizer step, in milliseconds"
+    )
     details: dict[str, Any] = Field(
         default_factory=dict,
         description="the stored summary's other fields (`worker.summary.ArmSummary`: per-seed "
-        "`final_values`, test metrics, steps and time to target, rate band, trial counts, the "
-        "searched range, `best_lr_at_edge`); the fields above are not repeated here",
+        "`final_values`, test metrics, rate band, trial counts, the searched range, "
+        "`best_lr_at_edge`, `cohort_sizes`); the fields above are not repeated here",
     )
 
 
@@ -127,12 +168,28 @@ class TaskArmRow(BaseModel):
     rank: int = Field(description="within its group, by the pooled mean (arms without one last)")
     arm: str
     scheme: str
-    setting: str = Field(description="id of the arm's setting (`service.settings`)")
+    setting: str = Field(description="id of the arm's setting (`service.comparability`)")
     setting_description: str = Field(description="what the arm sets beyond its group")
     fixed: dict[str, Any] = Field(description="the arm's fixed hyperparameters")
     model: dict[str, Any] = Field(description="the model options after the arm's overrides")
+    schedule: dict[str, Any] | None = Field(
+        None, description="the arm's learning-rate schedule; null: the constant rate"
+    )
     studies: list[str] = Field(description="ids of the studies pooled in this row")
-    n_seeds: int = Field(description="final seeds pooled across those studies")
+    n_seeds: int = Field(
+        description="distinct final seeds pooled across those studies: each configuration and "
+        "seed once (a re-run of the same configuration on the same seed is the same evidence)"
+    )
+    n_reruns: int = Field(
+        0,
+        description="final-seed values left out as re-runs of a configuration and seed "
+        "already counted (the first stored value is kept)",
+    )
+    n_disagreeing: int = Field(
+        0,
+        description="of those re-runs, how many gave another value than the kept one "
+        "(e.g. another machine or device)",
+    )
     objective_mean: float | None = Field(description="mean of the pooled final seeds")
     confidence: float = Field(description="level of the interval")
     interval_low: float | None = Field(

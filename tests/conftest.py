@@ -23,7 +23,38 @@ from worker import cluster
 os.environ.setdefault(cluster.START_TIMEOUT_ENV, "180")
 cluster.export_start_timeout()
 
+# pytest-xdist's workers are given COLUMNS=80 and LINES=24, which every CLI process a test starts
+# would inherit as a terminal's width; the CLI's output is tested as a pipe's, whose width is the
+# output's own (a test that wants a width sets COLUMNS itself).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.pop("COLUMNS", None)
+    os.environ.pop("LINES", None)
+
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+
+# Fixtures that make every test using them, directly or through another fixture, `slow` (the
+# marker's rule, pyproject.toml): each starts something, once per test or per test process.
+SLOW_FIXTURES = {
+    "ray_runtime": "starts a Ray runtime",
+    "postgres_url": "creates a PostgreSQL database",
+    "plugin_site": "runs pip install",
+    "old_plugin_site": "runs pip install",
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by the marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark what `SLOW_FIXTURES` names `slow`, and the users of the session's Ray runtime `ray`
+    too, so that `-m "not slow"` starts neither Ray nor a database nor pip however a test
+    reaches them."""
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if used & SLOW_FIXTURES.keys():
+            item.add_marker(pytest.mark.slow)
+        if "ray_runtime" in used:
+            item.add_marker(pytest.mark.ray)
+        if "postgres_url" in used:
+            item.add_marker(pytest.mark.postgres)
 
 
 def _admin_url() -> str:
@@ -64,9 +95,12 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'ratebench.db'}"
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(
+    params=["sqlite", pytest.param("postgres", marks=[pytest.mark.postgres, pytest.mark.slow])]
+)
 def database_url(request: pytest.FixtureRequest) -> str:
-    """Each test using this runs twice: on a SQLite file and on PostgreSQL."""
+    """Each test using this runs twice: on a SQLite file and on PostgreSQL (the PostgreSQL run is
+    `slow`: its database is created and dropped, seconds on a loaded machine)."""
     if request.param == "sqlite":
         return str(request.getfixturevalue("sqlite_url"))
     return str(request.getfixturevalue("postgres_url"))
@@ -130,3 +164,85 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# -- the example task plugin (examples/plugins/ratebench-friedman) ------------------------------
+
+PLUGIN_SOURCE = Path(__file__).resolve().parents[1] / "examples" / "plugins" / "ratebench-friedman"
+
+
+def _install_plugin(target: Path, version: str | None = None) -> Path:
+    """`pip install --target` of a copy of the example plugin (at `version`, when given): a real
+    install with its dist-info and entry points, into a folder of its own rather than the test
+    venv, so that only the processes given that folder on their path have the plugin."""
+    import shutil
+    import subprocess
+    import sys
+
+    source = target.parent / f"{target.name}-source"
+    shutil.copytree(PLUGIN_SOURCE, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
+    if version is not None:
+        project = source / "pyproject.toml"
+        project.write_text(
+            project.read_text().replace('version = "0.1.0"', f'version = "{version}"')
+        )
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--no-index", "--target", str(target), str(source)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    return target
+
+
+@pytest.fixture(scope="session")
+def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A site-packages folder holding the example plugin, ratebench-friedman 0.1.0."""
+    return _install_plugin(tmp_path_factory.mktemp("plugin") / "site")
+
+
+@pytest.fixture(scope="session")
+def old_plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same plugin at another version, 0.0.9 (what a stale node would have)."""
+    return _install_plugin(tmp_path_factory.mktemp("plugin-old") / "site", version="0.0.9")
+
+
+@pytest.fixture
+def plugin_installed(plugin_site: Path) -> Iterator[Path]:
+    """The example plugin on this process's path, and the task registry read again (it reads
+    the entry points once per process; a process started with the folder on its path would see
+    it from the start). Removed afterwards."""
+    import importlib
+    import sys
+
+    from worker.tasks import registry
+
+    sys.path.insert(0, str(plugin_site))
+    importlib.invalidate_caches()
+    registry._installed.cache_clear()
+    try:
+        yield plugin_site
+    finally:
+        sys.path.remove(str(plugin_site))
+        for name in [m for m in sys.modules if m.split(".")[0] == "ratebench_friedman"]:
+            del sys.modules[name]
+        importlib.invalidate_caches()
+        registry._installed.cache_clear()
+
+
+@pytest.fixture
+def examples_ready(plugin_installed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """What the example specs need besides ratebench: the example plugin (`friedman.json`) and
+    `breast-cancer.json`'s arrays under a data root, written as README writes them. Returns the
+    data root."""
+    import numpy as np
+    from sklearn.datasets import load_breast_cancer
+
+    root = tmp_path / "example-data"
+    monkeypatch.setenv("RATEBENCH_DATA_ROOTS", str(root))
+    x, y = load_breast_cancer(return_X_y=True)
+    order = np.random.default_rng(0).permutation(len(y))
+    x, y = x[order], y[order]
+    (root / "breast-cancer").mkdir(parents=True)
+    np.savez(root / "breast-cancer" / "data.npz", x_train=x[:450], y_train=y[:450],
+             x_test=x[450:], y_test=y[450:])  # fmt: skip
+    return root

@@ -1,6 +1,9 @@
 """docker-compose.yml and docker/Dockerfile cannot run here (no Docker engine), so check what
 they declare: one Python and one pinned Ray on every node, the CIFAR folder where CIFAR is read,
-a small build context, and a GPU example spec that a GPU worker can run."""
+a small build context, a GPU example spec that a GPU worker can run; and the hardening: only
+the API published (on the host's loopback, TLS by the `tls` profile's proxy), no Ray port or
+dashboard reachable from outside, secrets from files (never in the file or the environment),
+keyed reads by default, and no container of ours running as root."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 import yaml
 
 from worker.spec import StudySpec
@@ -47,8 +51,9 @@ def _build_args(service: dict[str, Any]) -> dict[str, str]:
     return {k: str(v) for k, v in (service["build"].get("args") or {}).items()}
 
 
-def test_declares_the_four_roles(compose: dict[str, Any]) -> None:
-    assert set(compose["services"]) == {"postgres", "ray-head", "api", "ray-worker"}
+def test_declares_the_four_roles_and_the_tls_proxy(compose: dict[str, Any]) -> None:
+    assert set(compose["services"]) == {"postgres", "ray-head", "api", "ray-worker", "proxy"}
+    assert compose["services"]["proxy"]["profiles"] == ["tls"]  # started only when asked
 
 
 def test_every_ratebench_service_is_built_from_the_one_dockerfile(
@@ -112,15 +117,19 @@ def test_postgres_has_a_volume_and_a_healthcheck(compose: dict[str, Any]) -> Non
 
 
 def test_ray_nodes_share_the_token_and_the_head(compose: dict[str, Any]) -> None:
-    for name in BUILT:
+    for name in ("api", "ray-head"):  # the database's only clients
         env = compose["services"][name]["environment"]
         assert env["RATEBENCH_DATABASE_URL"].startswith("postgresql+psycopg://"), name
         assert "@postgres:5432/" in env["RATEBENCH_DATABASE_URL"], name
+    assert "RATEBENCH_DATABASE_URL" not in compose["services"]["ray-worker"]["environment"]
     for name in RAY_NODES:
-        env = compose["services"][name]["environment"]
+        service = compose["services"][name]
+        env = service["environment"]
         assert env["RAY_AUTH_MODE"] == "token", name
         assert env["RAY_worker_niceness"] == "0", name  # trials not starved by other work
-        assert env["RAY_AUTH_TOKEN"].startswith("${RAY_AUTH_TOKEN:?"), name  # no default token
+        assert "RAY_AUTH_TOKEN" not in env, name  # no token in the environment
+        assert env["RAY_AUTH_TOKEN_PATH"] == "/run/secrets/ray_auth_token", name
+        assert "ray_auth_token" in service["secrets"], name
     worker = compose["services"]["ray-worker"]
     assert worker["environment"]["RAY_ADDRESS"] == "ray-head:6379"
     assert "--address=ray-head:6379" in worker["command"]
@@ -130,7 +139,7 @@ def test_the_api_serves_only_and_never_joins_ray(compose: dict[str, Any]) -> Non
     api = compose["services"]["api"]
     assert api["environment"]["RATEBENCH_RUN_SCHEDULER"] == "false"
     assert not any(k.startswith("RAY_") for k in api["environment"])  # no address, no token
-    assert "8000:8000" in api["ports"]
+    assert "ray_auth_token" not in api["secrets"]
     assert "/api/v1/health" in " ".join(api["healthcheck"]["test"])
     assert api["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert "ratebench scheduler" in compose["services"]["ray-head"]["command"]
@@ -175,3 +184,82 @@ def test_the_gpu_example_spec_runs_on_gpu_workers() -> None:
     assert spec.resources.device == "cuda"
     assert spec.task.startswith("cifar10-")
     assert spec.data.data_dir is None  # the workers' RATEBENCH_CIFAR_DIR
+
+
+def _published(service: dict[str, Any]) -> list[str]:
+    return [str(port) for port in service.get("ports") or []]
+
+
+def test_only_the_api_is_published_and_only_on_the_hosts_loopback(
+    compose: dict[str, Any],
+) -> None:
+    """The API answers plain HTTP: it is published on 127.0.0.1 (reach it from the host, or
+    through a TLS proxy); the proxy of the `tls` profile is the only service on every
+    interface, with HTTPS (and HTTP for the certificate's challenge and the redirect)."""
+    services = compose["services"]
+    assert _published(services["api"]) == ["127.0.0.1:8000:8000"]
+    for name in ("postgres", "ray-head", "ray-worker"):
+        assert _published(services[name]) == [], name  # no database, GCS or dashboard port
+    assert sorted(_published(services["proxy"])) == ["443:443", "80:80"]
+    caddyfile = (ROOT / "docker" / "Caddyfile").read_text()
+    assert "reverse_proxy api:8000" in caddyfile
+    assert "./docker/Caddyfile:/etc/caddy/Caddyfile:ro" in services["proxy"]["volumes"]
+    assert services["proxy"]["environment"]["RATEBENCH_DOMAIN"].startswith("${RATEBENCH_DOMAIN:?")
+
+
+def test_the_ray_dashboard_listens_inside_the_head_only(compose: dict[str, Any]) -> None:
+    """Its token allows job submission, that is running code: no other container reaches it."""
+    command = compose["services"]["ray-head"]["command"]
+    assert "--dashboard-host=127.0.0.1" in command and "0.0.0.0" not in command
+
+
+def test_reads_need_a_key_unless_the_operator_opens_them(compose: dict[str, Any]) -> None:
+    env = compose["services"]["api"]["environment"]
+    assert env["RATEBENCH_ANONYMOUS_READS"] == "${RATEBENCH_ANONYMOUS_READS:-false}"
+
+
+def test_secrets_come_from_files_never_from_the_compose_file(compose: dict[str, Any]) -> None:
+    text = (ROOT / "docker-compose.yml").read_text()
+    assert "POSTGRES_PASSWORD:" not in text and ":ratebench@" not in text  # no literal password
+    assert compose["secrets"] == {
+        "postgres_password": {"file": "./secrets/postgres_password"},
+        "ray_auth_token": {"file": "./secrets/ray_auth_token"},
+    }
+    postgres = compose["services"]["postgres"]
+    assert postgres["environment"]["POSTGRES_PASSWORD_FILE"] == "/run/secrets/postgres_password"
+    for name in ("api", "ray-head"):
+        service = compose["services"][name]
+        env = service["environment"]
+        assert env["RATEBENCH_DATABASE_PASSWORD_FILE"] == "/run/secrets/postgres_password"
+        assert ":" not in env["RATEBENCH_DATABASE_URL"].split("@")[0].split("//")[1], name
+        assert "postgres_password" in service["secrets"], name
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert "secrets" in ignored  # never copied into an image
+    assert "secrets/" in (ROOT / ".gitignore").read_text().split()
+
+
+def test_the_database_password_file_completes_the_url(tmp_path: Path) -> None:
+    from service.config import Settings
+
+    secret = tmp_path / "postgres_password"
+    secret.write_text("s3cret/with:odd@chars\n")
+    settings = Settings(
+        database_url="postgresql+psycopg://ratebench@postgres:5432/ratebench",
+        database_password_file=secret,
+    )
+    url = sa.engine.make_url(settings.resolved_database_url())
+    assert (url.username, url.password, url.host) == (
+        "ratebench",
+        "s3cret/with:odd@chars",
+        "postgres",
+    )
+
+
+def test_no_container_of_ours_runs_as_root(compose: dict[str, Any], dockerfile: str) -> None:
+    users = re.findall(r"^USER (\S+)$", dockerfile, flags=re.MULTILINE)
+    assert users and users[-1].split(":")[0] not in ("root", "0")  # the image's last USER
+    assert "useradd --uid 10001" in dockerfile
+    for name in BUILT:
+        service = compose["services"][name]
+        assert str(service.get("user", "10001")).split(":")[0] not in ("root", "0"), name
+        assert "no-new-privileges:true" in service["security_opt"], name

@@ -63,9 +63,11 @@ async def bearer_token(request: Request) -> str | None:
 
 
 def authenticate(session: Session, token: str | None, *, required: bool) -> ApiKey | None:
-    """The caller's active key; 401 when one is `required` and `token` names none. An optional
-    key (an open read) is not looked up at all: reads stay one query cheaper."""
-    if not required:
+    """The caller's active key; 401 when one is `required` and `token` names none, or when a
+    token is sent that names no active key. An open read without a token is anonymous (None)
+    and looks nothing up; with a token it is that key's read (its own private studies, its
+    own rate)."""
+    if not required and not token:
         return None
     key = verify_key(session, token) if token else None
     if key is None:

@@ -32,6 +32,9 @@ async def list_schemes(db: ReadDb) -> list[dict[str, Any]]:
 
 @router.get("/tasks")
 async def list_tasks(db: ReadDb) -> list[dict[str, Any]]:
-    """Every task (dataset × model) with its options."""
+    """Every installed task, ratebench's own and the plugins' (dataset × model): its package and
+    version, kind, loss and metrics, default input shape and outputs (null where the data
+    options or files decide them), the data options it takes, and its model's options (type,
+    default, bounds or choices) that a spec's `model` object may set."""
     await db.authorize()
     return describe_tasks()

@@ -7,6 +7,7 @@ from typing import Literal
 from fastapi import APIRouter, HTTPException, Request, Response, status
 
 from service.api.deps import ReadDb, Tx, in_thread
+from service.api.reads import readable_study
 from service.plots import FORMATS, PlotSource, plot_source, study_plot
 
 router = APIRouter(prefix="/studies", tags=["plots"])
@@ -36,6 +37,7 @@ async def get_plot(
 
 
 def _source(tx: Tx, study_id: str) -> PlotSource:
+    readable_study(tx, study_id)  # 404 for a study this reader may not read
     source = plot_source(tx.session, study_id)
     if source is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no study {study_id!r}")

@@ -1,34 +1,50 @@
 """`/studies`: submit, list, follow, cancel, and read a study's trials (JSON pages or one CSV
-file) and leaderboard. The JSON bundle of a whole study is `service.api.export`'s, mounted here.
+file) and leaderboard. The JSON bundle of a whole study is `service.api.export`'s.
 
 Each endpoint is `async def` and does all its database work in one function (`_submit`,
 `_list`, …) that `Db.run` calls in a database thread with its own session, the API-key check
 included, committed before the endpoint answers: a client that was told a study exists can
 read it at once.
+
+A submit checks the key (and its request rate) before anything costly: only then is the body
+validated as a `StudySpec` (up to ~33 model builds on the meta device, in a few threads of
+their own and within `RATEBENCH_MAX_VALIDATION_S`), its data folder, compute budget and step
+cost checked (`service.admission`, paths in its answers redacted), and Ray asked for its nodes.
+
+Reads go through `service.privacy`: a study the reader may not read is a 404, and one it does
+not own is shown without its data folder, host names and addresses. `trials.csv` and `export`
+are cached per study state and view (`service.response_cache`).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Literal
+import time
+from dataclasses import replace
+from typing import Annotated, Any, Literal
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
+from pydantic import PlainValidator, ValidationError
 
-from service import queue
-from service.api import export
-from service.api.deps import RayDep, ReadDb, Tx, WriteDb, in_thread
+from service import queue, response_cache
+from service.admission import admission_problems
+from service.api.deps import Db, RayDep, ReadDb, Tx, WriteDb, in_thread
+from service.api.reads import StudyView, readable_study, study_out, study_view
+from service.config import Settings
 from service.export import trial_csv
 from service.leaderboards import study_arms
 from service.models import ArmResult, StudyRecord, StudyStatus
+from service.optuna_tables import trial_page
+from service.privacy import owns_study, public_trial_attrs, readable
 from service.ray_runtime import RayRuntime
 from service.schemas import Page, StudyLeaderboard, StudyOut, SubmittedStudy, TrialOut
-from service.trial_pages import trial_page
 from worker.fit import cluster_fit_problem
 from worker.report.stats import seed_warning
 from worker.spec import StudySpec
-from worker.tasks import DataRoots, check_data_source
+from worker.tasks import Task, get_task
+from worker.tasks.registry import OWN_DISTRIBUTION
 
 router = APIRouter(prefix="/studies", tags=["studies"])
 log = logging.getLogger(__name__)
@@ -37,11 +53,15 @@ Limit = Annotated[int, Query(ge=1, le=200, description="page size")]
 Offset = Annotated[int, Query(ge=0, le=2**63 - 1, description="items to skip")]
 
 
-def _get_study(tx: Tx, study_id: str) -> StudyRecord:
-    study = tx.session.get(StudyRecord, study_id)
-    if study is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no study {study_id!r}")
-    return study
+def _object(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError("must be a JSON object: a study spec")
+    return value
+
+
+# The body of a submit, parsed but not yet validated: it is validated as a StudySpec (whose
+# schema the OpenAPI document shows) only once the key is known.
+SubmittedSpec = Annotated[dict[str, Any], PlainValidator(_object, json_schema_input_type=StudySpec)]
 
 
 @router.post(
@@ -53,15 +73,19 @@ def _get_study(tx: Tx, study_id: str) -> StudyRecord:
         409: {"description": "the Idempotency-Key was used by this key with another body"},
         413: {"description": "body too large"},
         422: {
-            "description": "invalid spec, over the compute budget, or a trial larger than any "
-            "node of the Ray cluster; `detail` gives each field path and the problem"
+            "description": "invalid spec, over the compute budget, a step over the memory or "
+            "FLOPs limits, a validation over its time, or a trial larger than any node of the "
+            "Ray cluster; `detail` gives each field path and the problem"
         },
-        429: {"description": "this key has as many queued studies as it may"},
+        429: {
+            "description": "this key has as many queued studies as it may, or sent too many "
+            "requests; `Retry-After` says when to try again"
+        },
         503: {"description": "the database is unavailable; retry after `Retry-After` seconds"},
     },
 )
 async def submit_study(
-    spec: StudySpec,
+    body: SubmittedSpec,
     db: WriteDb,
     ray: RayDep,
     request: Request,
@@ -74,12 +98,17 @@ async def submit_study(
             "study the first one created",
         ),
     ] = None,
+    public: Annotated[
+        bool,
+        Query(description="readable by every key where studies are private (default: no)"),
+    ] = False,
 ) -> SubmittedStudy:
     """Queue a study. Returns 202 with its id once it is stored; `Location` points at it."""
-    queue.check_budget(spec.estimated_steps(), db.settings.max_study_steps)
-    _check_data_source(spec, db.settings.allowed_data_roots())
+    await db.authorize()  # the key and its rate, before any costly check
+    spec = await in_thread(request, "validate", admit, body, db.settings)
     await _check_node_fit(spec, ray, request)
-    study_id, study_status, created = await db.run(_submit, spec, idempotency_key)
+    await _check_plugin_on_nodes(spec, get_task(spec.task), ray, request, db)
+    study_id, study_status, created = await db.run_again(_submit, spec, idempotency_key, public)
     location = str(request.url_for("get_study", study_id=study_id).path)
     response.headers["Location"] = location
     if not created:
@@ -90,20 +119,54 @@ async def submit_study(
     )
 
 
-def _check_data_source(spec: StudySpec, roots: DataRoots) -> None:
-    """A 422 at `data.data_dir` unless the task's files are under the data roots (the same
-    refusal whether a path outside them exists or not)."""
-    problem = check_data_source(spec.task, spec.data.data_dir, roots)
+def admit(body: dict[str, Any], settings: Settings) -> StudySpec:
+    """`body` validated as a StudySpec and admitted by `service.admission` (its data under the
+    roots, and a files dataset's every array readable; the budget; a step's memory and FLOPs),
+    within `settings.max_validation_s`; a 422 naming every bad field otherwise."""
+    deadline = time.monotonic() + settings.max_validation_s
+    try:
+        spec = StudySpec.model_validate(body, context={"deadline": deadline})
+    except ValidationError as exc:
+        errors = [{**error, "loc": ("body", *error["loc"])} for error in exc.errors()]
+        raise RequestValidationError(errors) from None
+    problems = admission_problems(spec, settings, redact=True, deadline=deadline)
+    if problems:
+        raise RequestValidationError(
+            [{"type": kind, "loc": ("body", *loc), "msg": msg} for loc, msg, kind in problems]
+        )
+    return spec
+
+
+async def _check_plugin_on_nodes(
+    spec: StudySpec, task: Task, ray: RayRuntime, request: Request, db: Db
+) -> None:
+    """A 422 at `task` when a node of the Ray cluster this API is connected to lacks the plugin
+    task's package or has another version (`worker.plugin_nodes`); ratebench's own tasks, and
+    an API that is not connected, are not asked about (the trials check for themselves)."""
+    if not ray.connected or task.package in (None, OWN_DISTRIBUTION) or task.version is None:
+        return
+    from worker.plugin_nodes import cluster_package_problem
+
+    await db.authorize()
+    try:
+        problem = await in_thread(
+            request, "heavy", cluster_package_problem, task.package, task.version, task.name
+        )
+    except Exception:  # an unreachable cluster: the trials' own check decides later
+        log.warning("could not ask the Ray nodes for %s", task.package, exc_info=True)
+        return
     if problem is not None:
-        error = {"type": "spec", "loc": ("body", "data", "data_dir"), "msg": problem}
+        error = {"type": "spec", "loc": ("body", "task"), "msg": problem}
         raise RequestValidationError([error])
 
 
 async def _check_node_fit(spec: StudySpec, ray: RayRuntime, request: Request) -> None:
     """A 422 at `resources.cpus_per_trial` or `gpus_per_trial` when no alive node of the Ray
     cluster this API is connected to (as the scheduler it runs) can hold one trial
-    (`worker.fit`). An API that does not run the scheduler is not connected and cannot tell:
-    the scheduler's own check then fails the study with the same message when it starts."""
+    (`worker.fit`), once the nodes have reported their resources. An API that does not run
+    the scheduler is not connected and cannot tell: the scheduler's own check then waits for
+    a node that fits (`RATEBENCH_NODE_WAIT_S`) and fails the study with the same message if
+    none comes."""
     if not ray.connected:
         return
     res = spec.resources
@@ -119,7 +182,9 @@ async def _check_node_fit(spec: StudySpec, ray: RayRuntime, request: Request) ->
         raise RequestValidationError([error])
 
 
-def _submit(tx: Tx, spec: StudySpec, idempotency_key: str | None) -> tuple[str, str, bool]:
+def _submit(
+    tx: Tx, spec: StudySpec, idempotency_key: str | None, public: bool
+) -> tuple[str, str, bool]:
     study, created = queue.submit(
         tx.session,
         spec.model_dump(mode="json"),
@@ -128,6 +193,7 @@ def _submit(tx: Tx, spec: StudySpec, idempotency_key: str | None) -> tuple[str, 
         idempotency_key=idempotency_key,
         api_key_id=tx.caller.id,
         limits=queue.KeyLimits(tx.settings.max_queued_per_key, tx.settings.max_running_per_key),
+        public=public,
     )
     return study.id, study.status, created
 
@@ -147,7 +213,7 @@ async def list_studies(
 def _list(
     tx: Tx, limit: int, offset: int, status_filter: StudyStatus | None, task: str | None
 ) -> Page[StudyOut]:
-    query = sa.select(StudyRecord)
+    query = sa.select(StudyRecord).where(readable(tx.key, tx.settings.private_studies))
     if status_filter is not None:
         query = query.where(StudyRecord.status == status_filter.value)
     if task is not None:
@@ -156,7 +222,7 @@ def _list(
     rows = tx.session.scalars(
         query.order_by(StudyRecord.created_at.desc()).limit(limit).offset(offset)
     )
-    items = [StudyOut.model_validate(row) for row in rows]
+    items = [study_out(row, tx) for row in rows]
     return Page[StudyOut](items=items, total=total, limit=limit, offset=offset)
 
 
@@ -169,7 +235,7 @@ async def get_study(study_id: str, db: ReadDb) -> StudyOut:
 def _get(tx: Tx, study_id: str) -> StudyOut:
     from worker.summary import edge_warnings
 
-    study = StudyOut.model_validate(_get_study(tx, study_id))
+    study = study_out(readable_study(tx, study_id), tx)
     rows = tx.session.scalars(sa.select(ArmResult.summary).where(ArmResult.study_id == study_id))
     study.warnings = edge_warnings(list(rows))
     return study
@@ -184,14 +250,34 @@ async def cancel_study(study_id: str, db: WriteDb) -> StudyOut:
 
 
 def _cancel(tx: Tx, study_id: str) -> StudyOut:
-    study = _get_study(tx, study_id)
+    study = readable_study(tx, study_id)
     queue.check_owner(study, tx.caller)
     if StudyStatus(study.status).finished:
         raise HTTPException(
             status.HTTP_409_CONFLICT, detail=f"study {study_id} already {study.status}"
         )
     queue.request_cancel(tx.session, study)
-    return StudyOut.model_validate(study)
+    return study_out(study, tx)
+
+
+@router.post("/{study_id}/visibility", response_model=StudyOut, responses={403: {}, 404: {}})
+async def set_visibility(
+    study_id: str,
+    db: WriteDb,
+    public: Annotated[bool, Query(description="true: every key may read it")],
+) -> StudyOut:
+    """Mark a study public (readable by every key, and by anonymous readers where those may
+    read, when `RATEBENCH_PRIVATE_STUDIES` is on) or private again. Only the key that
+    submitted it, or an admin key, may (403 otherwise)."""
+    return await db.run(_set_visibility, study_id, public)
+
+
+def _set_visibility(tx: Tx, study_id: str, public: bool) -> StudyOut:
+    study = readable_study(tx, study_id)
+    queue.check_owner(study, tx.caller)
+    study.public = public
+    tx.session.flush()
+    return study_out(study, tx)
 
 
 @router.get("/{study_id}/trials", response_model=Page[TrialOut], responses={404: {}})
@@ -227,35 +313,46 @@ async def trials_csv(
 ) -> Response:
     """Every trial (or one arm's) as CSV: arm, role, trial number, state and outcome
     (complete, pruned, diverged, failed), objective, duration, seed, one `param_<name>` column
-    per hyperparameter, test metrics, error, and the per-epoch history (`service.export`)."""
-    spec = await db.run(_study_spec, study_id)
-    text = await in_thread(request, "heavy", _csv, db.settings.resolved_database_url(),
-                           study_id, spec, arm, form)  # fmt: skip
+    per hyperparameter, test metrics, error, and the per-epoch history (`service.export`).
+    Built once per state of the study's trials and view (`service.response_cache`)."""
+    view = await db.run(study_view, study_id)
+    url = db.settings.resolved_database_url()
+    key = ("csv", url, view.version, view.owner, arm, form)
+    text, made = await in_thread(request, "heavy", response_cache.cache.get_or_make, key,
+                                 lambda: _csv(url, study_id, view, arm, form))  # fmt: skip
     filename = f"{study_id}-trials{'' if form == 'wide' else '-long'}.csv"
     return Response(
         text,
         media_type="text/csv; charset=utf-8",
-        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+        headers={
+            "Content-Disposition": f'attachment; filename="{filename}"',
+            "X-Cache": "miss" if made else "hit",
+        },
     )
 
 
 def _csv(
-    url: str, study_id: str, spec: StudySpec, arm: str | None, form: Literal["wide", "long"]
-) -> str:
+    url: str, study_id: str, view: StudyView, arm: str | None, form: Literal["wide", "long"]
+) -> bytes:
     from worker.results import load_trials
 
-    return trial_csv(load_trials(url, study_id, spec, arm=arm), form)
-
-
-def _study_spec(tx: Tx, study_id: str) -> StudySpec:
-    return StudySpec.from_stored(_get_study(tx, study_id).spec)
+    trials = load_trials(url, study_id, view.spec, arm=arm)
+    if not view.owner:
+        trials = [replace(t, user_attrs=public_trial_attrs(t.user_attrs)) for t in trials]
+    return trial_csv(trials, form).encode()
 
 
 def _trials(tx: Tx, study_id: str, arm: str | None, limit: int, offset: int) -> Page[TrialOut]:
     """One page, read in SQL from Optuna's tables in this request's session
-    (`service.trial_pages`): its cost does not grow with the study."""
-    spec = _study_spec(tx, study_id)
-    return trial_page(tx.session, study_id, spec.labels, arm, limit, offset)
+    (`service.optuna_tables`): its cost does not grow with the study."""
+    study = readable_study(tx, study_id)
+    spec = StudySpec.from_stored(study.spec)
+    page = trial_page(tx.session, study_id, spec.labels, arm, limit, offset)
+    if not owns_study(study.api_key_id, tx.key):
+        for item in page.items:
+            item.user_attrs = public_trial_attrs(item.user_attrs)
+            item.node = public_trial_attrs({"node": item.node})["node"]
+    return page
 
 
 @router.get("/{study_id}/leaderboard", response_model=StudyLeaderboard, responses={404: {}})
@@ -266,12 +363,9 @@ async def study_leaderboard(study_id: str, db: ReadDb) -> StudyLeaderboard:
 
 
 def _leaderboard(tx: Tx, study_id: str) -> StudyLeaderboard:
-    study = _get_study(tx, study_id)
+    study = readable_study(tx, study_id)
     rows = tx.session.scalars(
         sa.select(ArmResult).where(ArmResult.study_id == study.id).order_by(ArmResult.rank)
     )
     arms = study_arms(list(rows))
     return StudyLeaderboard(study_id=study.id, status=study.status, arms=arms)
-
-
-router.include_router(export.router)

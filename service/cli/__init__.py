@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import service.cli._catalog as _catalog
 import service.cli._client as _client
+import service.cli._cluster as _cluster
 import service.cli._export as _export
 import service.cli._keys as _keys
 import service.cli._plot as _plot
@@ -23,7 +24,7 @@ from service.cli._common import CliError
 
 __all__ = ["CliError", "main"]
 
-_GROUPS = (_serve, _run, _scheduler, _keys, _client, _plot, _export, _catalog)
+_GROUPS = (_serve, _run, _scheduler, _cluster, _keys, _client, _plot, _export, _catalog)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -22,7 +22,12 @@ if TYPE_CHECKING:
 
 
 def register(subparsers: SubParsers) -> None:
-    tasks = subparsers.add_parser("tasks", help="list the tasks (dataset × model) a spec may name")
+    tasks = subparsers.add_parser(
+        "tasks",
+        help="list the tasks (dataset × model, built-in or a plugin's) a spec may name",
+        description="Each task with its package and version, loss, inputs and outputs, and its "
+        "model's options (type, default, range); --json prints them in full.",
+    )
     tasks.add_argument("--json", action="store_true", help="print the API's JSON")
     add_connection(tasks)
     tasks.set_defaults(handler=_tasks)
@@ -50,13 +55,23 @@ def _tasks(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(tasks, indent=2))
         return 0
-    table = Table("task", "dataset", "model", "classes", "input", "description")
+    table = Table("task", "package", "loss", "input → outputs", "model options", "description")
     for t in tasks:
-        shape = "×".join(str(n) for n in t.get("input_shape") or [])
-        table.add_row(t["name"], t["dataset"], t["model"], str(t.get("n_classes", "-")), shape,
-                      t.get("description", ""))  # fmt: skip
+        shape = "×".join(str(n) for n in t.get("input_shape") or []) or "from the data"
+        outputs = t.get("n_outputs") or "?"
+        options = "\n".join(_option(o) for o in t.get("options") or []) or "-"
+        table.add_row(t["name"], f"{t.get('package')} {t.get('version')}", t.get("loss", "-"),
+                      f"{shape} → {outputs}", options, t.get("description", ""))  # fmt: skip
     console().print(table)
     return 0
+
+
+def _option(o: dict[str, Any]) -> str:
+    """`width=128 [1, 4096]`, `activation='relu' (relu|tanh)`."""
+    text = f"{o['name']}={o['default']!r}"
+    if o.get("choices"):
+        return f"{text} ({'|'.join(o['choices'])})"
+    return f"{text} {_range(o)}" if o["type"] in ("int", "float") else text
 
 
 def _range(h: dict[str, Any]) -> str:
@@ -86,28 +101,25 @@ def _schemes(args: argparse.Namespace) -> int:
 
 def spec_problems(data: Any, settings: Settings) -> tuple[list[str], list[str]]:
     """What `POST /studies` would refuse in `data` (one `field.path: problem` line each) and
-    what it would warn about, without a database: the spec's own validation, the task's data
-    folder against the allowed data roots, and the service's compute budget."""
+    what it would warn about, without a database: the spec's own validation, then what the
+    service refuses of a valid spec (`service.admission`: the task's data folder against the
+    allowed data roots, the compute budget, a step's memory and FLOPs)."""
     from pydantic import ValidationError
 
-    from service.queue import BudgetExceededError, check_budget
+    from service.admission import admission_problems
     from worker.report.stats import seed_warning
     from worker.spec import StudySpec, format_errors
-    from worker.tasks import check_data_source
+    from worker.tasks import DataRoots
 
     try:
-        spec = StudySpec.model_validate(data)
+        with DataRoots.using(settings.allowed_data_roots()):  # what its checks read, as a service
+            spec = StudySpec.model_validate(data)
     except ValidationError as exc:
         return format_errors(exc), []
-    problems = []
-    problem = check_data_source(spec.task, spec.data.data_dir, settings.allowed_data_roots())
-    if problem is not None:
-        problems.append(f"data.data_dir: {problem}")
-    try:
-        check_budget(spec.estimated_steps(), settings.max_study_steps)
-    except BudgetExceededError as exc:
-        where = ".".join(str(p) for p in getattr(exc, "loc", ("budget",)))
-        problems.append(f"{where}: {exc}")
+    problems = [
+        f"{'.'.join(str(part) for part in loc) or 'spec'}: {message}"
+        for loc, message, _ in admission_problems(spec, settings, redact=False)
+    ]
     warning = seed_warning(spec.budget.final_seeds)
     return problems, [warning] if warning else []
 

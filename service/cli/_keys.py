@@ -22,7 +22,7 @@ def register(subparsers: SubParsers) -> None:
     listing = actions.add_parser("list", help="list keys (ids, names, prefixes, state)")
     add_database_option(listing)
     listing.set_defaults(handler=_list)
-    revoke = actions.add_parser("revoke", help="revoke a key by id")
+    revoke = actions.add_parser("revoke", help="revoke a key by id, and cancel its queued studies")
     revoke.add_argument("id", type=int, help="the key's id, as `keys list` shows it")
     add_database_option(revoke)
     revoke.set_defaults(handler=_revoke)
@@ -52,10 +52,18 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _revoke(args: argparse.Namespace) -> int:
+    """Revoke the key and cancel its queued studies, saying which; its running studies go on
+    (`ratebench cancel ID` with an admin key stops one)."""
     from service.auth import revoke_key
+    from service.queue import cancel_queued_of_key
 
     with open_database(args) as session:
         if not revoke_key(session, args.id):
             raise CliError(f"no key with id {args.id}")
+        cancelled, running = cancel_queued_of_key(session, args.id)
     print(f"revoked key {args.id}")
+    print(f"cancelled {len(cancelled)} queued studies" + "".join(f"\n  {i}" for i in cancelled))
+    if running:
+        print(f"{len(running)} running studies go on (stop one with `ratebench cancel ID` and an "
+              "admin key):" + "".join(f"\n  {i}" for i in running))  # fmt: skip
     return 0

@@ -3,11 +3,17 @@
 Reads the database directly (like `keys`), so it works with or without a running API; with
 `--url` it asks a service for them instead (`GET /studies/ID/plots/KIND.FORMAT`), so it also
 works against a remote service whose database this machine cannot open.
+
+Files are `<slug>-<kind>.<format>` in `--out`: the slug is the study's name with every
+character other than letters, digits, spaces and `_.+=-` replaced by `-`, without leading or
+trailing dots, dashes and spaces (`study` when nothing is left). A name is any text its
+submitter chose (`../../x`, `/etc/x`), so it never becomes a path of its own.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from service.cli._common import (
@@ -21,6 +27,12 @@ from service.cli._common import (
 )
 
 KINDS = ("sensitivity", "curves", "factors")
+
+
+def plot_file(out: Path, name: str, kind: str, fmt: str) -> Path:
+    """Where a study's plot goes: always directly in `out` (see the module docstring)."""
+    slug = re.sub(r"[^A-Za-z0-9 _.+=-]+", "-", name).strip(" .-")[:80].strip(" .-") or "study"
+    return out / f"{slug}-{kind}.{fmt}"
 
 
 def register(subparsers: SubParsers) -> None:
@@ -58,7 +70,7 @@ def _plot(args: argparse.Namespace) -> int:
     trials = load_trials(database_url(args), study.id, spec)
     args.out.mkdir(parents=True, exist_ok=True)
     for kind in args.kind or list(plots.PLOTS):
-        path = args.out / f"{study.name}-{kind}.{args.format}"
+        path = plot_file(args.out, study.name, kind, args.format)
         path.write_bytes(plots.render(kind, spec, trials, args.format))
         print(path)
     return 0
@@ -72,7 +84,7 @@ def _plot_remote(args: argparse.Namespace) -> int:
         content = api_response(
             args, "GET", f"/studies/{args.study}/plots/{kind}.{args.format}"
         ).content
-        path = args.out / f"{name}-{kind}.{args.format}"
+        path = plot_file(args.out, name, kind, args.format)
         path.write_bytes(content)
         print(path)
     return 0

@@ -7,10 +7,10 @@ with RATEBENCH_RUN_SCHEDULER=false. Several schedulers may share one database.
 from __future__ import annotations
 
 import argparse
-import signal
+from dataclasses import replace
 from types import FrameType
 
-from service.cli._common import SubParsers, add_database_option, database_url
+from service.cli._common import CliError, SubParsers, add_database_option, database_url
 
 
 def register(subparsers: SubParsers) -> None:
@@ -26,38 +26,32 @@ def register(subparsers: SubParsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import ray
-
+    from service.app import scheduler_config
+    from service.cli._serve import serve_beside_ray
     from service.config import get_settings
     from service.db import get_engine, migrate
     from service.logs import configure_logging
-    from service.scheduler import Scheduler, SchedulerConfig
-    from worker import cluster
-    from worker.remote import warm_workers
+    from service.ray_runtime import RayRuntime
+    from service.scheduler import Scheduler
 
     settings = get_settings()
     configure_logging(args.log_level, settings.log_format)
     url = database_url(args)
     migrate(url)
     address = args.ray_address or settings.ray_address
-    cluster.connect(address)
-    warm_workers()  # the first claimed study's trials then start without importing PyTorch
-    scheduler = Scheduler(
-        get_engine(url, settings.resolved_pool_size(), settings.db_pool_timeout),
-        SchedulerConfig(
-            storage_url=url,
-            ray_address=address,
-            lease_seconds=settings.lease_seconds,
-            max_running_per_key=settings.max_running_per_key,
-            max_running_studies=settings.max_running_studies,
-        ),
-    )
+    ray = RayRuntime(address)  # a missing Ray token: ClusterConfigError, printed as one line
+    ray.start()
+    if not ray.connected:
+        where = f"join Ray at {address}" if address else "start a local Ray runtime"
+        error = (ray.status().error or "").strip().splitlines() or ["unknown error"]
+        raise CliError(f"could not {where}: {error[0]}")
+    config = replace(scheduler_config(settings, url), ray_address=address)
+    engine = get_engine(url, settings.resolved_pool_size(), settings.db_pool_timeout)
+    scheduler = Scheduler(engine, config, ray=ray)
 
     def stop(_signum: int, _frame: FrameType | None) -> None:
         scheduler.stop(timeout=0)
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    scheduler.run_forever()
+    serve_beside_ray(scheduler.run_forever, ray, stop)
     ray.shutdown()
     return 0

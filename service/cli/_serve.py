@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import signal
+import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import TYPE_CHECKING
 
 from service.cli._common import SubParsers, add_database_option
+
+if TYPE_CHECKING:
+    from service.ray_runtime import RayRuntime
 
 
 def register(subparsers: SubParsers) -> None:
@@ -46,7 +54,32 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(settings)
     # JSON logs: uvicorn's own loggers pass their records to the root logger's JSON handler.
     log_config = None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG
-    uvicorn.run(
-        app, host=settings.host, port=settings.port, log_level=args.log_level, log_config=log_config
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level=args.log_level,
+            log_config=log_config,
+        )
     )
+    serve_beside_ray(server.run, app.state.ray, server.handle_exit)
     return 0
+
+
+def serve_beside_ray(
+    work: Callable[[], None],
+    ray: RayRuntime,
+    on_signal: Callable[[int, FrameType | None], None],
+) -> None:
+    """Run `work` on a thread of its own while the main thread serves Ray's starts and
+    restarts (`RayRuntime.serve_main_thread`), which must happen on the main thread; SIGTERM
+    and SIGINT go to `on_signal` (the work's graceful stop), whatever Ray installs."""
+    thread = threading.Thread(target=work, name="work")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    thread.start()
+    try:
+        ray.serve_main_thread(until=lambda: not thread.is_alive())
+    finally:
+        thread.join()

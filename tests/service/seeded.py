@@ -14,7 +14,7 @@ from typing import Any
 import optuna
 import uvicorn
 from fastapi import FastAPI
-from optuna.distributions import FloatDistribution
+from optuna.distributions import BaseDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from service.db import get_engine, migrate, session_scope
@@ -51,17 +51,29 @@ def _history(value: float, epochs: int) -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
-def _trial(arm: str, lr: float, outcome: str, value: float, final: int | None = None) -> Any:
-    fixed = {"momentum": 0.9} if arm == "sgd" else {}
-    attrs: dict[str, Any] = {"arm": arm, "scheme": arm, "lr": lr, "outcome": outcome,
+# Where the seeded trials ran, as `worker.arms.base` records it (`host`, `pid`, `node`)
+HOST = {"host": "gpu-node-7.internal", "pid": 4242}
+NODE = {"hostname": "gpu-node-7.internal", "ip": "10.1.2.3", "ray_node_id": "ab" * 28,
+        "cpu": "Some CPU", "gpus": []}  # fmt: skip
+
+
+def _trial(
+    arm: str, lr: float, outcome: str, value: float, final: int | None = None, node: bool = False,
+    scheme: str | None = None, fixed: dict[str, Any] | None = None, epochs: int = 3,
+) -> Any:  # fmt: skip
+    if fixed is None:
+        fixed = {"momentum": 0.9} if arm == "sgd" else {}
+    attrs: dict[str, Any] = {"arm": arm, "scheme": scheme or arm, "lr": lr, "outcome": outcome,
                              "fixed": fixed, "attempt": 1, "seed": final or 0, "steps": 30,
                              "role": "sweep" if final is None else "final"}  # fmt: skip
-    epochs = 2 if outcome == "pruned" else 3
+    if node:
+        attrs.update(HOST, node=NODE)
+    epochs = epochs - 1 if outcome == "pruned" else epochs
     if outcome != "failed":
         attrs["history"] = _history(value, epochs)
     if final is not None:
         attrs.update(test_accuracy=value - 0.01, test_loss=1.0 - value)
-    distributions = {"lr": FloatDistribution(1e-3, 1.0, log=True)}
+    distributions: dict[str, BaseDistribution] = {"lr": FloatDistribution(1e-3, 1.0, log=True)}
     if outcome == "failed":
         attrs["error"] = FORMULA_ERROR
         return create_trial(state=TrialState.FAIL, params={"lr": lr},
@@ -73,31 +85,60 @@ def _trial(arm: str, lr: float, outcome: str, value: float, final: int | None = 
     )  # fmt: skip
 
 
-def seed_finished_study(url: str, study_id: str) -> StudySpec:
-    """Write a completed two-arm study `study_id` into the (migrated) database at `url`."""
+def seed_finished_study(
+    url: str,
+    study_id: str,
+    *,
+    name: str | None = None,
+    api_key_id: int | None = None,
+    public: bool = False,
+    on_node: bool = False,
+    fields: dict[str, Any] | None = None,
+    seed: int = 0,
+    shift: float = 0.0,
+) -> StudySpec:
+    """Write a completed study `study_id` into the (migrated) database at `url`, named `name`
+    (default: its id), submitted by `api_key_id`; `on_node`: with the environment and trial
+    attributes of a study that ran on `NODE`. `fields` replace those of `SPEC` (its two arms,
+    3 epochs, 3 final seeds): every arm gets `SWEEP` and the final seeds, each arm a little
+    behind the one before. Its spec has `seed`, so its final seeds are `seed + 1 …`; a final
+    seed's value is a function of the seed, as training's is, plus `shift` (another machine's
+    arithmetic)."""
     migrate(url)
-    spec = StudySpec.model_validate({**SPEC, "name": study_id})
+    spec = StudySpec.model_validate(
+        {**SPEC, **(fields or {}), "name": name or study_id, "seed": seed}
+    )
+    epochs = spec.budget.epochs
     storage = open_storage(url)
     try:
-        for offset, arm in enumerate(("sgd", "adam")):
+        for offset, arm in enumerate(spec.arms):
+            label, fixed = str(arm.label), dict(getattr(arm, "fixed", None) or {})
+            scheme = str(getattr(arm, "optimizer", label))
             sweep = optuna.create_study(storage=storage, direction="maximize",
-                                        study_name=sweep_study_name(study_id, arm))  # fmt: skip
+                                        study_name=sweep_study_name(study_id, label))  # fmt: skip
             for i, (lr, outcome) in enumerate(SWEEP):
                 value = 0.0 if outcome == "diverged" else 0.5 + 0.1 * i - 0.05 * offset
-                sweep.add_trial(_trial(arm, lr, outcome, value))
+                sweep.add_trial(_trial(label, lr, outcome, value, node=on_node, scheme=scheme,
+                                       fixed=fixed, epochs=epochs))  # fmt: skip
             final = optuna.create_study(storage=storage, direction="maximize",
-                                        study_name=final_study_name(study_id, arm))  # fmt: skip
-            for seed in range(3):
-                value = 0.7 - 0.05 * offset + 0.01 * seed
-                final.add_trial(_trial(arm, 0.1, "complete", value, final=seed + 1))
+                                        study_name=final_study_name(study_id, label))  # fmt: skip
+            for i in range(spec.budget.final_seeds):
+                final_seed = spec.seed + 1 + i
+                value = 0.7 - 0.05 * offset + 0.01 * (final_seed - 1) + shift
+                final.add_trial(_trial(label, 0.1, "complete", value, final_seed, on_node,
+                                       scheme=scheme, fixed=fixed, epochs=epochs))  # fmt: skip
     finally:
         storage.engine.dispose()
+    done = len(spec.arms) * (len(SWEEP) + spec.budget.final_seeds)
     rows = summarize_study(url, study_id, spec)
     with session_scope(get_engine(url)) as session:
         session.add(
-            StudyRecord(id=study_id, name=study_id, task=spec.task, status="completed",
+            StudyRecord(id=study_id, name=spec.name, task=spec.task, status="completed",
                         spec=spec.model_dump(mode="json"), started_at=utcnow(),
-                        finished_at=utcnow(), progress={"trials_done": 16, "trials_total": 16})
+                        finished_at=utcnow(), progress={"trials_done": done, "trials_total": done},
+                        api_key_id=api_key_id, public=public,
+                        environment={"hostname": NODE["hostname"], "python": "3.11",
+                                     "nodes": [NODE]} if on_node else None)
         )  # fmt: skip
         session.flush()
         for rank, row in enumerate(rows, start=1):

@@ -121,8 +121,21 @@ def mutate(path: str, value: Any) -> dict[str, Any]:
         (mutate("search_space.lr.high", 1e6), ["body", "search_space", "lr"], "<= 100"),
         (mutate("budget.trials_per_arm", 10**6), ["body", "budget", "trials_per_arm"], "1000"),
         (mutate("arms.0.fixed.momentum", 3.0), ["body", "arms", 0, "fixed", "momentum"], "0.999"),
+        (
+            mutate("arms.1.schedule", {"name": "cosine", "warmup": 2}),
+            ["body", "arms", 1, "schedule", "warmup"],
+            "give warmup_epochs for epochs",
+        ),
+        (
+            {
+                **mutate("arms.1.schedule", {"name": "step", "milestones": [0.5]}),
+                "search_space": {"schedule.floor": {"values": [0]}},
+            },
+            ["body", "search_space", "schedule.floor"],
+            "cosine and linear schedules take floor",
+        ),
     ],
-    ids=["scheme", "task", "rate-range", "budget", "fixed-range"],
+    ids=["scheme", "task", "rate-range", "budget", "fixed-range", "schedule", "swept-schedule"],
 )
 def test_invalid_specs_get_422_naming_the_field_and_write_nothing(
     app_and_key: tuple[TestClient, str], spec: dict[str, Any], loc: list[Any], words: str

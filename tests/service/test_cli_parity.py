@@ -191,3 +191,123 @@ def test_validate_refuses_what_submit_refuses_with_the_same_field_paths(
 def test_validate_accepts_the_examples(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli(capsys, "validate", str(EXAMPLES / "quick.json")).strip() == "ok"
     assert "cannot read" in _error(capsys, "validate", str(tmp_path / "missing.json"))
+
+
+def test_the_client_follows_the_port_the_service_was_moved_to(
+    server: tuple[str, str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`RATEBENCH_PORT=9000 ratebench serve` moves the service; the same variable, without
+    RATEBENCH_URL, moves the client (it used to keep asking port 8000)."""
+    port = httpx.URL(server[0]).port
+    monkeypatch.delenv("RATEBENCH_URL", raising=False)
+    monkeypatch.setenv("RATEBENCH_PORT", str(port))
+    get_settings.cache_clear()
+    try:
+        out = cli(capsys, "list")
+    finally:
+        get_settings.cache_clear()
+    assert STUDY in out
+    assert Settings(port=9000, host="0.0.0.0").client_url() == "http://127.0.0.1:9000"
+    assert Settings(port=9000, url="http://api:1").client_url() == "http://api:1"
+
+
+def test_tables_keep_every_column_when_piped_and_follow_columns(
+    server: tuple[str, str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Piped without COLUMNS, the study table comes out whole (its last column and the end of
+    its caption were cut at 160 columns); with COLUMNS, no line is wider than it says."""
+    url = server[0]
+    monkeypatch.delenv("COLUMNS", raising=False)
+    table = cli(capsys, "leaderboard", "--study", STUDY, "--url", url)
+    assert "too few seeds to tell ┃" in table
+    assert "no evidence either way" in " ".join(table.split())
+    assert max(len(line) for line in table.splitlines()) > 160
+    monkeypatch.setenv("COLUMNS", "200")
+    table = cli(capsys, "leaderboard", "--study", STUDY, "--url", url)
+    assert max(len(line) for line in table.splitlines()) <= 200
+    assert "no evidence either way" in " ".join(table.split())
+
+
+def test_submit_wait_prints_each_warning_once_on_its_own_line(
+    server: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The seed warning of `submit` once, at the start of a line; nothing repeats it after
+    the study's status table. The study is cancelled while queued so that the wait ends."""
+    import threading
+    import time
+
+    base, key = server
+    auth = {"Authorization": f"Bearer {key}"}
+    submitted = threading.Event()
+
+    def cancel_when_queued() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            page = httpx.get(f"{base}/api/v1/studies", params={"status": "queued"}, timeout=30)
+            for study in page.json()["items"]:
+                if study["name"] == "waited":
+                    httpx.post(f"{base}/api/v1/studies/{study['id']}/cancel", headers=auth,
+                               timeout=30)  # fmt: skip
+                    submitted.set()
+                    return
+            time.sleep(0.2)
+
+    canceller = threading.Thread(target=cancel_when_queued, daemon=True)
+    canceller.start()
+    spec = _spec(tmp_path, {**SPEC, "name": "waited"})
+    code = main(["submit", spec, "--wait", "--url", base, "--key", key])
+    canceller.join(timeout=60)
+    assert submitted.is_set() and code == 1  # cancelled
+    out, err = capsys.readouterr()
+    lines = (out + err).splitlines()
+    warned = [line for line in lines if "too few for Welch's test" in line]
+    assert len(warned) == 1 and warned[0].startswith("warning: budget.final_seeds: 3 seeds")
+    assert "status=cancelled" in out
+
+
+def test_status_labels_the_best_sweep_trial_apart_from_the_final_seeds(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.cli._client import _print_status
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    arm = {"status": "sweep", "complete": 3, "pruned": 0, "diverged": 1, "failed": 0,
+           "running": 1, "budget": 8, "best_value": 0.8125}  # fmt: skip
+    _print_status({"name": "s", "id": "s", "task": "mnist1d-mlp", "status": "running",
+                   "spec": {"objective": {"metric": "val_accuracy"}},
+                   "progress": {"arms": {"sgd": arm}}, "warnings": []})  # fmt: skip
+    out = capsys.readouterr().out
+    assert "best sweep val_accuracy" in out and "0.8125" in out
+    assert "the ranking uses the final seeds' mean" in " ".join(out.split())
+
+
+def test_task_leaderboard_takes_the_apis_setting_filters(
+    server: tuple[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = server[0]
+    task = "mnist1d-mlp"
+    board = json.loads(cli(capsys, "leaderboard", "--task", task, "--epochs", "3", "--json",
+                           "--url", url))  # fmt: skip
+    assert board == api(server, "/leaderboard", task=task, epochs=3).json()
+    assert board["filters"] == {"epochs": 3} and board["groups"]
+    narrowed = json.loads(cli(capsys, "leaderboard", "--task", task, "--filter",
+                              "fixed.momentum=0.9", "--steps-per-epoch", "1000", "--json",
+                              "--url", url))  # fmt: skip
+    expected = api(server, "/leaderboard", **{"task": task, "fixed.momentum": "0.9",
+                                              "steps_per_epoch": 1000})  # fmt: skip
+    assert narrowed == expected.json()
+    table = cli(capsys, "leaderboard", "--task", task, "--filter", "fixed.momentum=0.9",
+                "--url", url)  # fmt: skip
+    assert "final-seed mean" in table and "95% interval" in table and "sgd" in table
+    assert "fixed.momentum=0.9" in " ".join(table.split())
+    for args, message in (
+        (("--filter", "model.nope=1"), "unknown filter 'model.nope'"),
+        (("--filter", "epochs=3", "--epochs", "3"), "filter 'epochs' given twice"),
+        (("--filter", "width"), "write NAME=VALUE"),
+    ):
+        assert message in _error(capsys, "leaderboard", "--task", task, *args, "--url", url)
+    assert "--epochs" in _error(capsys, "leaderboard", "--study", STUDY, "--epochs", "3",
+                                "--url", url)  # fmt: skip
+    with pytest.raises(SystemExit):
+        main(["leaderboard", "--task", task, "--epochs", "0", "--url", url])
+    assert "must be at least 1" in capsys.readouterr().err

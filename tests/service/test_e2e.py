@@ -93,6 +93,7 @@ def test_a_crashed_service_resumes_its_study_after_restart(
     study = wait_until_finished(service, study_id)
     assert study["status"] == "completed", study["error"] or service.log()
     assert study["attempts"] == 2
+    assert len(study["faults"]) == 1 and "stopped renewing the lease" in study["faults"][0]["error"]
     trials = get(service, f"/studies/{study_id}/trials?limit=200")["items"]
     after = {(t["arm"], t["number"]) for t in trials if t["state"] == "COMPLETE"}
     assert before <= after  # nothing finished before the crash was lost or redone

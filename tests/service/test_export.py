@@ -20,6 +20,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.cli import main
 from service.config import Settings
+from service.db import migrate
 from service.models import StudyRecord
 from tests.service.seeded import FORMULA_ERROR, seed_finished_study
 from worker.storage import open_storage
@@ -204,15 +205,23 @@ def test_a_bad_bundle_is_refused_in_one_line_and_nothing_is_written(
 def test_an_import_that_fails_half_way_leaves_nothing_behind(
     source: TestClient, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    bundle = _bundle(source)
-    bundle["arm_results"].append(bundle["arm_results"][0])  # refused after the trials are in
     path = tmp_path / "bundle.json"
-    path.write_text(json.dumps(bundle))
+    path.write_text(json.dumps(_bundle(source)))
     target = f"sqlite:///{tmp_path / 'target.db'}"
+    migrate(target)  # a database that refuses the leaderboard rows, after the trials are in
+    engine = sa.create_engine(target)
+    with engine.begin() as conn:
+        conn.execute(sa.text(
+            "CREATE TRIGGER refuse BEFORE INSERT ON ratebench_arm_results "
+            "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        ))  # fmt: skip
     assert main(["import", str(path), "--database-url", target]) == 2
     assert "rows do not fit this database" in capsys.readouterr().err
     assert _count(target) == (0, 0)
 
+    with engine.begin() as conn:
+        conn.execute(sa.text("DROP TRIGGER refuse"))
+    engine.dispose()
     storage = open_storage(target)  # the target already has one of the Optuna studies
     try:
         optuna.create_study(storage=storage, study_name=f"{STUDY}/adam/final")

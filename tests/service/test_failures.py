@@ -39,7 +39,7 @@ from service.config import Settings
 from service.db import get_engine, session_scope
 from service.scheduler import Scheduler, SchedulerConfig
 from tests.service.helpers import free_port, wait_for
-from worker.arms.sampling import make_sampler, suggest
+from worker.arms.optuna.sampling import make_sampler, suggest
 from worker.results import load_trials
 from worker.spec import StudySpec
 

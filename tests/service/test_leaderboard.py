@@ -23,6 +23,7 @@ from service.config import Settings
 from service.db import session_scope
 from service.models import ArmResult, StudyRecord
 from tests.service.helpers import ServiceProcess, cli_env, embedded_service, ratebench
+from worker.spec import StudySpec
 
 SPEC: dict[str, Any] = {
     "name": "leaderboard-test",
@@ -41,9 +42,10 @@ def store_study(
     task: str,
     seeds: Mapping[str, list[float] | None],
     spec: dict[str, Any] = SPEC,
+    summaries: Mapping[str, dict[str, Any]] | None = None,
 ) -> None:
     """A completed study with one stored arm row per arm ({arm: final seed values}; None: the
-    arm ran and no seed finished)."""
+    arm ran and no seed finished), and `summaries[arm]` added to an arm's stored summary."""
     with session_scope(engine) as session:
         session.add(
             StudyRecord(id=study_id, name=study_id, task=task, spec=spec, status="completed")
@@ -55,7 +57,8 @@ def store_study(
                 ArmResult(
                     study_id=study_id, task=task, arm=arm, scheme=arm, metric="val_accuracy",
                     direction="maximize", rank=rank, best_lr=0.01, objective_mean=mean,
-                    n_trials=4, n_diverged=0, summary={"final_values": values or []},
+                    n_trials=4, n_diverged=0,
+                    summary={"final_values": values or [], **(summaries or {}).get(arm, {})},
                 )
             )  # fmt: skip
 
@@ -142,6 +145,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]
         yield service
 
 
+@pytest.mark.slow
 def test_cli_leaderboard_shows_intervals_and_what_the_seeds_cannot_tell(
     server: ServiceProcess,
 ) -> None:
@@ -160,6 +164,7 @@ def test_cli_leaderboard_shows_intervals_and_what_the_seeds_cannot_tell(
     assert rows[0]["interval_low"] is not None
 
 
+@pytest.mark.slow
 def test_cli_submit_warns_on_stderr_when_seeds_are_too_few(
     server: ServiceProcess, tmp_path: Path
 ) -> None:
@@ -183,12 +188,14 @@ def _spec(epochs: int, momentum: float = 0.9, width: int | None = None) -> dict[
 
 @pytest.fixture
 def settings_board(client: TestClient) -> TestClient:
-    """Four studies on one task: two of the same setting, one without momentum (same group,
-    another arm setting for sgd), one of 15 epochs on a wider model (another group)."""
+    """Four studies on one task: two of the same setting (on other seeds: independent
+    evidence), one without momentum (same group, another arm setting for sgd), one of 15 epochs
+    on a wider model (another group)."""
     engine = engine_of(client)
     store_study(engine, "two-a", "mnist1d-mlp", {"sgd": [0.60, 0.62], "adam": [0.80, 0.82]},
                 _spec(2))  # fmt: skip
-    store_study(engine, "two-b", "mnist1d-mlp", {"sgd": [0.64, 0.66], "adam": [0.84]}, _spec(2))
+    store_study(engine, "two-b", "mnist1d-mlp", {"sgd": [0.64, 0.66], "adam": [0.84]},
+                {**_spec(2), "seed": 10})  # fmt: skip
     store_study(engine, "nomom", "mnist1d-mlp", {"sgd": [0.50, 0.52]}, _spec(2, momentum=0.0))
     store_study(engine, "long", "mnist1d-mlp", {"sgd": [0.90, 0.91], "adam": [0.88, 0.90]},
                 _spec(15, width=64))  # fmt: skip
@@ -278,3 +285,134 @@ def test_task_page_shows_one_table_per_setting_with_its_filters(
     assert filtered.count('<section class="group"') == 1  # the form's blank fields: ignored
     assert '<option value="15" selected>' in filtered
     assert settings_board.get("/tasks/mnist1d-mlp?colour=red").status_code == 422
+
+
+def _times(seconds: float | None, steps: float | None = None) -> dict[str, Any]:
+    return {"time_to_target_s": seconds, "steps_to_target": steps}
+
+
+def test_profile_on_time_to_target_ranks_by_the_ratio_to_the_fastest_arm(
+    client: TestClient,
+) -> None:
+    """AlgoPerf's measure: τ = an arm's time to its study's target over the task's fastest
+    arm's. On mnist1d-mlp adam is fastest and sgd takes 2×; bmp reached the target in one of
+    its two studies only, so its median is "never": it ran and is within no τ. On digits sgd
+    is fastest and adam takes 3×; bmp was not run there. By steps, sgd wins both."""
+    engine = engine_of(client)
+    seeds = {"sgd": [0.6, 0.6], "adam": [0.7, 0.7], "bmp": [0.5, 0.5]}
+    store_study(engine, "t1", "mnist1d-mlp", seeds,
+                summaries={"sgd": _times(2.0, 100), "adam": _times(1.0, 200),
+                           "bmp": _times(1.5, 300)})  # fmt: skip
+    store_study(engine, "t2", "mnist1d-mlp", seeds, {**SPEC, "seed": 10},
+                summaries={"sgd": _times(2.0, 100), "adam": _times(1.0, 200),
+                           "bmp": _times(None)})  # fmt: skip
+    store_study(engine, "t3", "digits-mlp", {"sgd": [0.9, 0.9], "adam": [0.8, 0.8]},
+                summaries={"sgd": _times(1.0, 50), "adam": _times(3.0, 400)})  # fmt: skip
+    response = client.get("/api/v1/leaderboard/profile", params={"measure": "time"})
+    assert response.status_code == 200, response.text
+    profile = response.json()
+    assert profile["measure"] == "time"
+    taus = profile["taus"]
+    assert (taus[0], taus[-1]) == (1.0, 4.0)
+
+    def rho(arm: str, tau: float) -> float:
+        return float(profile["schemes"][arm][taus.index(pytest.approx(tau))])
+
+    assert (rho("adam", 1.0), rho("sgd", 1.0)) == (0.5, 0.5)  # each fastest on one task
+    assert (rho("sgd", 1.95), rho("sgd", 2.0)) == (0.5, 1.0)  # 2× adam on mnist1d
+    assert (rho("adam", 2.95), rho("adam", 3.0)) == (0.5, 1.0)  # 3× sgd on digits
+    assert profile["schemes"]["bmp"] == [0.0] * len(taus)  # never reached in half its studies
+    assert profile["not_run"]["bmp"] == ["digits-mlp"]
+    steps = client.get("/api/v1/leaderboard/profile?measure=steps").json()
+    assert steps["measure"] == "steps" and steps["schemes"]["sgd"][0] == 1.0
+    assert client.get("/api/v1/leaderboard/profile").json()["measure"] == "score"
+    plot = client.get("/api/v1/leaderboard/profile.svg?measure=time")
+    assert plot.status_code == 200 and b"time to target" in plot.content
+    wrong = client.get("/api/v1/leaderboard/profile?measure=speed")
+    assert wrong.status_code == 422 and wrong.json()["detail"][0]["loc"] == ["query", "measure"]
+
+
+def test_study_leaderboard_and_page_show_times_training_time_and_schedule(
+    client: TestClient,
+) -> None:
+    spec = {**SPEC, "arms": [{"optimizer": "sgd", "schedule": {"name": "cosine", "warmup": 0.05}},
+                             {"optimizer": "adam"}]}  # fmt: skip
+    schedule = {"name": "cosine", "warmup": 0.05, "floor": 0.0}
+    summaries = {
+        "sgd+warmup-cosine": {"target": 0.57, "steps_to_target": 120.0, "time_to_target_s": 1.5,
+                              "train_time_s": 64.25, "ms_per_step": 2.5, "schedule": schedule,
+                              "cohort_sizes": [1, 4]},
+        "adam": {"target": 0.57, "steps_to_target": None, "time_to_target_s": None,
+                 "train_time_s": 80.0, "ms_per_step": 3.125, "schedule": None},
+    }  # fmt: skip
+    seeds = {"sgd+warmup-cosine": [0.6, 0.62], "adam": [0.55, 0.56]}
+    store_study(engine_of(client), "timed", "mnist1d-mlp", seeds, spec, summaries)
+    board = client.get("/api/v1/studies/timed/leaderboard").json()
+    rows = {row["arm"]: row for row in board["arms"]}
+    sgd, adam = rows["sgd+warmup-cosine"], rows["adam"]
+    assert (sgd["steps_to_target"], sgd["time_to_target_s"], sgd["target"]) == (120.0, 1.5, 0.57)
+    assert (sgd["train_time_s"], sgd["ms_per_step"]) == (64.25, 2.5)
+    assert sgd["schedule"] == schedule and adam["schedule"] is None
+    assert adam["time_to_target_s"] is None and adam["train_time_s"] == 80.0
+    assert "time_to_target_s" not in sgd["details"] and sgd["details"]["cohort_sizes"] == [1, 4]
+    page = client.get("/studies/timed").text
+    assert "time→<wbr>target" in page and "train time" in page
+    assert "cosine, warmup 0.05, floor 0" in page  # the schedule, in words
+    assert 'time-to-target">1.5 s<' in page and 'steps-to-target">120<' in page
+    assert 'train-time">1 min 4 s<' in page and 'train-time">1 min 20 s<' in page
+    old = {"sgd": [0.6, 0.61], "adam": [0.5, 0.52]}
+    store_study(engine_of(client), "old", "mnist1d-mlp", old)  # stored before times were
+    for row in client.get("/api/v1/studies/old/leaderboard").json()["arms"]:
+        assert row["train_time_s"] is None and row["schedule"] is None
+
+
+def test_arms_with_different_schedules_never_pool_and_filter_by_schedule(
+    client: TestClient,
+) -> None:
+    """Two studies whose sgd arm has the same label but not the same schedule: two rows in one
+    table, each with its own schedule; the schedule is a filter like any setting field."""
+    cosine = {"name": "cosine", "warmup": 0.05}
+    arms = [{"optimizer": "sgd", "label": "sgd"}, {"optimizer": "adam"}]
+    scheduled = {**SPEC, "arms": [{**arms[0], "schedule": cosine}, arms[1]]}
+    engine = engine_of(client)
+    store_study(engine, "plain", "mnist1d-mlp", {"sgd": [0.6, 0.62], "adam": [0.7]},
+                {**SPEC, "arms": arms})  # fmt: skip
+    store_study(engine, "cosine", "mnist1d-mlp", {"sgd": [0.8, 0.82], "adam": [0.71]}, scheduled)
+    (group,) = _board(client)["groups"]
+    sgd = sorted((r for r in group["arms"] if r["arm"] == "sgd"), key=lambda r: r["studies"])
+    assert [r["studies"] for r in sgd] == [["cosine"], ["plain"]]  # not pooled
+    assert sgd[0]["schedule"] == {"name": "cosine", "warmup": 0.05, "floor": 0.0}
+    assert sgd[1]["schedule"] is None
+    assert "schedule: cosine, warmup 0.05, floor 0" in sgd[0]["setting_description"]
+    adam = [r for r in group["arms"] if r["arm"] == "adam"]
+    assert [sorted(r["studies"]) for r in adam] == [["cosine", "plain"]]  # the same setting
+    board = _board(client)
+    assert board["filter_values"]["schedule.name"] == ["constant", "cosine"]
+    only = _board(client, "&schedule.name=cosine")["groups"][0]["arms"]
+    assert [(r["arm"], r["studies"]) for r in only] == [("sgd", ["cosine"])]
+    assert [r["studies"] for r in _board(client, "&schedule.warmup=0.05")["groups"][0]["arms"]] == [
+        ["cosine"]
+    ]
+    page = client.get("/tasks/mnist1d-mlp").text
+    assert '<select name="schedule.name">' in page and "warmup 0.05" in page
+
+
+def test_bmp_position_modes_never_pool_on_a_task_board(client: TestClient) -> None:
+    """bmp in sum mode, with `mean_over_positions` fixed true and with it searched: three rows
+    of one table, each with its own study, and a filter on the option."""
+    engine = engine_of(client)
+    for study, arm in (
+        ("sum", {"optimizer": "bmp", "fixed": {"propagate": True, "mean_over_positions": False}}),
+        ("mean", {"optimizer": "bmp", "fixed": {"propagate": True, "mean_over_positions": True}}),
+        ("both", {"optimizer": "bmp", "fixed": {"propagate": True},
+                  "search_space": {"mean_over_positions": "auto"}}),
+    ):  # fmt: skip
+        spec = {**SPEC, "name": study, "arms": [arm]}
+        label = StudySpec.model_validate(spec).labels[0]
+        store_study(engine, study, "mnist1d-mlp", {label: [0.5, 0.52]}, spec)
+    (group,) = _board(client)["groups"]
+    rows = {r["arm"]: r["studies"] for r in group["arms"]}
+    assert rows == {"bmp": ["sum"], "bmp-mean-positions": ["mean"],
+                    "bmp-positions-searched": ["both"]}  # fmt: skip
+    board = _board(client, "&fixed.mean_over_positions=true")
+    assert [r["arm"] for g in board["groups"] for r in g["arms"]] == ["bmp-mean-positions"]

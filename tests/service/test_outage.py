@@ -7,58 +7,22 @@ instead of failing the study, and the study completes once it is back.
 
 from __future__ import annotations
 
-import glob
 import os
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import pytest
 
+from scripts.private_postgres import PrivatePostgres, unavailable_reason
 from service.auth import create_key
 from service.db import get_engine, migrate, session_scope
 from tests.service.helpers import (
     ServiceProcess,
-    free_port,
     get,
     tiny_spec,
     wait_for,
     wait_until_finished,
 )
-
-
-@dataclass
-class PrivatePostgres:
-    """A PostgreSQL cluster in a temporary folder, run as the `postgres` user when we are root
-    (initdb refuses root)."""
-
-    data: Path
-    port: int
-    as_user: list[str]
-
-    @property
-    def url(self) -> str:
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
-
-    def _pg_ctl(self, *args: str) -> None:
-        subprocess.run([*self.as_user, _tool("pg_ctl"), "-D", str(self.data), *args],
-                       check=True, capture_output=True, timeout=60)  # fmt: skip
-
-    def start(self) -> None:
-        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.data}"
-        self._pg_ctl("-o", options, "-l", str(self.data / "server.log"), "-w", "start")
-
-    def crash(self) -> None:
-        self._pg_ctl("-m", "immediate", "-w", "stop")
-
-
-def _tool(name: str) -> str:
-    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
-    return found[-1] if found else shutil.which(name) or ""
 
 
 def _no_postgres(reason: str) -> None:
@@ -69,26 +33,14 @@ def _no_postgres(reason: str) -> None:
 
 @pytest.fixture
 def private_postgres() -> Iterator[PrivatePostgres]:
-    if not _tool("initdb") or not _tool("pg_ctl"):
-        _no_postgres("initdb/pg_ctl not found (Debian: apt-get install postgresql)")
-    as_user: list[str] = []
-    folder = Path(tempfile.mkdtemp(prefix="ratebench-pg-"))  # not under root's 0700 tmp dirs
-    if os.geteuid() == 0:
-        if not shutil.which("runuser"):
-            _no_postgres("running as root and runuser is missing: initdb refuses root")
-        shutil.chown(folder, "postgres", "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    server = PrivatePostgres(folder, free_port(), as_user)
+    reason = unavailable_reason()
+    if reason is not None:
+        _no_postgres(reason)
+    server = PrivatePostgres.create()
     try:
-        subprocess.run([*as_user, _tool("initdb"), "-D", str(folder), "-U", "postgres",
-                        "--auth=trust", "-E", "UTF8"], check=True, capture_output=True,
-                       timeout=120)  # fmt: skip
-        server.start()
         yield server
     finally:
-        subprocess.run([*as_user, _tool("pg_ctl"), "-D", str(folder), "-m", "immediate", "stop"],
-                       capture_output=True, timeout=60)  # fmt: skip
-        shutil.rmtree(folder, ignore_errors=True)
+        server.remove()
 
 
 ENDPOINTS = ("/studies", "/studies/{id}", "/studies/{id}/trials", "/studies/{id}/leaderboard",

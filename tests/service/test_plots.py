@@ -102,6 +102,7 @@ def misses(responses: list[httpx.Response]) -> list[str]:
     return sorted(r.url.path.rsplit("/", 1)[1] for r in responses if r.headers["X-Cache"] == "miss")
 
 
+@pytest.mark.slow
 def test_concurrent_first_fetches_draw_each_plot_once(server: ServiceProcess) -> None:
     url = server.env["RATEBENCH_DATABASE_URL"]
     engine = sa.create_engine(url)

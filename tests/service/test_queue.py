@@ -66,6 +66,9 @@ def test_an_expired_lease_lets_another_scheduler_resume_and_fences_the_old_one(
         )
     resumed = queue.claim_next(engine, "b", LEASE)
     assert resumed is not None and resumed.id == study_id and resumed.attempts == 2
+    # what ended attempt 1 is on record: its scheduler died without releasing the study
+    assert [f["attempt"] for f in resumed.faults or []] == [1]
+    assert "its scheduler a stopped renewing the lease" in (resumed.faults or [{}])[0]["error"]
     assert queue.renew_lease(engine, study_id, "a", LEASE) == (False, False)
     with session_scope(engine) as session:
         assert not queue.finish(session, study_id, "a", StudyStatus.COMPLETED)
@@ -80,6 +83,21 @@ def test_release_makes_a_running_study_claimable_at_once(engine: sa.Engine) -> N
     queue.release(engine, study.id, "a")
     again = queue.claim_next(engine, "b", LEASE)
     assert again is not None and again.id == study.id
+    assert again.attempts == 2 and not again.faults  # a release is not a fault
+
+
+def test_a_fault_is_noted_on_the_owned_study_and_counts_a_new_attempt(engine: sa.Engine) -> None:
+    submit_many(engine, 1)
+    study = queue.claim_next(engine, "a", LEASE)
+    assert study is not None and study.attempts == 1
+    first = queue.record_fault(engine, study.id, "a", "ActorDiedError: the mailbox died")
+    second = queue.record_fault(engine, study.id, "a", "ConnectionError: Ray restarted")
+    assert [f["attempt"] for f in second] == [1, 2] and second[:1] == first
+    assert second[0]["error"] == "ActorDiedError: the mailbox died"
+    assert queue.record_fault(engine, study.id, "b", "not its study") == []  # fenced
+    with session_scope(engine) as session:
+        row = session.get(StudyRecord, study.id)
+        assert row is not None and row.attempts == 3 and row.faults == second
 
 
 def test_cancel_queued_is_immediate_and_running_is_signalled(engine: sa.Engine) -> None:

@@ -34,6 +34,7 @@ def _api_only(service: ServiceProcess, database_url: str) -> ServiceProcess:
     service.env["RATEBENCH_DATABASE_URL"] = database_url
     service.env["RATEBENCH_RUN_SCHEDULER"] = "false"
     service.env["RATEBENCH_MAX_QUEUED_PER_KEY"] = "100000"  # load, not per-key limits
+    service.env["RATEBENCH_RATE_LIMIT_PER_MINUTE"] = "0"  # one key for all 200 clients
     return service
 
 
@@ -138,6 +139,7 @@ print(before, after)
 """
 
 
+@pytest.mark.slow
 def test_the_submit_checks_are_imported_before_the_service_serves(tmp_path: Path) -> None:
     """A service's first submit used to import the spec checks and PyTorch's optimizer machinery
     (1.6 s idle), with every concurrent submit waiting on those imports; on a loaded machine

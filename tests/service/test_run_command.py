@@ -52,8 +52,9 @@ def test_malformed_json_and_missing_files_exit_2(
 # A real run, its table and its resumption: tests/service/test_run_record.py.
 
 
+@pytest.mark.slow
 def test_a_ray_that_cannot_be_joined_fails_the_claimed_study_in_one_line(tmp_path: Path) -> None:
-    """Ray starts while the study is claimed (`_while_ray_starts`): when Ray fails, the claimed
+    """Ray starts while the study is claimed (`service.local_run`): when Ray fails, the claimed
     row must not stay "running" under a lease nobody renews; it fails with Ray's error, and the
     user reads one line. Ray refuses an address whose port is not a number at once; one where
     nothing listens would do too, but Ray retries it for minutes. A process of its own: this
@@ -80,3 +81,30 @@ def test_a_ray_that_cannot_be_joined_fails_the_claimed_study_in_one_line(tmp_pat
             sa.text("SELECT status, error FROM ratebench_studies WHERE id = 'k'")
         ).one()
     assert status == "failed" and error.startswith("ValueError: Unable to parse port"), error
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["scheduler", "run"])
+def test_an_unreachable_cluster_is_one_line_not_a_traceback(command: str, tmp_path: Path) -> None:
+    """Ray's own client retries an address where nothing listens for many minutes; the
+    commands check it first and say so in one line (exit 2)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:  # a port nobody listens on: bound, never listening
+        sock.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{sock.getsockname()[1]}"
+        env = {k: v for k, v in os.environ.items() if k not in ("RATEBENCH_RAY_ADDRESS",)}
+        env.update(RAY_ADDRESS=address, RATEBENCH_DATA_DIR=str(tmp_path / "data"))
+        args = [command] if command == "scheduler" else [command, str(_write(tmp_path, TINY))]
+        result = subprocess.run(
+            [sys.executable, "-m", "service.cli", *args], capture_output=True, text=True,
+            env=env, timeout=300,
+        )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert f"error: could not join Ray at {address}: ClusterUnreachableError: nothing answers" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr

@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 
 from service import queue
 from service.app import create_app
+from service.auth import create_key
 from service.cli import main
 from service.config import Settings
 from service.db import _alembic_config, get_engine, migrate, session_scope
@@ -42,7 +43,7 @@ def _trials(client: TestClient, study_id: str) -> set[tuple[Any, ...]]:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_run_is_a_study_the_api_pages_and_plot_see_and_a_rerun_resumes_it(
+def test_a_run_is_a_study_the_api_pages_and_plot_see_and_a_rerun_is_served_from_it(
     ray_runtime: None,
     sqlite_url: str,
     tmp_path: Path,
@@ -62,7 +63,10 @@ def test_a_run_is_a_study_the_api_pages_and_plot_see_and_a_rerun_resumes_it(
     with TestClient(create_app(settings, start_ray=False)) as client:
         listed = client.get("/api/v1/studies").json()["items"]
         assert [(s["id"], s["source"], s["status"]) for s in listed] == [(key, "cli", "completed")]
-        study = client.get(f"/api/v1/studies/{key}").json()
+        assert "hostname" not in listed[0]["environment"]  # where it ran: for admins only
+        with session_scope(client.app.state.engine) as session:  # type: ignore[attr-defined]
+            admin = {"Authorization": f"Bearer {create_key(session, 'ops', admin=True).key}"}
+        study = client.get(f"/api/v1/studies/{key}", headers=admin).json()
         assert study["progress"]["trials_done"] == study["progress"]["trials_total"] == 6
         env = study["environment"]
         assert env["python"] and env["torch"] and env["cpu_count"] > 0
@@ -88,7 +92,8 @@ def test_a_run_is_a_study_the_api_pages_and_plot_see_and_a_rerun_resumes_it(
         assert again_out["study_key"] == key
         assert again_out["arms"] == first["arms"]  # nothing re-ran
         again = client.get(f"/api/v1/studies/{key}").json()
-        assert (again["status"], again["attempts"]) == ("completed", 2)
+        # A completed study's re-run is served from the database: no new attempt is started.
+        assert (again["status"], again["attempts"]) == ("completed", 1)
         assert [s["id"] for s in client.get("/api/v1/studies").json()["items"]] == [key]
         assert _trials(client, key) == first_trials  # the same trials: nothing ran again
 

@@ -180,8 +180,9 @@ def test_a_chunked_body_over_the_limit_gets_413(sqlite_url: str, tmp_path: Path)
 
 
 def test_the_compute_budget_refuses_unbounded_studies_and_admits_the_examples(
-    sqlite_url: str, tmp_path: Path
+    sqlite_url: str, tmp_path: Path, examples_ready: Path
 ) -> None:
+    """Every example spec fits the default budget (with the data and the plugin it needs)."""
     limit = Settings().max_study_steps
     for example in sorted(EXAMPLES.glob("*.json")):
         spec = StudySpec.model_validate(json.loads(example.read_text()))
@@ -307,6 +308,7 @@ def test_migration_0002_keeps_studies_and_scopes_idempotency_keys(database_url: 
     command.upgrade(config, "head")
 
 
+@pytest.mark.slow
 def test_keys_create_admin_from_the_command_line(sqlite_url: str) -> None:
     key = ratebench("keys", "create", "--name", "ops", "--admin", "--database-url", sqlite_url)
     ratebench("keys", "create", "--name", "user", "--database-url", sqlite_url)

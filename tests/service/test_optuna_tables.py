@@ -1,4 +1,4 @@
-"""A page of trials read in SQL (`service.trial_pages`) is exactly what loading every trial
+"""A page of trials read in SQL (`service.optuna_tables`) is exactly what loading every trial
 through Optuna's storage and slicing gave, for every page, arm filter and edge, on SQLite and
 PostgreSQL; it costs a fixed number of queries whatever the page's size; and the tables it
 declares are the installed Optuna's."""
@@ -6,6 +6,7 @@ declares are the installed Optuna's."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -22,8 +23,8 @@ from optuna.trial import TrialState, create_trial
 from service.app import create_app
 from service.config import Settings
 from service.db import get_engine, session_scope
+from service.optuna_tables import OPTUNA_TABLES, trial_page
 from service.schemas import Page, TrialOut
-from service.trial_pages import OPTUNA_TABLES, trial_page
 from tests.service.seeded import seed_finished_study
 from worker.arms.base import final_study_name, sweep_study_name
 from worker.results import load_trials
@@ -117,6 +118,7 @@ PAGES = [  # (arm, limit, offset): sgd's sweep is 0-4 (no final), adam's 5-11, i
 ]
 
 
+@pytest.mark.slow
 def test_every_page_is_what_loading_everything_gave(seeded: tuple[str, StudySpec]) -> None:
     url, spec = seeded
     everything = _old_page(url, spec, None, 200, 0)
@@ -217,3 +219,26 @@ def test_the_declared_tables_are_optunas() -> None:
         "FINITE", "INF_POS", "INF_NEG"
     }  # fmt: skip
     assert theirs["trials"].columns["study_id"].index  # counting trials per study is indexed
+
+
+def test_no_other_module_of_ours_reads_optunas_tables() -> None:
+    """`service.optuna_tables` is the one owner of Optuna's private schema: every other module
+    goes through Optuna's storage API (or this module), so a schema change of Optuna's breaks
+    one module, which the test above pins. bench/api_scale.py, which seeds the tables in bulk
+    to measure the API at scale, is a benchmark, not ratebench."""
+    optuna_tables = {table.name for table in optuna_models.BaseModel.metadata.sorted_tables}
+    names = "|".join(sorted(optuna_tables, key=len, reverse=True))
+    declared = re.compile(rf"""\b(?:table|Table)\(\s*["']({names})["']""")
+    in_sql = re.compile(rf"\b(?:FROM|JOIN|INTO|UPDATE)\s+({names})\b", re.IGNORECASE)
+    root = Path(__file__).parents[2]
+    owner = root / "service" / "optuna_tables.py"
+    offenders = []
+    for package in ("service", "worker", "optim"):
+        for path in sorted((root / package).rglob("*.py")):
+            if path == owner:
+                continue
+            text = path.read_text()
+            for pattern in (declared, in_sql):
+                offenders += [f"{path.relative_to(root)}: {m[0]}" for m in pattern.finditer(text)]
+    assert offenders == []
+    assert declared.search(owner.read_text())  # the patterns see a declaration where one is

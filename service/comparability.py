@@ -9,9 +9,11 @@ without). So task leaderboards pool an arm's results only within one setting:
   options (where the data lie, `data_dir`, is left out: it says where, not what), its budget's
   `epochs` and `steps_per_epoch`, and its objective (`metric`, `direction`);
 - an arm's **setting**: the group's fields with the model options after the arm's overrides,
-  plus the arm's `fixed` hyperparameters and its `tuner`. Rows of a table are keyed by
+  plus the arm's `fixed` hyperparameters, its `tuner` and its learning-rate `schedule`
+  (`worker.spec_schedule.setting_fields`: only when it is not the constant rate, so the ids of
+  settings without a schedule are what they were). Rows of a table are keyed by
   (setting, arm label), so arms a study compared side by side (e.g. `sgd` and `sgd+transformed`)
-  stay in one table, as separate rows.
+  stay in one table, as separate rows, and arms with different schedules never pool.
 
 Each has a stable short id: the first 10 hex digits of the SHA-256 of its canonical JSON (keys
 sorted, no spaces), so the id of a setting never depends on which study or machine computed it.
@@ -29,7 +31,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from worker.arms.optuna.spec import OptunaArmSpec
 from worker.spec import ArmSpec, DataOptions, ModelOptions, StudySpec
+from worker.spec_schedule import ScheduleSpec, schedule_text, setting_fields, swept_fields
 
 __all__ = [
     "FILTER_HELP",
@@ -45,8 +49,11 @@ __all__ = [
 _DATA_LEFT_OUT = {"data_dir"}
 _BUDGET = ("epochs", "steps_per_epoch")
 _PLAIN = ("setting", "epochs", "steps_per_epoch")
-_PREFIXES = {"model": set(ModelOptions.model_fields), "data": set(DataOptions.model_fields)}
-_PREFIXES["data"] -= _DATA_LEFT_OUT
+_PREFIXES = {
+    "model": set(ModelOptions.model_fields),
+    "data": set(DataOptions.model_fields) - _DATA_LEFT_OUT,
+    "schedule": set(ScheduleSpec.model_fields),
+}
 
 FILTER_HELP = (
     "Filters on the arms' settings, as further query parameters (each one narrows the board; "
@@ -54,7 +61,9 @@ FILTER_HELP = (
     "`setting=<id>` (a group's or an arm setting's id), `epochs=15`, `steps_per_epoch=50`, "
     "`model.<option>=…` for any model option (`model.width=64`, `model.transformed=true`), "
     "`data.<option>=…` for any data option (`data.batch_size=128`), and `fixed.<name>=…` for a "
-    "fixed hyperparameter (`fixed.momentum=0.9`; `null` for the arms that do not fix it). "
+    "fixed hyperparameter (`fixed.momentum=0.9`; `null` for the arms that do not fix it), and "
+    "`schedule.<field>=…` for the learning-rate schedule (`schedule.name=cosine`, "
+    "`schedule.warmup=0.05`; `searched` for a swept field, `null` where the schedule has none). "
     "An unknown parameter name is refused with 422 naming it."
 )
 
@@ -129,12 +138,19 @@ def arm_setting(spec: StudySpec, arm: ArmSpec | None) -> Setting:
         "fixed": dict(sorted(fixed.items())),
         "tuner": arm.tuner,
     }
+    schedule = None
+    if isinstance(arm, OptunaArmSpec):
+        schedule = setting_fields(spec.arm_schedule(arm), swept_fields(spec, arm))
+    if schedule is not None:  # absent for the constant rate: those ids stay as they were
+        fields["schedule"] = schedule
     parts = []
     overrides = arm.model.model_dump(exclude_none=True)
     if overrides:
         parts.append(f"model: {_pairs(overrides)}")
     if fixed:
         parts.append(f"fixed: {_pairs(fields['fixed'])}")
+    if schedule is not None:
+        parts.append(f"schedule: {schedule_text(schedule)}")
     if arm.tuner != "optuna":
         parts.append(f"tuner: {arm.tuner}")
     return Setting(_id(fields), fields, " · ".join(parts) or "scheme defaults")
@@ -149,10 +165,14 @@ class FilterError(ValueError):
 
 
 def _value(text: str) -> Any:
+    if text.lstrip()[:1] in ("[", "{"):  # never a scalar; and JSON's parser recurses on depth
+        return text
     try:
         value = json.loads(text)
     except ValueError:
         return text
+    if isinstance(value, list) and all(isinstance(v, int | float) for v in value):
+        return value  # a step schedule's milestones
     return value if value is None or isinstance(value, bool | int | float | str) else text
 
 
@@ -186,7 +206,8 @@ def parse_filters(
 def _known_names() -> str:
     model = ", ".join(f"model.{n}" for n in sorted(_PREFIXES["model"]))
     data = ", ".join(f"data.{n}" for n in sorted(_PREFIXES["data"]))
-    return f"known: {', '.join(_PLAIN)}, {model}, {data}, fixed.<hyperparameter>"
+    schedule = ", ".join(f"schedule.{n}" for n in sorted(_PREFIXES["schedule"]))
+    return f"known: {', '.join(_PLAIN)}, {model}, {data}, fixed.<hyperparameter>, {schedule}"
 
 
 def filter_fields(group: Setting, arm: Setting) -> dict[str, Any]:
@@ -195,6 +216,9 @@ def filter_fields(group: Setting, arm: Setting) -> dict[str, Any]:
     for prefix in ("model", "data"):
         out.update({f"{prefix}.{k}": v for k, v in (arm.fields[prefix] or {}).items()})
     out.update({f"fixed.{k}": v for k, v in (arm.fields.get("fixed") or {}).items()})
+    if arm.fields:  # an unreadable study's arm has no fields at all
+        schedule = arm.fields.get("schedule") or {"name": "constant"}
+        out.update({f"schedule.{k}": v for k, v in schedule.items()})
     return out
 
 
@@ -204,6 +228,8 @@ def _equal(a: Any, b: Any) -> bool:
         return isinstance(a, bool) and isinstance(b, bool) and a == b
     if isinstance(a, int | float) and isinstance(b, int | float):
         return math.isclose(a, b, rel_tol=1e-12, abs_tol=0.0)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
     return a == b
 
 

@@ -1,9 +1,17 @@
-"""One page of a study's trials, read with a few SQL queries from Optuna's tables.
+"""Every read of Optuna's own tables by the service, in one place: a page of a study's trials,
+the trials' version (what the plot caches key on) and the machines the trials ran on.
 
-`GET /studies/{id}/trials` used to open an Optuna storage per request, load every trial of
-every arm and slice the list in Python: its cost grew with the study. Here a page costs the
-same whatever the study's size, in the request's own session (Optuna's tables sit beside
-ratebench's in the one database):
+Optuna's schema is private (`optuna.storages._rdb.models`): the tables are declared here, with
+only the columns read, and `tests/service/test_optuna_tables.py` pins them against the
+installed Optuna's schema and fails when another module of ours declares or queries them. A
+study's Optuna studies are found by the naming rule `worker.arms.base` owns
+(`sweep_study_name`, `final_study_name`, `study_name_prefix`). The worker reads and writes
+Optuna only through Optuna's public storage API.
+
+Trial pages. `GET /studies/{id}/trials` used to open an Optuna storage per request, load every
+trial of every arm and slice the list in Python: its cost grew with the study. Here a page
+costs the same whatever the study's size, in the request's own session (Optuna's tables sit
+beside ratebench's in the one database):
 
 1. the arms' Optuna studies (`<study key>/<label>`, `…/final`) by name, with their trial
    counts (one `GROUP BY`; `trials.study_id` is indexed by Optuna): the total, and which
@@ -15,8 +23,7 @@ ratebench's in the one database):
 Order and content are those of `worker.results.load_trials` (arms in the spec's order, each
 arm's sweep then its final seeds, each by `trial_id` as Optuna's `get_all_trials` orders
 them), as `TrialOut` shows them: intermediate values and system attributes are not part of
-`TrialOut`, so they are not read. The tables are declared here with only the columns read;
-`tests/service/test_trial_pages.py` pins them against the installed Optuna's schema.
+`TrialOut`, so they are not read.
 """
 
 from __future__ import annotations
@@ -32,9 +39,16 @@ from optuna.distributions import BaseDistribution, json_to_distribution
 from sqlalchemy.orm import Session
 
 from service.schemas import Page, TrialOut
-from worker.arms.base import FINAL, SWEEP, final_study_name, sweep_study_name
+from worker.arms.base import FINAL, SWEEP, final_study_name, study_name_prefix, sweep_study_name
 
-__all__ = ["OPTUNA_TABLES", "trial_page"]
+__all__ = [
+    "MAX_NODES",
+    "OPTUNA_TABLES",
+    "TrialsVersion",
+    "trial_nodes",
+    "trial_page",
+    "trials_version",
+]
 
 OPTUNA_TABLES = sa.MetaData()
 
@@ -221,3 +235,55 @@ def _children(
     ):  # fmt: skip
         attrs[trial_id][key] = json.loads(value_json)
     return params, values, attrs
+
+
+# -- the trials' version and their machines -----------------------------------------------------
+
+TrialsVersion = tuple[int, int, datetime | None]  # (trials, finished trials, latest finish)
+MAX_NODES = 100  # a study's environment lists at most this many distinct machines
+
+
+def _of_study(study_key: str) -> sa.ColumnElement[bool]:
+    """Trials of any of the study's Optuna studies (every arm, sweep and final)."""
+    return studies.c.study_name.startswith(study_name_prefix(study_key), autoescape=True)
+
+
+def trials_version(session: Session, study_key: str) -> TrialsVersion:
+    """How many trials the study has, how many finished, and when the latest did: it changes
+    whenever a trial starts or ends; (0, 0, None) before any trial."""
+    if not _has_optuna_tables(session):
+        return 0, 0, None  # no study has run in this database yet
+    count, done, last = session.execute(
+        sa.select(
+            sa.func.count(trials.c.trial_id),
+            sa.func.count(trials.c.datetime_complete),
+            sa.func.max(trials.c.datetime_complete),
+        )
+        .select_from(trials.join(studies, studies.c.study_id == trials.c.study_id))
+        .where(_of_study(study_key))
+    ).one()
+    return int(count), int(done), last
+
+
+def trial_nodes(session: Session, study_key: str) -> list[dict[str, Any]]:
+    """The distinct machines the study's trials ran on (their `node` attribute, set by
+    `worker.remote`), in one query; [] before any trial ran."""
+    if not _has_optuna_tables(session):
+        return []
+    attrs = trial_user_attributes.c
+    values = session.scalars(
+        sa.select(attrs.value_json)
+        .distinct()
+        .select_from(
+            trial_user_attributes.join(trials, trials.c.trial_id == attrs.trial_id).join(
+                studies, studies.c.study_id == trials.c.study_id
+            )
+        )
+        .where(attrs.key == "node", _of_study(study_key))
+    )
+    nodes: dict[str, dict[str, Any]] = {}
+    for value in values:
+        node = json.loads(value)
+        if isinstance(node, dict):
+            nodes.setdefault(json.dumps(node, sort_keys=True), node)
+    return [nodes[key] for key in sorted(nodes)][:MAX_NODES]

@@ -1,0 +1,67 @@
+"""This machine's processes as Linux's /proc tells them: what a process runs, its children,
+its session. `ratebench cluster` finds the processes of its nodes with it, the chaos soak
+(scripts/chaos.py) the Ray processes under a service, and the tests what they kill.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["alive", "command_line", "descendants", "in_session", "naming"]
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name: state, ppid, pgrp, session, …"""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:  # it ended
+        return None
+
+
+def _pids() -> list[int]:
+    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+
+
+def command_line(pid: int) -> str:
+    """The process's command line, its arguments joined by spaces ("" once it ended)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    return raw.replace(b"\0", b" ").decode("utf-8", "replace")
+
+
+def alive(pid: int) -> bool:
+    """Whether the process runs (a zombie has ended)."""
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`: its children, theirs, and so on."""
+    children: dict[int, list[int]] = {}
+    for child in _pids():
+        fields = _stat(child)
+        if fields is not None:
+            children.setdefault(int(fields[1]), []).append(child)
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def in_session(session: int) -> list[int]:
+    """The processes whose session is `session` (its leader's pid)."""
+    found = []
+    for pid in _pids():
+        fields = _stat(pid)
+        if fields is not None and int(fields[3]) == session:
+            found.append(pid)
+    return found
+
+
+def naming(text: str) -> list[int]:
+    """The processes whose command line contains `text` (a folder of theirs, say)."""
+    return [pid for pid in _pids() if text in command_line(pid)]
