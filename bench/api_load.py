@@ -79,6 +79,7 @@ def _service(url: str, folder: Path) -> Iterator[str]:
         "RATEBENCH_DATABASE_URL": url,
         "RATEBENCH_RUN_SCHEDULER": "false",  # submitted studies just queue
         "RATEBENCH_MAX_QUEUED_PER_KEY": "100000",  # measure load, not the per-key limit
+        "RATEBENCH_RATE_LIMIT_PER_MINUTE": "0",  # nor the per-key request rate
     }
     for name in ("RAY_ADDRESS", "RATEBENCH_RAY_ADDRESS"):
         env.pop(name, None)

@@ -262,7 +262,8 @@ SERVE = """
 import sys, uvicorn
 from service.app import create_app
 from service.config import Settings
-settings = Settings(database_url=sys.argv[1], data_dir=sys.argv[2], anonymous_reads=True)
+settings = Settings(database_url=sys.argv[1], data_dir=sys.argv[2], anonymous_reads=True,
+                    rate_limit_per_minute=0)  # the cost per request, not the rate limit
 uvicorn.run(create_app(settings, start_ray=False), host=sys.argv[3], port=int(sys.argv[4]),
             log_level="warning")
 """

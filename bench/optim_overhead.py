@@ -39,7 +39,7 @@ HYPERPARAMETERS: dict[str, dict[str, Any]] = {
     "adam": {"lr": 1e-4},
     "lars": {"lr": 1e-2},
     "lamb": {"lr": 1e-4},
-    "bmp": {"lr": 1e-3, "momentum": 0.9},
+    "bmp": {"lr": 1e-3, "momentum": 0.9, "propagate": True, "mean_over_positions": False},
 }
 VGG13 = (1, 1, "M", 2, 2, "M", 4, 4, "M", 8, 8, "M", 8, 8, "M")  # × 64·width channels
 

@@ -45,8 +45,8 @@ _log = logging.getLogger("bmp_revision2")
 
 ARMS: dict[str, tuple[str, dict[str, Any]]] = {
     "sgd": ("sgd", {"momentum": 0.9}),
-    "bmp": ("bmp", {"momentum": 0.9, "propagate": True}),
-    "bmp-local": ("bmp", {"momentum": 0.9, "propagate": False}),
+    "bmp": ("bmp", {"momentum": 0.9, "propagate": True, "mean_over_positions": False}),
+    "bmp-local": ("bmp", {"momentum": 0.9, "propagate": False, "mean_over_positions": False}),
     "adam": ("adam", {}),
 }
 TASKS: dict[str, dict[str, Any]] = {
@@ -77,7 +77,7 @@ def _train(task: str, arm: str, lr: float, seed: int, args: argparse.Namespace) 
     return run_trial(config)
 
 
-def _interval(values: list[float]) -> tuple[float, float]:
+def interval(values: list[float]) -> tuple[float, float]:
     """Mean and the half-width of its 95% Student-t interval (0 for one value)."""
     mean = float(np.mean(values))
     if len(values) < 2:
@@ -120,8 +120,8 @@ def run_arm(task: str, arm: str, args: argparse.Namespace) -> dict[str, Any]:
     best = max(usable, key=lambda s: s["val_accuracy"])
     weights = _weight_names(task)
     finals = [_train(task, arm, best["lr"], seed, args) for seed in range(args.seeds)]
-    val = _interval([r.value for r in finals])
-    test = _interval([r.test_accuracy or 0.0 for r in finals])
+    val = interval([r.value for r in finals])
+    test = interval([r.test_accuracy or 0.0 for r in finals])
     spreads = [_spreads(r, weights) for r in finals]
     row: dict[str, Any] = {
         "sweep": sweep,
@@ -175,15 +175,20 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_protocol_arguments(parser: argparse.ArgumentParser, arms: list[str]) -> None:
+    """The protocol's options (tasks, arms, rate grid, seeds, budget), shared by revision 3."""
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--arms", nargs="+", default=arms, choices=arms)
     parser.add_argument("--lrs", nargs="+", type=float, default=DEFAULT_LRS)
     parser.add_argument("--seeds", type=int, default=5, help="final seeds per arm (>= 5)")
     parser.add_argument("--epochs", type=int, default=None, help="override every task's epochs")
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--n-train", type=int, default=None, help="fewer training examples")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_protocol_arguments(parser, list(ARMS))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("docs"))
     parser.add_argument("--figures", type=Path, default=Path("docs/figures"))
