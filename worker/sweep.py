@@ -97,6 +97,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.5  # longest wait between checks of should_stop and trial timeouts
+# How long a stopping driver waits for Ray to confirm the cancels it sent (normally well under a
+# second) before it removes the mailbox; see `_Driver._await_cancels`.
+_CANCEL_CONFIRM_S = 10.0
 
 
 @dataclass
@@ -298,6 +301,7 @@ class _Driver:
         self.mailbox: Any = None
         self.pending: Job | None = None  # handed out by its arm, waiting for a slot
         self._default_timeout: float | None = None  # computed once a trial runs long
+        self._cancelled: list[ray.ObjectRef] = []  # tasks cancelled at a stop, not yet confirmed
 
     def run(self) -> bool:
         """Drive every arm to its end; True when stopped by should_stop."""
@@ -335,8 +339,20 @@ class _Driver:
         finally:
             if self.slots is not None:
                 self.slots.withdraw()  # a slot granted but not taken goes to another study
+            self._await_cancels()
             with contextlib.suppress(Exception):  # a dead runtime took it already
                 ray.kill(self.mailbox)
+
+    def _await_cancels(self) -> None:
+        """Wait, up to `_CANCEL_CONFIRM_S`, until Ray has answered the cancels of a stop, so
+        that they reach the trials' processes before the mailbox goes. The other order is a
+        race: a trial waiting on the mailbox (for the answer to an epoch's report) sees it die,
+        ends by itself, and the cancel then finds nothing running, so the process stays alive
+        in Ray's pool instead of being killed (seen on a loaded machine)."""
+        cancelled, self._cancelled = self._cancelled, []
+        if cancelled:
+            with contextlib.suppress(Exception):  # a runtime that is gone ended them all
+                ray.wait(cancelled, num_returns=len(cancelled), timeout=_CANCEL_CONFIRM_S)
 
     def _harvest(self) -> None:
         """Record every trial whose task has ended."""
@@ -465,6 +481,7 @@ class _Driver:
             a.record_failure(reason, interrupted=True)
             try:
                 ray.cancel(ref, force=True)
+                self._cancelled.append(ref)
             except Exception as exc:  # its node or the runtime is gone: so is the task
                 log.info("could not cancel trial %s (%s)", a.key, _first_line(exc))
 
@@ -474,6 +491,7 @@ class _Driver:
         self.pending = None
         for ref in list(self.running):
             ray.cancel(ref, force=True)
+            self._cancelled.append(ref)
             self._release(ref)
         return TakenOverError(f"study {self.study_key}: another driver closed a trial this one "
                          f"was running ({closed}); the study is being run elsewhere")  # fmt: skip
