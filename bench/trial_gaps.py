@@ -1,10 +1,11 @@
 """Where a sweep's time goes once it runs: ratebench's trials against the same trials trained
 in one plain process.
 
-Runs `ratebench run` on a sweep of `mnist1d-cnn` (the `cnn` workload of `bench/sweep_wall.py`,
-one arm: sgd with momentum 0.9, `--rates` rates × `--epochs` epochs, one final seed, two
-trials at a time, one trial per task) in a fresh data folder, and while it trains samples how
-much CPU each process on the machine uses. Then it reads from the study's database what each
+Runs `ratebench run` on the first arm (sgd with momentum 0.9) of a workload of
+`bench/sweep_wall.py` (`--workload cnn`: `mnist1d-cnn`; `mlp`: the mnist1d MLP 2×256),
+`--rates` rates × `--epochs` epochs, one final seed, two trials at a time, one trial per task,
+in a fresh data folder, and while it trains samples how much CPU each process on the machine
+uses. Then it reads from the study's database what each
 trial recorded (`started_at`: when its task began; `wall_time`: its training, data and model
 set-up included) and reports:
 
@@ -14,10 +15,10 @@ set-up included) and reports:
   task on that slot (harvest, bookkeeping, Ray's lease and task start);
 - how much of the two slots' time went to training between the first task's start and the
   last one's end, and the time before the first task started;
-- the CPU shares while trials trained: the trial processes, the driver (`ratebench run`), Ray's
-  daemons.
+- the CPU shares while trials trained: the trial processes, the driver (`ratebench run`), the
+  study's mailbox actor (every epoch's report passes through it), Ray's daemons.
 
-Usage: python bench/trial_gaps.py [--rates 10] [--epochs 10] [--out FILE]
+Usage: python bench/trial_gaps.py [--workload cnn|mlp] [--rates 10] [--epochs 10] [--out FILE]
 Prints one JSON object.
 """
 
@@ -39,22 +40,29 @@ from pathlib import Path
 from typing import Any
 
 from _sweep_runners import trial_config
+from sweep_wall import WORKLOADS
 
 ROOT = Path(__file__).resolve().parents[1]
-ARM = {"label": "sgd", "scheme": "sgd", "fixed": {"momentum": 0.9}}
-WORKLOAD = {"task": "mnist1d-cnn", "model": {}, "batch_size": 100, "device": "cpu"}
 CPU_SAMPLE_S = 10.0
 
 
-def _spec(rates: int, epochs: int) -> dict[str, Any]:
+def _workload(name: str, epochs: int) -> dict[str, Any]:
+    """`sweep_wall`'s workload `name`, on the CPU, with its first arm (sgd) only."""
+    base = WORKLOADS[name]
+    return {**base, "arms": base["arms"][:1], "epochs": epochs, "device": "cpu"}
+
+
+def _spec(work: dict[str, Any], rates: int) -> dict[str, Any]:
+    arm = work["arms"][0]
+    low, high = work["lr"]
     return {
         "name": "trial-gaps",
-        "task": WORKLOAD["task"],
-        "data": {"batch_size": WORKLOAD["batch_size"]},
-        "model": WORKLOAD["model"],
-        "arms": [{"optimizer": ARM["scheme"], "label": ARM["label"], "fixed": ARM["fixed"]}],
-        "search_space": {"lr": {"low": 1e-4, "high": 1.0, "log": True}},
-        "budget": {"trials_per_arm": rates, "epochs": epochs, "final_seeds": 1},
+        "task": work["task"],
+        "data": {"batch_size": work["batch_size"]},
+        "model": work["model"],
+        "arms": [{"optimizer": arm["scheme"], "label": arm["label"], "fixed": arm["fixed"]}],
+        "search_space": {"lr": {"low": low, "high": high, "log": True}},
+        "budget": {"trials_per_arm": rates, "epochs": work["epochs"], "final_seeds": 1},
         "sampler": "grid",
         "pruner": "none",
         "objective": {"metric": "val_accuracy", "direction": "maximize"},
@@ -82,35 +90,48 @@ def _kind(cmdline: str) -> str:
         return "trials"
     if "service.cli run" in cmdline:
         return "driver (ratebench run)"
+    if "ray::Mailbox" in cmdline:
+        return "the study's mailbox actor"
     if "ray" in cmdline:
         return "Ray's daemons and idle workers"
     return "everything else"
 
 
-def _cpu_shares(start_after: float, stop: threading.Event) -> dict[str, float]:
-    """Cores used per kind of process over `CPU_SAMPLE_S`, sampled once trials run."""
-    if stop.wait(start_after):
-        return {}
+def _cpu_shares(stop: threading.Event) -> dict[str, float]:
+    """Cores used per kind of process over `CPU_SAMPLE_S` (or until `stop`), from when the
+    first trial's process is seen. A Ray worker that ran a trial at any moment of the window
+    counts as a trial process (its title says so only while the trial runs)."""
+    ran_trials: set[int] = set()
+
+    def look() -> dict[int, tuple[int, str]]:
+        ticks = _cpu_ticks()
+        ran_trials.update(pid for pid, (_, cmd) in ticks.items() if _kind(cmd) == "trials")
+        return ticks
+
+    while not (before := look()) or not ran_trials:
+        if stop.wait(0.1):
+            return {}
+    began = time.monotonic()
+    while not stop.wait(0.1) and time.monotonic() - began < CPU_SAMPLE_S:
+        look()
+    after, seconds = look(), time.monotonic() - began
     hz = os.sysconf("SC_CLK_TCK")
-    before, began = _cpu_ticks(), time.monotonic()
-    stop.wait(CPU_SAMPLE_S)
-    after, seconds = _cpu_ticks(), time.monotonic() - began
     shares: dict[str, float] = {}
     for pid, (ticks, cmdline) in after.items():
         used = ticks - before.get(pid, (0, ""))[0]
-        kind = _kind(cmdline)
+        kind = "trials" if pid in ran_trials else _kind(cmdline)
         shares[kind] = shares.get(kind, 0.0) + used / hz / seconds
     return {kind: round(cores, 3) for kind, cores in sorted(shares.items())}
 
 
-def _run_ratebench(spec: dict[str, Any], folder: Path, cpu_after: float) -> dict[str, Any]:
+def _run_ratebench(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
     spec_path = folder / "spec.json"
     spec_path.write_text(json.dumps(spec))
     env = {**os.environ, "RATEBENCH_DATA_DIR": str(folder / "data")}
     env.pop("RAY_ADDRESS", None)
     stop = threading.Event()
     shares: dict[str, float] = {}
-    sampler = threading.Thread(target=lambda: shares.update(_cpu_shares(cpu_after, stop)))
+    sampler = threading.Thread(target=lambda: shares.update(_cpu_shares(stop)))
     began = time.time()
     sampler.start()
     try:
@@ -152,15 +173,15 @@ def _slot_gaps(trials: list[dict[str, Any]]) -> list[float]:
     return gaps
 
 
-def _in_process(trials: list[dict[str, Any]], epochs: int) -> dict[str, Any]:
+def _in_process(trials: list[dict[str, Any]], work: dict[str, Any]) -> dict[str, Any]:
     """The same sweep trials trained by `run_trial` here: alone, then two threads at once."""
     import torch
 
     from worker.runner import run_trial
 
     torch.set_num_threads(1)  # a trial's one core, as under Ray
-    work = {**WORKLOAD, "epochs": epochs}
-    configs = [trial_config(work, ARM, t["lr"], 0) for t in trials if t["role"] == "sweep"]
+    arm = work["arms"][0]
+    configs = [trial_config(work, arm, t["lr"], 0) for t in trials if t["role"] == "sweep"]
     run_trial(configs[0])  # data generated and cached, kernels loaded
 
     def timed(config: Any) -> float:
@@ -176,13 +197,14 @@ def _in_process(trials: list[dict[str, Any]], epochs: int) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="cnn")
     parser.add_argument("--rates", type=int, default=10, choices=range(4, 65), metavar="4..64")
     parser.add_argument("--epochs", type=int, default=10, choices=range(1, 51), metavar="1..50")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ratebench-gaps-") as tmp:
-        # CPU shares are sampled once the first trials train (Ray's start takes ~10 s here).
-        run = _run_ratebench(_spec(args.rates, args.epochs), Path(tmp), cpu_after=20.0)
+        work = _workload(args.workload, args.epochs)
+        run = _run_ratebench(_spec(work, args.rates), Path(tmp))
     trials = run["trials"]
     training = [t["wall_time"] for t in trials]
     first, last = trials[0]["started_at"], max(t["started_at"] + t["wall_time"] for t in trials)
@@ -190,8 +212,8 @@ def main() -> int:
     report = {
         "benchmark": "trial_gaps",
         "workload": {
-            **WORKLOAD,
-            "arm": ARM,
+            **{key: work[key] for key in ("task", "model", "batch_size", "device")},
+            "arm": work["arms"][0],
             "rates": args.rates,
             "epochs": args.epochs,
             "final_seeds": 1,
@@ -213,7 +235,7 @@ def main() -> int:
         },
         "slots_training_share": round(sum(training) / (2 * (last - first)), 3),
         "cpu_cores_while_training": run["cpu_cores"],
-        "same_trials_in_one_process": _in_process(trials, args.epochs),
+        "same_trials_in_one_process": _in_process(trials, work),
         "machine": {
             "platform": platform.platform(),
             "cpu_count": os.cpu_count(),
