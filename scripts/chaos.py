@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from scripts.private_postgres import PrivatePostgres  # noqa: E402
-from service.processes import command_line, descendants  # noqa: E402
+from service.processes import command_line, descendants, outermost  # noqa: E402
 
 FAULTS = ("service", "trial_worker", "mailbox", "agent", "raylet", "postgres")
 # What each Ray fault hits: the process whose command line (its title, for Ray's workers and
@@ -240,7 +240,8 @@ class Soak:
             self.outages.append((began, time.monotonic() + _OUTAGE_GRACE_S))
             down = round(time.monotonic() - began, 1)
             return {"at_s": at, "fault": kind, "running": running, "down_s": down}
-        targets = [p for p in self.service.descendants() if _is_target(kind, command_line(p))]
+        matches = [p for p in self.service.descendants() if _is_target(kind, command_line(p))]
+        targets = outermost(matches)  # not a process the raylet is starting, say
         if not targets:
             return None
         pid = self.rng.choice(targets)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["alive", "command_line", "descendants", "in_session", "naming"]
+__all__ = ["alive", "command_line", "descendants", "in_session", "naming", "outermost"]
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -50,6 +50,25 @@ def descendants(pid: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
+
+
+def outermost(pids: list[int]) -> list[int]:
+    """Those of `pids` that no other of them is an ancestor of. A process forked by another
+    carries its parent's command line until it calls exec, so a match by command line can name
+    a parent and, for that moment, its child too: a raylet starting a worker process (seen on
+    a loaded machine, where the exec is slow)."""
+    chosen = set(pids)
+
+    def below_another(pid: int) -> bool:
+        fields = _stat(pid)
+        while fields is not None and int(fields[1]) > 1:
+            parent = int(fields[1])
+            if parent in chosen:
+                return True
+            fields = _stat(parent)
+        return False
+
+    return [pid for pid in pids if not below_another(pid)]
 
 
 def in_session(session: int) -> list[int]:
