@@ -195,12 +195,8 @@ def test_should_stop_cancels_running_trials_promptly(ray_runtime: None, sqlite_u
     interrupted = [t for t in trials if t.user_attrs.get("interrupted")]
     assert len(interrupted) == 2 and all(t.state == "FAIL" for t in interrupted)
     assert sum(t.state == "WAITING" for t in trials) == 2  # their re-runs, for a resume
-    deadline = time.monotonic() + 30
     pids = [t.user_attrs["pid"] for t in interrupted if "pid" in t.user_attrs]
-    while pids and time.monotonic() < deadline:
-        pids = [pid for pid in pids if _alive(pid)]
-        time.sleep(0.1)
-    assert not pids, "the cancelled trials' processes are still running"
+    _wait_until_no_trial_runs_in(pids, 30, "the cancelled trials")
 
 
 def test_a_driver_whose_trials_another_driver_closed_stops_and_writes_nothing_more(
@@ -236,12 +232,41 @@ def test_a_driver_whose_trials_another_driver_closed_stops_and_writes_nothing_mo
     retries = [t for t in trials.values() if "retry_of" in t.user_attrs]
     assert sorted(t.user_attrs["retry_of"] for t in retries) == sorted(closed)
     assert all(t.state == "WAITING" for t in retries)  # left for the other driver
-    deadline = time.monotonic() + 60
     pids = [trials[n].user_attrs["pid"] for n in closed]
+    _wait_until_no_trial_runs_in(pids, 60, "the abandoned trials")
+
+
+def _wait_until_no_trial_runs_in(pids: list[int], timeout: float, what: str) -> None:
+    """Wait until none of `pids` runs a trial any more: each process has ended (a force-cancel
+    kills it) or is an idle worker of Ray's pool. The second happens when a trial ends by
+    itself before the cancel reaches it (its mailbox gone, say): the cancel then finds nothing
+    to kill, and Ray keeps the process for later tasks, titled `ray::IDLE`."""
+    deadline = time.monotonic() + timeout
     while pids and time.monotonic() < deadline:
-        pids = [pid for pid in pids if _alive(pid)]
+        pids = [pid for pid in pids if _runs_a_trial(pid)]
         time.sleep(0.1)
-    assert not pids, "the abandoned trials' processes are still running"
+    assert not pids, f"{what} still run: " + ", ".join(
+        f"{pid} ({_state(pid)}, {_title(pid)!r})" for pid in pids
+    )
+
+
+def _runs_a_trial(pid: int) -> bool:
+    return _alive(pid) and _title(pid).startswith("ray::ratebench trial")
+
+
+def _title(pid: int) -> str:
+    """The process's title (Ray's workers set it: `ray::<task name>`, `ray::IDLE`)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return ""
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
 
 
 def _alive(pid: int) -> bool:
