@@ -42,6 +42,8 @@ from typing import Any
 from _sweep_runners import trial_config
 from sweep_wall import WORKLOADS
 
+from service.processes import command_line
+
 ROOT = Path(__file__).resolve().parents[1]
 CPU_SAMPLE_S = 10.0
 
@@ -78,10 +80,9 @@ def _cpu_ticks() -> dict[int, tuple[int, str]]:
             continue
         try:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        found[int(entry.name)] = (int(fields[11]) + int(fields[12]), cmdline)
+        found[int(entry.name)] = (int(fields[11]) + int(fields[12]), command_line(int(entry.name)))
     return found
 
 

@@ -17,6 +17,7 @@ import torch
 from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from service.processes import alive, command_line
 from tests.worker.helpers import digits_spec, watch_running_trials
 from worker.arms.optuna.arm import OptunaArmRun
 from worker.results import TrialRecord, load_trials
@@ -246,20 +247,12 @@ def _wait_until_no_trial_runs_in(pids: list[int], timeout: float, what: str) -> 
         pids = [pid for pid in pids if _runs_a_trial(pid)]
         time.sleep(0.1)
     assert not pids, f"{what} still run: " + ", ".join(
-        f"{pid} ({_state(pid)}, {_title(pid)!r})" for pid in pids
+        f"{pid} ({_state(pid)}, {command_line(pid).strip()!r})" for pid in pids
     )
 
 
 def _runs_a_trial(pid: int) -> bool:
-    return _alive(pid) and _title(pid).startswith("ray::ratebench trial")
-
-
-def _title(pid: int) -> str:
-    """The process's title (Ray's workers set it: `ray::<task name>`, `ray::IDLE`)."""
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-    except OSError:
-        return ""
+    return alive(pid) and command_line(pid).startswith("ray::ratebench trial")
 
 
 def _state(pid: int) -> str:
@@ -267,16 +260,6 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "gone"
-
-
-def _alive(pid: int) -> bool:
-    """Whether `pid` still runs: a killed process its parent has not reaped yet (a zombie, as
-    Ray's raylet may leave one for a while on a busy machine) runs no more."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state not in {"Z", "X"}
 
 
 def test_the_pruner_stops_a_bad_rate_through_the_driver(ray_runtime: None, sqlite_url: str) -> None:
