@@ -3,10 +3,15 @@
 A task runs one job's work (`worker.arms.base.Work`: a `TrialConfig`, or a hypergradient arm's
 tuning or retraining) and never opens the database. Every report of the work — an epoch's
 objective `(key, epoch, value)`, a hypergradient meta-iteration `(key, index, record)` — goes
-to the `Mailbox` actor, and the task waits for the answer; the driver (the only database
-writer) takes the reports from the mailbox, hands each to its job (`Job.record_report`: Optuna
-and its pruner, or a meta-iteration trial stored), and answers (True stops the work). So every
-report is recorded before the task's result arrives. The task also announces its process id,
+to the `Mailbox` actor; the driver (the only database writer) takes the reports from the
+mailbox, hands each to its job (`Job.record_report`: Optuna and its pruner, or a meta-iteration
+trial stored), and answers (True stops the work). A task whose answers matter (a pruner may
+stop it, a hypergradient arm's tuning) waits for each answer, so each of its reports is
+recorded before its result arrives. Any other task (`Job.awaits_answers` False: no pruner,
+a final seed) sends its epochs' objectives as notes and trains on: waiting for the driver to
+record each epoch cost a short trial a fifth of its time. The driver records the notes that
+arrive while the trial runs (the study's live view) and, from the result's history, any that
+had not arrived when it ended. The task also announces its process id,
 host, start time and machine (`worker.environment.node`) when it starts, so the trial records
 where and when it ran (and a test can kill that process). This module knows no tuner.
 
@@ -24,6 +29,7 @@ import contextlib
 import os
 import socket
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -33,7 +39,7 @@ from worker import environment
 if TYPE_CHECKING:  # not at run time: a Ray worker process need not import Optuna
     from worker.arms.base import Work
 
-__all__ = ["Mailbox", "trial_task", "warm_workers"]
+__all__ = ["Mailbox", "Ran", "trial_task", "warm_workers"]
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
@@ -69,6 +75,11 @@ class Mailbox:
         self._event().set()
         return await answer
 
+    async def note(self, key: str, index: int, payload: Any) -> None:
+        """A report that needs no answer (`_MailboxReporter` of a job that awaits none)."""
+        self._messages.append(("note", key, index, payload))
+        self._event().set()
+
     async def take(self, timeout: float) -> list[tuple[Any, ...]]:
         """The messages so far, waiting up to `timeout` seconds for the first one."""
         if not self._messages:
@@ -93,20 +104,37 @@ class Mailbox:
 
 
 class _MailboxReporter:
-    def __init__(self, mailbox: Any, key: str) -> None:
-        self.mailbox, self.key = mailbox, key
+    """A job's reports to the mailbox: each waits for its answer when `awaits`, else it is
+    sent as a note and the work goes on (never stopped)."""
+
+    def __init__(self, mailbox: Any, key: str, awaits: bool) -> None:
+        self.mailbox, self.key, self.awaits = mailbox, key, awaits
 
     def report(self, index: int, payload: Any) -> bool:
+        if not self.awaits:
+            self.mailbox.note.remote(self.key, index, payload)
+            return False
         return bool(ray.get(self.mailbox.report.remote(self.key, index, payload)))
 
     def under(self, key: str) -> _MailboxReporter:
         """A reporter for another key of the same job (a cohort's member trial)."""
-        return _MailboxReporter(self.mailbox, key)
+        return _MailboxReporter(self.mailbox, key, self.awaits)
 
 
-def _train(work: Work, key: str, mailbox: Any) -> Any:
-    mailbox.started.remote(key, os.getpid(), socket.gethostname(), time.time(), environment.node())
-    return work.run(_MailboxReporter(mailbox, key))
+@dataclass(frozen=True)
+class Ran:
+    """What a trial task returns: where and when it started (the `started` message's
+    arguments after the key) and what its work returned. The start comes back with the result
+    because the message may arrive after it: nothing orders a task's notes and its end."""
+
+    start: tuple[int, str, float, dict[str, Any] | None]
+    result: Any
+
+
+def _train(work: Work, key: str, mailbox: Any, awaits: bool) -> Ran:
+    start = (os.getpid(), socket.gethostname(), time.time(), environment.node())
+    mailbox.started.remote(key, *start)
+    return Ran(start, work.run(_MailboxReporter(mailbox, key, awaits)))
 
 
 _FRESH = ray.remote(max_calls=1, max_retries=0)(_train)
@@ -121,13 +149,15 @@ def trial_task(
     num_cpus: float,
     num_gpus: float,
     fresh_process: bool,
+    awaits_answers: bool = True,
 ) -> ray.ObjectRef:
-    """Start one job's work as a Ray task; its ObjectRef resolves to what `work.run` returns
-    (a `TrialResult`, or a tuning's `TuneSummary`)."""
+    """Start one job's work as a Ray task; its ObjectRef resolves to a `Ran`: the task's start
+    and what `work.run` returned (a `TrialResult`, or a tuning's `TuneSummary`).
+    `awaits_answers` False: its reports are notes, sent without waiting (`Job.awaits_answers`)."""
     remote = _FRESH if fresh_process else _REUSED
     ref: ray.ObjectRef = remote.options(
         num_cpus=num_cpus, num_gpus=num_gpus, name=f"ratebench trial {key}"
-    ).remote(work, key, mailbox)
+    ).remote(work, key, mailbox, awaits_answers)
     return ref
 
 

@@ -75,7 +75,7 @@ from worker.arms import TUNERS
 from worker.arms.base import FINAL, SWEEP, ArmRun, Job, close_unfinished
 from worker.failures import classify
 from worker.footprint import DEFAULT_TIMEOUT_BASE_S, default_trial_timeout_s
-from worker.remote import Mailbox, trial_task
+from worker.remote import Mailbox, Ran, trial_task
 from worker.storage import open_storage
 from worker.summary import ArmSummary, study_outcome, summarize_arms
 from worker.tasks import DataRoots, redact_paths
@@ -302,6 +302,7 @@ class _Driver:
         self.pending: Job | None = None  # handed out by its arm, waiting for a slot
         self._default_timeout: float | None = None  # computed once a trial runs long
         self._cancelled: list[ray.ObjectRef] = []  # tasks cancelled at a stop, not yet confirmed
+        self._announced: set[str] = set()  # the running jobs whose start message was recorded
 
     def run(self) -> bool:
         """Drive every arm to its end; True when stopped by should_stop."""
@@ -394,6 +395,7 @@ class _Driver:
             num_cpus=res.cpus_per_trial,
             num_gpus=res.gpus_per_trial if a.num_gpus is None else a.num_gpus,
             fresh_process=self.fresh,
+            awaits_answers=a.awaits_answers,
         )
         a.started = time.monotonic()
         self.running[ref] = a
@@ -406,6 +408,7 @@ class _Driver:
             a = self.by_key.get(key)
             if kind == "started" and a is not None:
                 a.record_start(*message[2:6])
+                self._announced.add(key)
                 node = message[5] or {}
                 if node.get("ray_node_id"):  # where it runs: a lost node is not its fault
                     self.nodes[a.key] = str(node["ray_node_id"])
@@ -413,11 +416,14 @@ class _Driver:
                 index, payload = message[2], message[3]
                 stop = a.record_report(index, payload) if a is not None else True
                 decisions.append((key, index, stop))
+            elif kind == "note" and a is not None:  # one that ended records it from its result
+                a.record_report(message[2], message[3])
         if decisions:
             self.mailbox.decide.remote(decisions)
 
     def _release(self, ref: ray.ObjectRef) -> Job:
         a = self.running.pop(ref)
+        self._announced.discard(a.key)
         if self.slots is not None:
             self.slots.release()  # every way a trial ends passes here
         for key in a.routes():
@@ -427,9 +433,10 @@ class _Driver:
         return a
 
     def _finish(self, ref: ray.ObjectRef) -> None:
+        announced = ref in self.running and self.running[ref].key in self._announced
         a = self._release(ref)
         try:
-            result = ray.get(ref)
+            ran: Ran = ray.get(ref)
         except ray.exceptions.RayError as exc:
             node = self.nodes.pop(a.key, None)
             failure = classify(exc, node_alive=node is None or cluster.node_alive(node))
@@ -439,7 +446,9 @@ class _Driver:
             a.record_failure(error, retry=failure.retry, interrupted=failure.infrastructure)
             return
         self.nodes.pop(a.key, None)
-        a.record_result(result)
+        if not announced:  # the task ended before its start message came
+            a.record_start(*ran.start)
+        a.record_result(ran.result)
 
     def _trial_timeout(self, oldest: float) -> float | None:
         """`resources.trial_timeout_s`, else the default derived from the budget

@@ -46,6 +46,7 @@ from worker.trial import (
     TrialResult,
     cast_data,
     check_objective,
+    epoch_objective,
     resolve_device,
     trial_objective,
 )
@@ -228,10 +229,7 @@ def train(
             member.history.append(record)
             if learner.layerwise:
                 member.factor_rows.append([_round(v[j]) for v in factors.values()])
-            value = (
-                val_accuracies[j] if member.config.objective == "val_accuracy" else val_losses[j]
-            )
-            assert value is not None, "a regression task reports no accuracy (worker.spec_checks)"
+            value = epoch_objective(member.config.objective, record)
             if member.reporter is not None and member.reporter.report(epoch, value):
                 member.outcome = "pruned"
                 gone.add(j)

@@ -29,6 +29,7 @@ __all__ = [
     "cast_data",
     "check_objective",
     "diverged_value",
+    "epoch_objective",
     "resolve_device",
     "trial_objective",
 ]
@@ -132,6 +133,13 @@ def cast_data(data: TaskData, dtype: torch.dtype) -> TaskData:
     )
 
 
+def epoch_objective(metric: str, record: EpochRecord) -> float:
+    """The value an epoch reports: its validation accuracy or loss, as `metric` says."""
+    value = record.val_accuracy if metric == "val_accuracy" else record.val_loss
+    assert value is not None, "a regression task reports no accuracy (worker.spec_checks)"
+    return value
+
+
 def trial_objective(
     metric: str,
     divergence_factor: float,
@@ -143,7 +151,4 @@ def trial_objective(
     diverged or never finished an epoch."""
     if outcome == "diverged" or not history:
         return diverged_value(metric, chance_loss, divergence_factor)
-    last = history[-1]
-    value = last.val_accuracy if metric == "val_accuracy" else last.val_loss
-    assert value is not None, "a regression task reports no accuracy (worker.spec_checks)"
-    return value
+    return epoch_objective(metric, history[-1])

@@ -10,6 +10,7 @@ from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
+from service.processes import alive, command_line
 from worker.spec import StudySpec
 from worker.storage import open_storage, study_trials
 
@@ -63,3 +64,10 @@ def watch_running_trials(
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
     return thread
+
+
+def runs_task(pid: int, key: str) -> bool:
+    """Whether the process is running the trial task `key` now (a trial's key, or a cohort's):
+    Ray titles a worker by its task. A trial's stored `pid` is not enough: a worker takes task
+    after task, and the storage learns of a trial's end only when the driver records it."""
+    return alive(pid) and command_line(pid).split() == ["ray::ratebench", "trial", key]

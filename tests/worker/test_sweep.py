@@ -18,7 +18,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from service.processes import alive, command_line
-from tests.worker.helpers import digits_spec, watch_running_trials
+from tests.worker.helpers import digits_spec, runs_task, watch_running_trials
 from worker.arms.optuna.arm import OptunaArmRun
 from worker.results import TrialRecord, load_trials
 from worker.spec import StudySpec
@@ -98,6 +98,12 @@ def test_eight_concurrent_trials_with_one_database_writer(
     # one starts (3 at once was seen next to two busy loops). One at a time would be the fault.
     assert _max_overlap(_sweep(trials)) >= 2
     assert [r.n_seeds for r in result.arms] == [1, 1]
+    # No pruner: the trials reported without waiting, and every epoch's objective is stored,
+    # as it arrived or from the trial's result.
+    for t in trials:
+        stored = t.intermediate_values
+        assert stored == {r["epoch"]: r["val_accuracy"] for r in t.user_attrs["history"]}, t.number
+        assert sorted(stored) == [1, 2, 3, 4, 5, 6]
     if postgres:
         assert 0 < max(connections) <= POOL_SIZE + MAX_OVERFLOW
 
@@ -113,9 +119,15 @@ def test_a_killed_trial_is_failed_and_retried_and_the_others_stay_intact(
     killed: dict[str, int] = {}
 
     def kill_first(running: list[FrozenTrial]) -> bool:
-        os.kill(running[0].user_attrs["pid"], signal.SIGKILL)
-        killed.update(number=running[0].number, pid=running[0].user_attrs["pid"])
-        return True
+        for trial in running:
+            pid = trial.user_attrs["pid"]
+            # Still training this trial: a worker takes trial after trial, and the storage
+            # learns of a trial's end only when the driver records it.
+            if runs_task(pid, f"sgd/sweep/{trial.number}"):
+                os.kill(pid, signal.SIGKILL)
+                killed.update(number=trial.number, pid=pid)
+                return True
+        return False
 
     killer = watch_running_trials(sqlite_url, "fault/sgd", kill_first)
     result = run_study(spec, sqlite_url, "fault")
@@ -327,7 +339,10 @@ def test_a_worker_that_keeps_dying_is_retried_up_to_the_limit(
                 for t in study_trials(storage, "dying/sgd"):
                     running = t.state == TrialState.RUNNING and "pid" in t.user_attrs
                     if running and t.number not in killed:
-                        os.kill(t.user_attrs["pid"], signal.SIGKILL)
+                        pid = t.user_attrs["pid"]
+                        if not runs_task(pid, f"sgd/sweep/{t.number}"):
+                            continue  # not started yet, or its process is between trials
+                        os.kill(pid, signal.SIGKILL)
                         killed.append(t.number)
                 time.sleep(0.05)
         finally:

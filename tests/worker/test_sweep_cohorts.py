@@ -17,7 +17,7 @@ import pytest
 from optuna.trial import FrozenTrial
 from pydantic import ValidationError
 
-from tests.worker.helpers import digits_spec, watch_running_trials
+from tests.worker.helpers import digits_spec, runs_task, watch_running_trials
 from worker.arms.base import sweep_study_name
 from worker.arms.optuna.sampling import grid_values
 from worker.results import TrialRecord, load_trials
@@ -184,8 +184,10 @@ def test_a_stopped_cohort_sweep_resumes_to_the_uninterrupted_rates(
 ) -> None:
     """Cohorts of 3 on a 6-point grid, one slot: stopped while the second cohort trains, its
     three members are interrupted, and the resumed study runs them again (a new cohort) and
-    ends with the rates an uninterrupted run ran, each once."""
-    spec = _spec(3, resources={"max_concurrent_trials": 1})
+    ends with the rates an uninterrupted run ran, each once. A cohort trains for seconds (300
+    steps an epoch): the stop comes at the driver's next turn after the cohort started, and no
+    report holds the cohort back until the driver answers (no pruner)."""
+    spec = _spec(3, budget={"steps_per_epoch": 300}, resources={"max_concurrent_trials": 1})
     assert not run_study(spec, sqlite_url, "whole").stopped
 
     state = {"stop": False}
@@ -263,12 +265,16 @@ def test_a_killed_cohort_fails_and_retries_each_member(ray_runtime: None, sqlite
         budget={"trials_per_arm": 6, "epochs": 2, "steps_per_epoch": 150, "final_seeds": 1},
         resources={"max_concurrent_trials": 1, "max_retries": 1},
     )
-    killed: dict[str, int] = {}
+    killed: dict[str, Any] = {}
 
     def kill_first(running: list[FrozenTrial]) -> bool:
-        os.kill(running[0].user_attrs["pid"], signal.SIGKILL)
-        killed.update(pid=running[0].user_attrs["pid"])
-        return True
+        for trial in running:
+            pid, cohort = trial.user_attrs["pid"], trial.user_attrs["cohort"]["key"]
+            if runs_task(pid, cohort):
+                os.kill(pid, signal.SIGKILL)
+                killed.update(pid=pid, cohort=cohort)
+                return True
+        return False
 
     killer = watch_running_trials(sqlite_url, "fault/sgd", kill_first)
     result = run_study(spec, sqlite_url, "fault")
@@ -276,7 +282,7 @@ def test_a_killed_cohort_fails_and_retries_each_member(ray_runtime: None, sqlite
 
     assert killed, "no running cohort was found to kill"
     sweep = [t for t in load_trials(sqlite_url, "fault", spec) if t.role == "sweep"]
-    victims = [t for t in sweep if t.user_attrs.get("pid") == killed["pid"]]
+    victims = [t for t in sweep if t.user_attrs.get("cohort", {}).get("key") == killed["cohort"]]
     assert len(victims) == 3
     assert all(t.state == "FAIL" and "worker process" in t.user_attrs["error"] for t in victims)
     retries = {t.user_attrs["retry_of"]: t for t in sweep if "retry_of" in t.user_attrs}

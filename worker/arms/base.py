@@ -41,6 +41,8 @@ from typing import TYPE_CHECKING, Any, Protocol, Self
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from worker.trial import epoch_objective
+
 if TYPE_CHECKING:
     from worker.spec import StudySpec
 
@@ -170,6 +172,13 @@ class Job(ABC):
         cohort's task may take that many times as long."""
         return 1
 
+    @property
+    def awaits_answers(self) -> bool:
+        """Whether the task must wait for the answer to each report (a pruner may stop it).
+        When no answer can stop it, the task reports without waiting and the driver records
+        from its result whatever report had not arrived (`worker.remote`)."""
+        return True
+
 
 @dataclass
 class Assignment(Job):
@@ -185,10 +194,15 @@ class Assignment(Job):
     seed: int
     started: float = field(default_factory=time.monotonic)
     num_gpus: float | None = None
+    reported: set[int] = field(default_factory=set)  # the epochs whose objective is stored
 
     @property
     def key(self) -> str:
         return f"{self.arm.label}/{self.role}/{self.trial.number}"
+
+    @property
+    def awaits_answers(self) -> bool:
+        return not isinstance(self.arm.study(self.role).pruner, optuna.pruners.NopPruner)
 
     def record_start(
         self, pid: int, host: str, at: float, node: dict[str, Any] | None = None
@@ -482,7 +496,8 @@ class ArmRun(ABC):
     def record_report(self, a: Assignment, epoch: int, value: float) -> bool:
         """Store an epoch's objective; True when the pruner stops the trial."""
         a.trial.report(value, epoch)
-        return a.trial.should_prune()
+        a.reported.add(epoch)
+        return a.awaits_answers and a.trial.should_prune()  # no pruner: spare the read
 
     def record_start(
         self, a: Assignment, pid: int, host: str, at: float, node: dict[str, Any] | None = None
@@ -494,9 +509,15 @@ class ArmRun(ABC):
             a.trial.set_user_attr("node", node)
 
     def record_result(self, a: Assignment, result: Any) -> None:
-        """A `worker.runner.TrialResult`: its attributes stored, the trial told."""
+        """A `worker.runner.TrialResult`: its attributes stored, the epochs' objectives whose
+        report had not arrived (sent without waiting, `Job.awaits_answers`) stored from its
+        history, the trial told."""
         for key, value in result.user_attrs().items():
             a.trial.set_user_attr(key, value)
+        for record in result.history:
+            if record.epoch not in a.reported:
+                a.trial.report(epoch_objective(self.spec.objective.metric, record), record.epoch)
+                a.reported.add(record.epoch)
         study, c = self.study(a.role), self.counts[a.role]
         c.running -= 1
         if result.outcome == "pruned":

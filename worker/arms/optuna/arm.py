@@ -88,6 +88,10 @@ class CohortJob(Job):
     def record_report(self, index: int, payload: Any) -> bool:
         return False  # members report under their own keys
 
+    @property
+    def awaits_answers(self) -> bool:
+        return any(m.awaits_answers for m in self.members)
+
     def record_result(self, result: Any) -> None:
         for m, r in zip(self.members, result, strict=True):
             if isinstance(r, MemberError):

@@ -1,0 +1,66 @@
+"""Which jobs wait for the answer to each report, and how the reports of one that does not are
+all stored (`Job.awaits_answers`, `ArmRun.record_result`), on a real SQLite storage, without Ray.
+
+A job that no answer can stop (no pruner; a final seed) sends its epochs' objectives without
+waiting; a note may still be in flight when its result arrives, and the driver then drops it
+(the job has left `by_key`). The result's history must make up for every such note.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.worker.helpers import digits_spec
+from worker.arms.base import Assignment
+from worker.arms.optuna.arm import CohortJob
+from worker.storage import open_storage
+from worker.sweep import _arm_run
+from worker.trial import EpochRecord, TrialResult
+
+
+def _result(values: list[float]) -> TrialResult:
+    history = [
+        EpochRecord(epoch, 10 * epoch, 1.0, 1.0 - v, v, 0.1 * epoch, 100.0)
+        for epoch, v in enumerate(values, start=1)
+    ]
+    return TrialResult("complete", values[-1], history, 10 * len(values), 1.0, 10, "cpu")
+
+
+def _first_job(tmp_path: Path, **changes: Any) -> Any:
+    spec = digits_spec({"resources": {"cohort_size": 1}}, **changes)
+    storage = open_storage(f"sqlite:///{tmp_path / 'reports.db'}")
+    arm = _arm_run(spec, 0, storage, "reports")
+    job = arm.next_assignment()
+    assert isinstance(job, Assignment)
+    return job
+
+
+def test_without_a_pruner_a_trial_reports_without_waiting(tmp_path: Path) -> None:
+    assert _first_job(tmp_path).awaits_answers is False
+
+
+@pytest.mark.parametrize("pruner", [{"name": "median"}, {"name": "hyperband"}])
+def test_with_a_pruner_a_trial_waits_for_each_answer(tmp_path: Path, pruner: Any) -> None:
+    assert _first_job(tmp_path, pruner=pruner).awaits_answers is True
+
+
+def test_a_cohort_waits_when_any_member_does(tmp_path: Path) -> None:
+    job = _first_job(tmp_path)
+    cohort = CohortJob([job])
+    assert cohort.awaits_answers is False
+    job.arm.sweep.pruner = _first_job(tmp_path / "p", pruner={"name": "median"}).arm.sweep.pruner
+    assert cohort.awaits_answers is True
+
+
+def test_the_epochs_whose_notes_did_not_arrive_are_stored_from_the_result(
+    tmp_path: Path,
+) -> None:
+    job = _first_job(tmp_path)
+    assert job.record_report(1, 0.25) is False  # a note that arrived: stored as sent
+    job.record_result(_result([0.5, 0.6, 0.7]))
+    frozen = job.arm.sweep.trials[0]
+    assert frozen.state.name == "COMPLETE" and frozen.value == 0.7
+    assert frozen.intermediate_values == {1: 0.25, 2: 0.6, 3: 0.7}
