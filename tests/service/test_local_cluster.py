@@ -197,6 +197,10 @@ def test_a_local_cluster_runs_a_study_on_both_nodes_on_loopback_and_stops_only_i
 ) -> None:
     others = _ray_processes_of_others()
     spec = tiny_spec("cluster", trials=4, epochs=10)
+    # Trials of a few seconds (2000 steps): Ray's warm-up tasks hold each node's one CPU while
+    # they import PyTorch, and trials of a fraction of a second could all end on the node that
+    # finished its warm-up first before the other one took any.
+    spec["budget"]["steps_per_epoch"] = 200
     spec["resources"] = {"cpus_per_trial": 1, "max_concurrent_trials": 2, "cohort_size": 1}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     up, env, key, serve, scheduler, submit, down = README_COMMANDS
@@ -212,7 +216,9 @@ def test_a_local_cluster_runs_a_study_on_both_nodes_on_loopback_and_stops_only_i
     assert len(_node_ids(shell, study_id)) == 2  # the study spread over both nodes
 
     # A study whose trials fit no node (2 CPUs; each node has 1) waits for one to join.
-    big = {**spec, "name": "late-node", "resources": {**spec["resources"], "cpus_per_trial": 2}}
+    short = {k: v for k, v in spec["budget"].items() if k != "steps_per_epoch"}  # one node runs it
+    big = {**spec, "name": "late-node", "budget": short,
+           "resources": {**spec["resources"], "cpus_per_trial": 2}}  # fmt: skip
     (tmp_path / "big.json").write_text(json.dumps(big))
     late = shell.run(f"ratebench submit {shlex.quote(str(tmp_path / 'big.json'))}").split()[0]
     wait_for(lambda: shell.api(f"/studies/{late}")["status"] == "running", 120, "the claim")

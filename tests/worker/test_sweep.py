@@ -323,9 +323,11 @@ def test_a_worker_that_keeps_dying_is_retried_up_to_the_limit(
     ray_runtime: None, sqlite_url: str
 ) -> None:
     """An infrastructure error is retried: every attempt's worker process is killed, so the
-    trial runs 1 + max_retries times, and then the arm ends (failed, with the first error)."""
+    trial runs 1 + max_retries times, and then the arm ends (failed, with the first error).
+    Each attempt would train for many seconds (30 epochs): it must still run when the killer
+    first sees it, as no report holds a trial back (no pruner)."""
     spec = _spec(
-        budget={"trials_per_arm": 1, "epochs": 3, "steps_per_epoch": 300},
+        budget={"trials_per_arm": 1, "epochs": 30, "steps_per_epoch": 300},
         resources={"max_retries": 1, "max_concurrent_trials": 1},
     )
     killed: list[int] = []
