@@ -433,7 +433,7 @@ class _Driver:
         return a
 
     def _finish(self, ref: ray.ObjectRef) -> None:
-        announced = ref in self.running and self.running[ref].key in self._announced
+        announced = self.running[ref].key in self._announced
         a = self._release(ref)
         try:
             ran: Ran = ray.get(ref)

@@ -112,8 +112,10 @@ def test_eight_concurrent_trials_with_one_database_writer(
 def test_a_killed_trial_is_failed_and_retried_and_the_others_stay_intact(
     ray_runtime: None, sqlite_url: str
 ) -> None:
+    # Trials of a few seconds (6 × 300 steps), so that the killer finds one still training
+    # on a busy machine: no report holds a trial back (no pruner).
     spec = _spec(
-        budget={"epochs": 3, "steps_per_epoch": 300},
+        budget={"epochs": 6, "steps_per_epoch": 300},
         resources={"max_retries": 1},
     )
     killed: dict[str, int] = {}

@@ -53,6 +53,7 @@ from worker.arms.hypergradient.spec import mlp_layer_sizes, mlp_parameter_count
 from worker.runner import EpochRecord, Reporter, TrialResult, diverged_value, trial_objective
 from worker.spec_options import DataOptions, ModelOptions
 from worker.tasks import Task, get_task, load_task_data, require
+from worker.trial import epoch_objective
 
 __all__ = [
     "MetaReporter",
@@ -328,9 +329,8 @@ def train_schedule(config: ScheduleConfig, reporter: Reporter | None = None) -> 
             EpochRecord(b + 1, t + 1, train_loss, val_loss, val_accuracy, now - started, speed)
         )
         loss_sum, block_start, block_clock = 0.0, t + 1, now
-        metric = val_accuracy if config.objective == "val_accuracy" else val_loss
-        if reporter is not None:
-            reporter.report(b + 1, metric)  # final seeds are not pruned: the answer is moot
+        if reporter is not None:  # final seeds are not pruned: the answer is moot
+            reporter.report(b + 1, epoch_objective(config.objective, history[-1]))
     result = TrialResult(
         outcome=outcome,  # type: ignore[arg-type]
         value=trial_objective(
