@@ -472,36 +472,54 @@ class _Driver:
         for ref, a in list(self.running.items()):
             allowed = limit * a.trials  # per trial: a cohort of K may take K times as long
             if now - a.started > allowed:
-                ray.cancel(ref, force=True)
-                self._release(ref)
+                self._cancel(ref, self._release(ref))
                 log.warning("trial %s timed out after %g s", a.key, allowed,
                             extra={"trial_id": a.key})  # fmt: skip
                 a.record_failure(f"timed out after {allowed:g} s")
 
     def _interrupt(self, reason: str) -> None:
         """Record every started or pending job as interrupted (re-run on resume without using
-        an attempt), then cancel its task: the record comes first, so a runtime that is gone
-        (and answers a cancel with an error) cannot leave a trial running in storage."""
+        an attempt), and cancel every started job's task. Each job's record comes before its
+        cancel, so a runtime that is gone (and answers a cancel with an error) cannot leave a
+        trial running in storage.
+
+        Recording fails when the database is gone, which is often why the driver is stopping.
+        Every job still gives its slot back and has its task cancelled: a slot kept would count
+        against the study's seat at the gate through every later attempt of the study, since
+        the scheduler keeps the seat across them (two studies that each kept one on a 2-CPU
+        machine waited for each other until the soak gave up), and a task left running would
+        train for nobody. Once one record failed the others are not tried (each would wait out
+        the same outage); a resume fails them as stale. The first error is raised at the end."""
+        jobs: list[tuple[ray.ObjectRef | None, Job]] = []
         if self.pending is not None:  # never started: re-run on resume, like the others
-            a, self.pending = self.pending, None
-            a.record_failure(reason, interrupted=True)
-        for ref in list(self.running):
-            a = self._release(ref)
-            a.record_failure(reason, interrupted=True)
-            try:
-                ray.cancel(ref, force=True)
-                self._cancelled.append(ref)
-            except Exception as exc:  # its node or the runtime is gone: so is the task
-                log.info("could not cancel trial %s (%s)", a.key, _first_line(exc))
+            jobs.append((None, self.pending))
+            self.pending = None
+        jobs += [(ref, self._release(ref)) for ref in list(self.running)]
+        failed: Exception | None = None
+        for ref, a in jobs:
+            if failed is None:
+                try:
+                    a.record_failure(reason, interrupted=True)
+                except Exception as exc:
+                    failed = exc
+            if ref is not None:
+                self._cancel(ref, a)
+        if failed is not None:
+            raise failed
+
+    def _cancel(self, ref: ray.ObjectRef, a: Job) -> None:
+        try:
+            ray.cancel(ref, force=True)
+            self._cancelled.append(ref)
+        except Exception as exc:  # its node or the runtime is gone: so is the task
+            log.info("could not cancel trial %s (%s)", a.key, _first_line(exc))
 
     def _abandon(self, closed: Exception) -> TakenOverError:
         """Cancel the running tasks and record nothing, since another driver closed one of
         their trials (`closed`): they are that driver's now. Returns the error to raise."""
         self.pending = None
         for ref in list(self.running):
-            ray.cancel(ref, force=True)
-            self._cancelled.append(ref)
-            self._release(ref)
+            self._cancel(ref, self._release(ref))
         return TakenOverError(f"study {self.study_key}: another driver closed a trial this one "
                          f"was running ({closed}); the study is being run elsewhere")  # fmt: skip
 

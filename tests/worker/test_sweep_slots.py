@@ -4,18 +4,25 @@ or stopped."""
 
 from __future__ import annotations
 
+import os
+import sqlite3
 import time
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
+from optuna.exceptions import StorageInternalError
 
+from service.processes import command_line, descendants
 from tests.worker.helpers import digits_spec
+from worker import storage
 from worker.results import TrialRecord, load_trials
 from worker.slots import Capacity, TrialGate
 from worker.spec import StudySpec
 from worker.sweep import Progress, run_study
 
 pytestmark = pytest.mark.ray
+_TITLE = "ray::ratebench trial "  # Ray titles a worker process by the task it runs
 
 
 def _spec(**changes: Any) -> StudySpec:
@@ -99,3 +106,50 @@ def test_every_slot_comes_back_however_the_trials_end(
         assert sum("timed out" in (t.user_attrs.get("error") or "") for t in trials) == 4
     assert result.stopped == (ending == "stopped")
     assert gate.seats == 0
+
+
+def _causes(exc: BaseException | None) -> str:
+    """An error and those it was raised from (Optuna wraps SQLAlchemy's)."""
+    lines = []
+    while exc is not None:
+        lines.append(f"{type(exc).__name__}: {exc}")
+        exc = exc.__cause__ or exc.__context__
+    return "\n".join(lines)
+
+
+def test_a_driver_that_loses_its_database_gives_back_every_slot_and_cancels_its_trials(
+    ray_runtime: None, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database goes away (here another connection holds SQLite's write lock) while two
+    trials run and a third waits at the gate: the driver cannot record them as interrupted,
+    and still gives back every slot and cancels every task. The scheduler keeps a study's seat
+    across its attempts, so a slot kept here would be lost to every later attempt: two studies
+    that each kept one on a 2-CPU machine once waited for each other for good."""
+    monkeypatch.setattr(storage, "SQLITE_TIMEOUT_S", 0.5)  # each write gives up at once
+    database = sqlite_url.removeprefix("sqlite:///")
+    lock = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
+    spec = _spec(budget={"epochs": 100, "steps_per_epoch": 500})
+
+    def on_progress(progress: Progress) -> None:
+        if not lock.in_transaction and sum(a.running for a in progress.arms) >= 2:
+            lock.execute("BEGIN EXCLUSIVE")
+
+    gate = TrialGate(Capacity(1.0))
+    try:
+        with gate.seat("locked", "key", Capacity(0.5)) as slots:
+            with pytest.raises((sa.exc.OperationalError, StorageInternalError)) as stopped:
+                run_study(spec, sqlite_url, "locked", slots=slots, on_progress=on_progress)
+            assert lock.in_transaction
+            assert "database is locked" in _causes(stopped.value)  # not something else
+            assert slots.held == 0 and not slots.waiting
+            assert gate.in_use == Capacity(0.0)
+    finally:
+        lock.close()
+
+    def trial_processes() -> list[int]:
+        return [p for p in descendants(os.getpid()) if command_line(p).startswith(_TITLE)]
+
+    deadline = time.monotonic() + 60
+    while trial_processes() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not trial_processes(), "a trial kept training after its driver stopped"
