@@ -6,7 +6,9 @@ studies from two API keys (mnist1d-mlp, sgd and adam, `--rates` rates, `--epochs
 final seeds; 40 epochs, the default, keep 8 studies training for more than ten minutes on a
 2-core machine, so that every fault meets running trials); runs `--readers` threads that poll
 the API; and every `--fault-every` seconds (uniform between the two bounds) injects one fault,
-each kind at least once before any repeats (those that hit a running trial's machinery first):
+each kind at least once before any repeats (those that hit a running trial's machinery first).
+A fault waits for a running study: when every study has ended (a fast machine trains the wave
+before the faults are through), another wave of `--studies` is submitted first. The faults:
 
 - `service`: SIGKILL of the service's whole process tree (Ray's processes with it), then a
   restart;
@@ -19,8 +21,9 @@ each kind at least once before any repeats (those that hit a running trial's mac
 After `--minutes` it stops injecting, waits for every study to end, and checks: every study
 `completed`; every arm's configurations finished exactly once, every final seed once, no trial
 left RUNNING or WAITING (`worker.results.integrity_problems`); no 5xx answered while the
-database was up. It prints one JSON summary (faults injected, attempts and faults per study,
-reads by status) and exits 1 when a check failed.
+database was up; every fault met at least one running study. It prints one JSON summary
+(faults injected, attempts and faults per study, reads by status) and exits 1 when a check
+failed.
 
     scripts/chaos --minutes 10 --studies 8      # the soak docs/operations.md reports
     scripts/chaos --minutes 2 --studies 2 --faults postgres,trial_worker,agent --epochs 25
@@ -185,6 +188,9 @@ class Soak:
             env["RATEBENCH_LEASE_SECONDS"] = str(args.lease_seconds)
         self.service = Service(env, self.workdir)
         self.faults: list[dict[str, Any]] = []
+        self.keys: list[str] = []
+        self.study_ids: list[str] = []  # the readers read it as it grows
+        self.waves = 0
         self.outages: list[tuple[float, float]] = []
         self.started = time.monotonic()
 
@@ -196,22 +202,36 @@ class Soak:
         )  # fmt: skip
         return out.stdout.strip()
 
-    def submit(self, keys: list[str]) -> list[str]:
-        ids = []
+    def submit(self) -> None:
+        """One wave of `--studies` studies, from the two API keys in turn."""
+        self.waves += 1
         for i in range(self.args.studies):
-            spec = grid_spec(f"chaos-{i}", self.args.rates, self.args.epochs)
+            spec = grid_spec(f"chaos-{self.waves}-{i}", self.args.rates, self.args.epochs)
             response = httpx.post(
                 f"{self.service.url}/api/v1/studies", json=spec, timeout=60,
-                headers={"Authorization": f"Bearer {keys[i % len(keys)]}"},
+                headers={"Authorization": f"Bearer {self.keys[i % len(self.keys)]}"},
             )  # fmt: skip
             response.raise_for_status()
-            ids.append(response.json()["id"])
-        return ids
+            self.study_ids.append(response.json()["id"])
 
-    def running_studies(self) -> int | None:
-        """How many studies run now, by the API (None when it cannot say)."""
+    def studies_to_hit(self, timeout: float = 120) -> int | None:
+        """How many studies run now; when none does (a fast machine finished the wave), submit
+        another wave and wait up to `timeout` seconds for one of it to run, so that every fault
+        meets running studies however fast the machine trains. None: the API cannot say."""
+        running = self.running_studies()
+        if running != 0 or self.running_studies("queued") != 0:
+            return running  # some run, or are about to be claimed (or the API cannot say)
+        self.submit()
+        deadline = time.monotonic() + timeout
+        while running == 0 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            running = self.running_studies()
+        return running
+
+    def running_studies(self, status: str = "running") -> int | None:
+        """How many studies have `status` now, by the API (None when it cannot say)."""
         try:
-            page = httpx.get(f"{self.service.url}/api/v1/studies?status=running", timeout=10)
+            page = httpx.get(f"{self.service.url}/api/v1/studies?status={status}", timeout=10)
             return int(page.json()["total"])
         except (httpx.HTTPError, ValueError, KeyError):
             return None
@@ -224,8 +244,8 @@ class Soak:
         return fault
 
     def _inject(self, kind: str) -> dict[str, Any] | None:
+        running = self.studies_to_hit()
         at = round(time.monotonic() - self.started, 1)
-        running = self.running_studies()
         if kind == "service":
             self.service.kill()
             time.sleep(self.rng.uniform(1, 3))
@@ -359,16 +379,16 @@ def main(argv: list[str] | None = None) -> int:
     reads, stop = Reads(), threading.Event()
     try:
         soak.service.start()
-        keys = [soak.key("chaos-a"), soak.key("chaos-b")]
-        study_ids = soak.submit(keys)
-        readers = [threading.Thread(target=_reader, args=(soak.service, study_ids, reads, stop,
+        soak.keys = [soak.key("chaos-a"), soak.key("chaos-b")]
+        soak.submit()
+        readers = [threading.Thread(target=_reader, args=(soak.service, soak.study_ids, reads, stop,
                                                           random.Random(args.seed + i)),
                                     daemon=True) for i in range(args.readers)]  # fmt: skip
         for reader in readers:
             reader.start()
         soak.run_faults(time.monotonic() + 60 * args.minutes)
         faults_done = time.monotonic()
-        studies = soak.wait_finished(study_ids, 60 * args.settle_minutes)
+        studies = soak.wait_finished(soak.study_ids, 60 * args.settle_minutes)
         settled = time.monotonic()
         stop.set()
         for reader in readers:
@@ -385,12 +405,14 @@ def main(argv: list[str] | None = None) -> int:
         "every_configuration_and_seed_once": not any(problems.values()),
         "no_5xx_while_database_up": not up_errors,
         "every_fault_kind_injected": set(args.faults) <= {f["fault"] for f in soak.faults},
+        "every_fault_met_a_running_study": all(f["studies_running"] for f in soak.faults),
     }
     summary = {
         "minutes_of_faults": round((faults_done - soak.started) / 60, 2),
         "minutes_to_settle": round((settled - faults_done) / 60, 2),
         "faults": soak.faults,
         "fault_kinds": dict(collections.Counter(f["fault"] for f in soak.faults)),
+        "waves_of_studies": soak.waves,
         "studies": {i: _study_summary(s, problems.get(i, [])) for i, s in studies.items()},
         "reads": dict(reads.by_status),
         "server_errors_while_database_up": [

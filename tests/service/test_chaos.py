@@ -2,9 +2,10 @@
 two studies training and readers polling, while a trial worker, Ray's dashboard agent (the
 raylet dies with it) and the database are killed in turn. Every study must complete with each
 configuration and final seed finished once, nothing left running, and no 5xx while the
-database was up. The mailbox, the raylet alone and the service's own restart have tests of
-their own (tests/service/test_faults.py, test_e2e.py); docs/operations.md states the 10-minute
-soak."""
+database was up; each fault meets a running study (a fast machine gets another wave of studies
+when the first has ended). The mailbox, the raylet alone and the service's own restart have
+tests of their own (tests/service/test_faults.py, test_e2e.py); docs/operations.md states the
+10-minute soak."""
 
 from __future__ import annotations
 
@@ -43,7 +44,6 @@ def test_a_short_soak_loses_no_study_and_answers_no_5xx_while_the_database_is_up
         "every_configuration_and_seed_once": True,
         "no_5xx_while_database_up": True,
         "every_fault_kind_injected": True,
+        "every_fault_met_a_running_study": True,
     }, json.dumps(summary, indent=1)[-6000:]
     assert result.returncode == 0
-    trial_kill = next(f for f in summary["faults"] if f["fault"] == "trial_worker")
-    assert trial_kill["studies_running"] >= 1  # a trial of a running study was killed
