@@ -3,6 +3,9 @@ running study."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -10,7 +13,7 @@ from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
-from service.processes import alive, command_line
+from service.processes import alive, command_line, descendants
 from worker.spec import StudySpec
 from worker.storage import open_storage, study_trials
 
@@ -71,3 +74,42 @@ def runs_task(pid: int, key: str) -> bool:
     Ray titles a worker by its task. A trial's stored `pid` is not enough: a worker takes task
     after task, and the storage learns of a trial's end only when the driver records it."""
     return alive(pid) and command_line(pid).split() == ["ray::ratebench", "trial", key]
+
+
+class TaskKiller:
+    """A thread that SIGKILLs the first Ray worker process of this test process's runtime whose
+    title names a trial task `wanted(key)` accepts (Ray titles a worker `ray::ratebench trial
+    <key>` while it runs that task), then stops; `killed` holds its `pid` and `key`.
+
+    It looks at the processes, not at the storage: a trial's process is recorded only when the
+    driver takes its start message, which on a busy machine can come after a short trial has
+    ended, and the process is then already running the next trial."""
+
+    def __init__(self, wanted: Callable[[str], bool]) -> None:
+        self.wanted = wanted
+        self.killed: dict[str, Any] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> TaskKiller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            for pid in descendants(os.getpid()):
+                title = command_line(pid).split()
+                if title[:2] != _TASK_TITLE or len(title) != 3 or not self.wanted(title[2]):
+                    continue
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                    self.killed.update(pid=pid, key=title[2])
+                    return
+            self._stop.wait(0.02)
+
+
+_TASK_TITLE = ["ray::ratebench", "trial"]

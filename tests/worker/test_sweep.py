@@ -18,7 +18,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from service.processes import alive, command_line
-from tests.worker.helpers import digits_spec, runs_task, watch_running_trials
+from tests.worker.helpers import TaskKiller, digits_spec, runs_task, watch_running_trials
 from worker.arms.optuna.arm import OptunaArmRun
 from worker.results import TrialRecord, load_trials
 from worker.spec import StudySpec
@@ -118,26 +118,12 @@ def test_a_killed_trial_is_failed_and_retried_and_the_others_stay_intact(
         budget={"epochs": 6, "steps_per_epoch": 300},
         resources={"max_retries": 1},
     )
-    killed: dict[str, int] = {}
+    with TaskKiller(lambda key: key.startswith("sgd/sweep/")) as killer:
+        result = run_study(spec, sqlite_url, "fault")
 
-    def kill_first(running: list[FrozenTrial]) -> bool:
-        for trial in running:
-            pid = trial.user_attrs["pid"]
-            # Still training this trial: a worker takes trial after trial, and the storage
-            # learns of a trial's end only when the driver records it.
-            if runs_task(pid, f"sgd/sweep/{trial.number}"):
-                os.kill(pid, signal.SIGKILL)
-                killed.update(number=trial.number, pid=pid)
-                return True
-        return False
-
-    killer = watch_running_trials(sqlite_url, "fault/sgd", kill_first)
-    result = run_study(spec, sqlite_url, "fault")
-    killer.join()
-
-    assert killed, "no running trial was found to kill"
+    assert killer.killed, "no running trial was found to kill"
     sweep = {t.number: t for t in _sweep(load_trials(sqlite_url, "fault", spec))}
-    victim = sweep[killed["number"]]
+    victim = sweep[int(killer.killed["key"].rsplit("/", 1)[1])]
     assert victim.state == "FAIL" and victim.outcome == "failed"
     assert "worker process" in victim.user_attrs["error"]
     (retry,) = [t for t in sweep.values() if t.user_attrs.get("retry_of") == victim.number]
@@ -221,7 +207,10 @@ def test_a_driver_whose_trials_another_driver_closed_stops_and_writes_nothing_mo
     recovery closes this driver's running trials as stale and enqueues their retries. This
     driver must stop at its next write with `TakenOverError` (which the scheduler tells from a
     failure), not fail the study, and must not touch the other driver's trials."""
-    spec = _spec(budget={"epochs": 100, "steps_per_epoch": 20})
+    # Trials of tens of seconds: the other driver must close them while they run, however
+    # slowly it opens the study on a busy machine. This driver stops at its next write (the
+    # next epoch's report), so their length costs the test nothing.
+    spec = _spec(budget={"epochs": 100, "steps_per_epoch": 200})
     closed: list[int] = []
 
     def resume_elsewhere(running: list[FrozenTrial]) -> bool:

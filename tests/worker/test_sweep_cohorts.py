@@ -8,16 +8,13 @@ how many tasks ran, and compare a cohort sweep with a sweep of single trials on 
 
 from __future__ import annotations
 
-import os
-import signal
 from typing import Any
 
 import optuna
 import pytest
-from optuna.trial import FrozenTrial
 from pydantic import ValidationError
 
-from tests.worker.helpers import digits_spec, runs_task, watch_running_trials
+from tests.worker.helpers import TaskKiller, digits_spec
 from worker.arms.base import sweep_study_name
 from worker.arms.optuna.sampling import grid_values
 from worker.results import TrialRecord, load_trials
@@ -265,24 +262,13 @@ def test_a_killed_cohort_fails_and_retries_each_member(ray_runtime: None, sqlite
         budget={"trials_per_arm": 6, "epochs": 2, "steps_per_epoch": 150, "final_seeds": 1},
         resources={"max_concurrent_trials": 1, "max_retries": 1},
     )
-    killed: dict[str, Any] = {}
+    with TaskKiller(lambda key: key.startswith("sgd/sweep/cohort/")) as killer:
+        result = run_study(spec, sqlite_url, "fault")
 
-    def kill_first(running: list[FrozenTrial]) -> bool:
-        for trial in running:
-            pid, cohort = trial.user_attrs["pid"], trial.user_attrs["cohort"]["key"]
-            if runs_task(pid, cohort):
-                os.kill(pid, signal.SIGKILL)
-                killed.update(pid=pid, cohort=cohort)
-                return True
-        return False
-
-    killer = watch_running_trials(sqlite_url, "fault/sgd", kill_first)
-    result = run_study(spec, sqlite_url, "fault")
-    killer.join()
-
-    assert killed, "no running cohort was found to kill"
+    assert killer.killed, "no running cohort was found to kill"
+    cohort = killer.killed["key"]
     sweep = [t for t in load_trials(sqlite_url, "fault", spec) if t.role == "sweep"]
-    victims = [t for t in sweep if t.user_attrs.get("cohort", {}).get("key") == killed["cohort"]]
+    victims = [t for t in sweep if t.user_attrs.get("cohort", {}).get("key") == cohort]
     assert len(victims) == 3
     assert all(t.state == "FAIL" and "worker process" in t.user_attrs["error"] for t in victims)
     retries = {t.user_attrs["retry_of"]: t for t in sweep if "retry_of" in t.user_attrs}
