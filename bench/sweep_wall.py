@@ -17,6 +17,9 @@ Runners:
 - `ratebench`: `ratebench run SPEC --database sqlite:///<fresh file> --json` in a fresh
   process (`sampler: grid`, cohorts on, the default);
 - `ratebench-no-cohorts`: the same with `resources.cohort_size: 1`;
+- `ratebench-joined`: `ratebench run` in a fresh process beside the running service of
+  `ratebench-service` (its data folder): it joins that service's Ray runtime instead of
+  starting one (`service.running_ray`), as a user's `ratebench run` beside a service does;
 - `ratebench-service`: the spec POSTed to a `ratebench serve` started (and warmed by one tiny
   study) before the first round, as a user's service runs; timed from the POST to the study's
   `completed` (polled every 0.1 s);
@@ -77,9 +80,10 @@ from service.processes import in_session
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNERS = (
-    "ratebench", "ratebench-no-cohorts", "ratebench-service", "optuna", "optuna-warm",
-    "ray-tune", "ray-floor",
+    "ratebench", "ratebench-no-cohorts", "ratebench-joined", "ratebench-service", "optuna",
+    "optuna-warm", "ray-tune", "ray-floor",
 )  # fmt: skip
+_NEEDS_SERVICE = ("ratebench-service", "ratebench-joined")
 BASELINES = ("optuna", "optuna-warm")
 CHILD_FLAG = "--child"
 SERVICE_POLL_S = 0.1
@@ -184,8 +188,9 @@ def _child_main(runner: str, workdir: Path) -> int:
 
 def _command(runner: str, work: dict[str, Any], workdir: Path) -> list[str]:
     """Write what `runner` reads into `workdir`; return its command line."""
-    if runner in ("ratebench", "ratebench-no-cohorts"):
-        (workdir / "spec.json").write_text(json.dumps(spec(work, cohorts=runner == "ratebench")))
+    if runner in ("ratebench", "ratebench-no-cohorts", "ratebench-joined"):
+        cohorts = runner != "ratebench-no-cohorts"
+        (workdir / "spec.json").write_text(json.dumps(spec(work, cohorts=cohorts)))
         database = f"sqlite:///{workdir / 'ratebench.db'}"
         spec_file = str(workdir / "spec.json")
         return [sys.executable, "-m", "service.cli", "run", spec_file, "--database", database,
@@ -228,11 +233,16 @@ def _tried_rates(url: str, study_key: str, labels: list[str]) -> dict[str, list[
     }
 
 
-def _run_once(runner: str, work: dict[str, Any]) -> dict[str, Any]:
-    """One runner's run in a fresh process: its wall time and what it found."""
+def _run_once(runner: str, work: dict[str, Any], service: _Service | None = None) -> dict[str, Any]:
+    """One runner's run in a fresh process: its wall time and what it found. `service`: the
+    running `ratebench serve` whose Ray runtime `ratebench-joined` joins (it reads the runtime's
+    address from the service's data folder, as a `ratebench run` beside a service does)."""
     with tempfile.TemporaryDirectory(prefix="sweep_wall-") as tmp:
         workdir = Path(tmp)
         command, env = _command(runner, work, workdir), _child_env(workdir)
+        if runner == "ratebench-joined":
+            assert service is not None
+            env["RATEBENCH_DATA_DIR"] = service.env["RATEBENCH_DATA_DIR"]
         # Output to files, not pipes: a daemon the child leaves behind could hold a pipe open.
         with open(workdir / "stdout", "w") as out, open(workdir / "stderr", "w") as err:
             started = time.perf_counter()
@@ -250,6 +260,10 @@ def _run_once(runner: str, work: dict[str, Any]) -> dict[str, Any]:
         try:
             if returncode != 0:
                 raise RuntimeError(f"exit code {returncode}")
+            if runner == "ratebench-joined":
+                first = (workdir / "stderr").read_text().splitlines()[0]
+                if not first.startswith("joining the Ray runtime of ratebench serve"):
+                    raise RuntimeError(f"it did not join the service's runtime: {first}")
             if runner.startswith("ratebench"):
                 start = 0 if stdout.startswith("{") else stdout.index("\n{") + 1
                 summary, _ = json.JSONDecoder().raw_decode(stdout[start:])
@@ -385,7 +399,7 @@ def _long_lived(runners: list[str], work: dict[str, Any]) -> Iterator[dict[str, 
     with tempfile.TemporaryDirectory(prefix="sweep_wall-up-") as tmp:
         up: dict[str, Any] = {}
         try:
-            if "ratebench-service" in runners:
+            if any(name in runners for name in _NEEDS_SERVICE):
                 (Path(tmp) / "service").mkdir()
                 up["ratebench-service"] = _Service(Path(tmp) / "service", work)
             if "optuna-warm" in runners:
@@ -462,7 +476,10 @@ def measure(args: argparse.Namespace, n_rates: int) -> dict[str, Any]:
             shift = round_ % len(args.runners)
             for name in args.runners[shift:] + args.runners[:shift]:
                 try:
-                    record = up[name].measure(round_) if name in up else _run_once(name, work)
+                    if name in up:
+                        record = up[name].measure(round_)
+                    else:
+                        record = _run_once(name, work, up.get("ratebench-service"))
                 except Exception as exc:  # recorded, and the other runners go on
                     record = {"wall_s": None, "error": f"{name}: {exc}"}
                 _check_rates(record, work)

@@ -137,7 +137,9 @@ def create_app(settings: Settings | None = None, *, start_ray: bool = True) -> F
     # Ray is needed to run studies; an API that only serves (the scheduler runs elsewhere)
     # never joins it: a Ray driver needs a raylet on its own machine (service.ray_runtime).
     needs_ray = settings.run_scheduler
-    app.state.ray = RayRuntime(settings.ray_address, enabled=start_ray and needs_ray)
+    app.state.ray = RayRuntime(
+        settings.ray_address, enabled=start_ray and needs_ray, announce_in=settings.data_dir
+    )
     for module in (health, studies, export, plots, leaderboard, catalog):  # every router, here
         app.include_router(module.router, prefix=API_PREFIX)
     app.include_router(metrics.router)

@@ -87,12 +87,15 @@ def run_recorded(
     ray_address: str | None,
     err: Any,
     source: StudySource = StudySource.CLI,
+    rejoin: Callable[[], str | None] | None = None,
 ) -> tuple[StudyResult, str, str | None]:
     """Run the study as the row `key` of `ratebench_studies` (of `source`), recorded exactly
     as a scheduler records an API study: claimed and leased (the lease renewed, the progress
     stored, a cancel from the API honoured by `StudyDriver`), and finished with its status
     and leaderboard rows by the scheduler's own `finish_study`. Returns the sweep's result and
-    the status and error stored."""
+    the status and error stored. `rejoin()` gives the Ray address to join when the runtime
+    died under the study (default: `ray_address` again); a runtime that was found running
+    here may have been replaced by its owner since."""
     import os
     import socket
 
@@ -155,7 +158,8 @@ def run_recorded(
                 recorder.finish_study(key, StudyStatus.CANCELLED, driver, error=_INTERRUPTED)
                 raise
             except Exception as exc:
-                if _resumed_after_fault(exc, recorder, key, driver, ray_address, err):
+                again = rejoin if rejoin is not None else lambda: ray_address
+                if _resumed_after_fault(exc, recorder, key, driver, again, err):
                     continue
                 recorder.finish_study(key, StudyStatus.FAILED, driver, exc=exc)  # if ours
                 if isinstance(exc, TakenOverError) or driver.lost:
@@ -171,7 +175,12 @@ def run_recorded(
 
 
 def _resumed_after_fault(
-    exc: Exception, recorder: Any, key: str, driver: Any, ray_address: str | None, err: Any
+    exc: Exception,
+    recorder: Any,
+    key: str,
+    driver: Any,
+    rejoin: Callable[[], str | None],
+    err: Any,
 ) -> bool:
     """After a transient fault (`worker.failures.study_fault`), as the scheduler does: note it,
     start Ray again when this process's node died (here, on the main thread), wait a back-off,
@@ -203,7 +212,7 @@ def _resumed_after_fault(
         raise CliError(f"study {key}: {error}")
     err.print(f"[yellow]fault:[/yellow] {escape(fault.error)}; resuming the study")
     if not cluster.local_node_alive():
-        cluster.reconnect(ray_address, log_to_driver=False)
+        cluster.reconnect(rejoin(), log_to_driver=False)
         warm_workers()
     time.sleep(min(2.0 ** (len(faults) - 1), 30.0))
     return True

@@ -21,6 +21,9 @@ under: when this process's node is dead, the runtime is shut down and started ag
 local runtime, or the cluster joined again), and the generation grows; the studies then resume
 from storage. Several studies asking at once restart it once.
 
+A local runtime started here is announced (`service.running_ray`): its address goes to the
+data folder, where `ratebench run` finds it and joins it instead of starting Ray.
+
 An API that does not run the scheduler (`RATEBENCH_RUN_SCHEDULER=false`) gets a disabled
 runtime and never calls `ray.init`: a driver needs a Ray node (a raylet) on its own machine,
 which an API container does not have. `/health` then reports Ray as "disabled" (not used).
@@ -34,8 +37,10 @@ import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from service import running_ray
 from worker import cluster
 
 __all__ = ["RayRuntime", "RayStatus"]
@@ -75,11 +80,19 @@ class RayRuntime:
     starts it again when its node died; `enabled=False`: never (the state stays "disabled").
     `options` go to `worker.cluster.connect` (and so to `ray.init`)."""
 
-    def __init__(self, address: str | None, *, enabled: bool = True, **options: Any) -> None:
+    def __init__(
+        self,
+        address: str | None,
+        *,
+        enabled: bool = True,
+        announce_in: Path | None = None,
+        **options: Any,
+    ) -> None:
         if enabled:
             cluster.check_auth(address)  # ClusterConfigError: no connection could ever succeed
         self.address = address
         self.options = options
+        self.announce_in = announce_in  # a local runtime's address is recorded there
         self._state = "starting" if enabled else "disabled"
         self._error: str | None = None
         self._started_here = False
@@ -155,6 +168,7 @@ class RayRuntime:
                     self._connect(cluster.connect)
                 self._state = "connected"
                 self._generation += 1
+                self._announce()
             except Exception as exc:  # Ray raises many types; the status must report any
                 where = self.address or "a local runtime"
                 if isinstance(exc, cluster.ClusterUnreachableError):  # its message says it all
@@ -173,6 +187,18 @@ class RayRuntime:
         self._started_here = True
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, previous_sigterm)
+
+    def _announce(self) -> None:
+        """Record the address of a local runtime started here (`service.running_ray`), so that
+        a `ratebench run` on this machine joins it instead of starting Ray."""
+        if self.announce_in is None or not self._started_here or not cluster.is_local(self.address):
+            return
+        import ray
+
+        try:
+            running_ray.record(self.announce_in, ray.get_runtime_context().gcs_address)
+        except OSError as exc:  # only a missed shortcut for `ratebench run`
+            log.warning("could not record the Ray runtime's address: %s", exc)
 
     @staticmethod
     def _warm() -> None:
@@ -210,6 +236,7 @@ class RayRuntime:
             self._state, self._error = "connected", None
             self._generation += 1
             self._restarts += 1
+            self._announce()  # the new runtime listens on new ports
         self._warm()
         log.info("Ray started again (restart %d)", self._restarts)
         return True
@@ -238,4 +265,6 @@ class RayRuntime:
         if self._started_here:
             import ray
 
+            if self.announce_in is not None:
+                running_ray.forget(self.announce_in)
             self._on_main_thread(ray.shutdown)

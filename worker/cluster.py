@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "LOCAL",
     "LOOPBACK",
     "START_TIMEOUT_ENV",
     "ClusterConfigError",
@@ -67,6 +68,8 @@ __all__ = [
     "check_reachable",
     "connect",
     "export_start_timeout",
+    "has_token",
+    "is_local",
     "local_node_alive",
     "node_alive",
     "reconnect",
@@ -76,6 +79,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
+LOCAL = "local"  # an address that asks for a local runtime of this process, as in `ray.init`
 _START_ATTEMPTS = 3  # starts of a local node always allowed when a start-up timeout is set
 START_TIMEOUT_ENV = "RATEBENCH_RAY_START_TIMEOUT_S"
 # Ray's own settings that bound its start-up, with their units: the raylet's registration with
@@ -115,7 +119,7 @@ class ClusterConfigError(ValueError):
     """A Ray setting that makes joining the cluster impossible; the message is one line."""
 
 
-def _has_token() -> bool:
+def has_token() -> bool:
     """Whether a token is where Ray looks for one, in Ray's order."""
     if os.environ.get("RAY_AUTH_TOKEN", "").strip():
         return True
@@ -125,12 +129,25 @@ def _has_token() -> bool:
     return (Path.home() / ".ray" / "auth_token").is_file()
 
 
+def is_local(address: str | None) -> bool:
+    """Whether `connect(address)` starts a local runtime of this process (joins no cluster)."""
+    return _joins(address) is None
+
+
+def _joins(address: str | None) -> str | None:
+    """The cluster that `connect(address)` joins: `address`, else `RAY_ADDRESS`; None for a
+    local runtime of this process (no address anywhere, or `LOCAL`)."""
+    if address == LOCAL:
+        return None
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
 def check_auth(address: str | None) -> None:
     """Raise ClusterConfigError when joining the cluster at `address` (None: `RAY_ADDRESS`, or
     a local runtime when that is unset too) needs a token that this process lacks."""
-    if not (address or os.environ.get("RAY_ADDRESS")):
+    if _joins(address) is None:
         return
-    if os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "token" and not _has_token():
+    if os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "token" and not has_token():
         raise ClusterConfigError(
             "RAY_AUTH_MODE=token but no Ray token: set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) "
             "to the token the cluster was started with"
@@ -173,7 +190,9 @@ def check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
 
 
 def connect(address: str | None, **options: Any) -> None:
-    """`ray.init` for a local runtime (`address` None) or a cluster; a no-op when connected.
+    """`ray.init` for a local runtime (`address` None without `RAY_ADDRESS`, or `LOCAL`) or a
+    cluster (`address`, else `RAY_ADDRESS`); a no-op when connected. A local runtime is always
+    a new one: `ray.init()` alone would join a cluster that `ray start` runs on this machine.
     Raises ClusterConfigError, before contacting anything, for a missing token, and
     ClusterUnreachableError when nothing listens at the address."""
     check_auth(address)
@@ -182,10 +201,16 @@ def connect(address: str | None, **options: Any) -> None:
 
     if ray.is_initialized():
         return
-    check_reachable(address or os.environ.get("RAY_ADDRESS"))
-    if address is None and not os.environ.get("RAY_ADDRESS"):
+    joins = _joins(address)
+    check_reachable(joins)
+    if joins is None:
         os.environ.setdefault(_RAY_WORKER_NICENESS, "0")  # inherited by the raylet's workers
-    node_ip = LOOPBACK if address is None else os.environ.get("RATEBENCH_NODE_IP")
+        address = LOCAL  # never the cluster `ray start` left a file of: `ray.init()` joins it
+        node_ip: str | None = LOOPBACK
+    elif joins.rpartition(":")[0].strip("[]") in _LOOPBACK_NAMES:
+        node_ip = LOOPBACK  # a cluster on loopback (a service's runtime) answers only there
+    else:
+        node_ip = os.environ.get("RATEBENCH_NODE_IP")
     if node_ip:
         options["_node_ip_address"] = node_ip
     if node_ip in _LOOPBACK_NAMES:
@@ -199,7 +224,7 @@ def connect(address: str | None, **options: Any) -> None:
         except Exception as exc:  # Ray raises a bare Exception for a node that is slow to start
             slow = "timed out during startup" in str(exc)
             again = limit is not None and (attempt < _START_ATTEMPTS or time.monotonic() < deadline)
-            if not slow or address is not None or not again:
+            if not slow or joins is not None or not again:
                 raise
             log.warning("Ray's local node did not register in time (a busy machine); starting "
                         "it again (attempt %d)", attempt + 1)  # fmt: skip

@@ -1,16 +1,18 @@
 """`ratebench run SPEC.json`: run a study right here, on Ray, without the API server.
 
 Storage and Ray come from `--database-url` / `--ray-address` or the settings (a SQLite file and
-a local Ray runtime by default). The study is stored under `--study-key`, by default the spec's
-name plus a hash of its content, so running the same spec again resumes it (and a finished
-study just prints its leaderboard). The key is also the study's id in `ratebench_studies`,
-where the run records it as the scheduler records a submitted study (source "cli"): status,
-progress, environment and leaderboard rows, so `ratebench plot`, the API, the leaderboards and
-the web pages show it like any other; the API's cancel stops it. A progress bar runs on stderr;
-the leaderboard is printed as a table at the end, or as JSON with `--json`. A study that
-already completed with this spec is not run again: its stored results are printed, without
-starting Ray (`service.local_run.finished_result`). An invalid spec is
-reported as one line per problem (exit code 2).
+a local Ray runtime by default). With no Ray address anywhere, a runtime already running on this
+machine is joined, and the first line says whose (`service.running_ray`: a `ratebench serve`'s,
+or `ray start`'s), which spares Ray's start; `--ray-address local` starts a new one. The study
+is stored under `--study-key`, by default the spec's name plus a hash of its content, so running
+the same spec again resumes it (and a finished study just prints its leaderboard). The key is
+also the study's id in `ratebench_studies`, where the run records it as the scheduler records a
+submitted study (source "cli"): status, progress, environment and leaderboard rows, so
+`ratebench plot`, the API, the leaderboards and the web pages show it like any other; the API's
+cancel stops it. A progress bar runs on stderr; the leaderboard is printed as a table at the
+end, or as JSON with `--json`. A study that already completed with this spec is not run again:
+its stored results are printed, without starting Ray (`service.local_run.finished_result`). An
+invalid spec is reported as one line per problem (exit code 2).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import hashlib
 import json
 import re
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +48,12 @@ def register(subparsers: SubParsers) -> None:
     )
     parser.add_argument("spec", type=Path, help="study spec, e.g. examples/quick.json")
     add_database_option(parser)
-    parser.add_argument("--ray-address", help="Ray cluster to join (default: a local runtime)")
+    parser.add_argument(
+        "--ray-address",
+        help="Ray cluster to join (default: RAY_ADDRESS, else a runtime already running on this "
+        "machine: a `ratebench serve`'s or `ray start`'s, else a new local one); 'local': a "
+        "new local runtime",
+    )
     parser.add_argument(
         "--study-key",
         help="the study's name in storage (default: spec name + hash of the spec; the same "
@@ -93,14 +101,14 @@ def default_study_key(spec: StudySpec) -> str:
 def _run(args: argparse.Namespace) -> int:
     import sqlalchemy as sa
 
+    from service import running_ray
     from service.config import get_settings
     from service.local_run import finished_result, run_recorded
     from service.models import STUDY_ID_LENGTH, STUDY_ID_PATTERN
-    from worker.report.stats import seed_warning
 
     spec = load_spec(args.spec)
     url = database_url(args)
-    ray_address = args.ray_address or get_settings().ray_address
+    settings = get_settings()
     key = args.study_key or default_study_key(spec)
     if not re.fullmatch(STUDY_ID_PATTERN, key):
         raise CliError(
@@ -109,16 +117,27 @@ def _run(args: argparse.Namespace) -> int:
         )
     err = console(stderr=True)
     shown = sa.make_url(url).render_as_string(hide_password=True)
-    err.print(f"study [bold]{key}[/bold] in {safe(shown)}")
-    few_seeds = seed_warning(spec.budget.final_seeds)
-    if few_seeds:
-        err.print(f"[yellow]warning:[/yellow] {few_seeds}")
     try:
         outcome = finished_result(spec, url, key)  # a completed study: nothing left to run
         if outcome is not None:
+            err.print(f"study [bold]{key}[/bold] in {safe(shown)}")
+            _warn_few_seeds(err, spec)
             err.print("completed before: its stored results (nothing to run, Ray not started)")
         else:
-            result, status, error = run_recorded(spec, url, key, ray_address, err)
+            ray_address = args.ray_address or settings.ray_address
+            rejoin = None
+            if ray_address is None:  # nothing asked: join a runtime running here, if any
+                running = running_ray.find(settings.data_dir)
+                if running is not None:
+                    ray_address = running.address
+                    running.join_settings()
+                    err.print(f"joining the Ray runtime of {safe(running.owner)} at "
+                              f"{safe(running.address)} (--ray-address local starts a new "
+                              "one)")  # fmt: skip
+                rejoin = partial(running_ray.address_to_join, settings.data_dir)
+            err.print(f"study [bold]{key}[/bold] in {safe(shown)}")
+            _warn_few_seeds(err, spec)
+            result, status, error = run_recorded(spec, url, key, ray_address, err, rejoin=rejoin)
             outcome = {**result.to_dict(), "status": status, "error": error}
     except sa.exc.OperationalError as exc:
         raise CliError(f"cannot use the database: {str(exc.orig).strip()}") from None
@@ -127,6 +146,14 @@ def _run(args: argparse.Namespace) -> int:
     else:
         console().print(arm_table(spec.model_dump(mode="json"), outcome["arms"]))
     return _report_outcome(err, outcome)
+
+
+def _warn_few_seeds(err: Any, spec: StudySpec) -> None:
+    from worker.report.stats import seed_warning
+
+    few_seeds = seed_warning(spec.budget.final_seeds)
+    if few_seeds:
+        err.print(f"[yellow]warning:[/yellow] {few_seeds}")
 
 
 def _report_outcome(err: Any, outcome: dict[str, Any]) -> int:
