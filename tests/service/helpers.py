@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -77,6 +78,18 @@ class ServiceProcess:
                 pass
             time.sleep(0.2)
         raise AssertionError(f"service did not become healthy:\n{self.log()}")
+
+    def fail_if_exited(self, error: Exception, wait_s: float = 5.0) -> None:
+        """After `error` reaching the service: fail with its exit status and its log's end when
+        the process ended (it may take a moment after it reset a connection), so that a service
+        that died under a test says how."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=wait_s)
+        if self.proc.returncode is not None:
+            raise AssertionError(f"the service exited with {self.proc.returncode} ({error}); "
+                                 f"the end of its log:\n{self.log()}") from error  # fmt: skip
 
     def stop(self) -> int:
         """SIGTERM and wait: the graceful path."""
@@ -155,7 +168,11 @@ def cli_env(service: ServiceProcess, key: str | None = None) -> dict[str, str]:
 
 
 def get(service: ServiceProcess, path: str) -> Any:
-    response = httpx.get(f"{service.url}/api/v1{path}", timeout=30)
+    try:
+        response = httpx.get(f"{service.url}/api/v1{path}", timeout=30)
+    except httpx.TransportError as exc:
+        service.fail_if_exited(exc)
+        raise
     response.raise_for_status()
     return response.json()
 
