@@ -229,6 +229,7 @@ def _while_ray_starts(
     start, the imports, the migrations and the claim are most of what `ratebench run` does
     before its first trial, and need not wait for one another. When Ray fails to start after
     `work()` succeeded, `ray_failed(its result, the error)` runs, then a CliError says why."""
+    import os
     from concurrent.futures import ThreadPoolExecutor
 
     from worker import cluster
@@ -240,7 +241,11 @@ def _while_ray_starts(
         except Exception as exc:  # Ray raises many types; the user gets one line
             if done.exception() is None:  # waits for work(); its own error is shadowed by Ray's
                 ray_failed(done.result(), exc)
-            where = f"join Ray at {ray_address}" if ray_address else "start a local Ray runtime"
+            where = (
+                "start a local Ray runtime"
+                if cluster.is_local(ray_address)
+                else f"join Ray at {ray_address or os.environ.get('RAY_ADDRESS')}"
+            )
             first = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
             raise CliError(f"could not {where}: {first}") from None
         from worker.remote import warm_workers
