@@ -58,6 +58,9 @@ _MIGRATIONS = Path(__file__).parent / "migrations"
 VERSION_TABLE = "ratebench_alembic_version"
 _SQLITE_BEGIN = "ratebench_sqlite_begin"  # execution option: how a SQLite transaction begins
 # sqlite3 reports these as OperationalError like any other failure; only these are transient.
+# A session whose connection was lost mid-transaction says so on its next use; Optuna's storage
+# catches the first error of a read and retries it on the same session, and meets this one.
+_RECONNECT = "Can't reconnect until invalid transaction is rolled back"
 _SQLITE_TRANSIENT = ("database is locked", "database is busy", "unable to open", "disk i/o error")
 
 T = TypeVar("T")
@@ -189,6 +192,8 @@ def is_unavailable(exc: BaseException) -> bool:
             return True
         if isinstance(current, sa.exc.DBAPIError) and current.connection_invalidated:
             return True
+        if isinstance(current, sa.exc.PendingRollbackError) and _RECONNECT in str(current):
+            return True  # the connection was lost mid-transaction (the error itself was caught)
         if isinstance(current, sa.exc.OperationalError):
             if type(current.orig).__module__.startswith("sqlite3"):
                 return str(current.orig).lower().startswith(_SQLITE_TRANSIENT)
