@@ -66,6 +66,7 @@ _TARGETS = {
 }
 # Faults that hit a running trial's machinery come first, while the studies run.
 _NEEDS_TRIALS = ("trial_worker", "mailbox", "agent", "raylet")
+_TARGET_WAIT_S = 10.0  # how long a Ray fault looks for its process before another kind goes
 _OUTAGE_GRACE_S = 5.0  # requests answered this soon after the database is back may still 503
 
 
@@ -260,8 +261,7 @@ class Soak:
             self.outages.append((began, time.monotonic() + _OUTAGE_GRACE_S))
             down = round(time.monotonic() - began, 1)
             return {"at_s": at, "fault": kind, "running": running, "down_s": down}
-        matches = [p for p in self.service.descendants() if _is_target(kind, command_line(p))]
-        targets = outermost(matches)  # not a process the raylet is starting, say
+        targets = self._targets(kind)
         if not targets:
             return None
         pid = self.rng.choice(targets)
@@ -271,6 +271,17 @@ class Soak:
         except ProcessLookupError:
             return None
         return {"at_s": at, "fault": kind, "running": running, "process": title}
+
+    def _targets(self, kind: str) -> list[int]:
+        """The processes a Ray fault of `kind` may hit, waiting up to `_TARGET_WAIT_S` for
+        one: a trial's worker exists only while a trial trains, and short trials leave gaps."""
+        deadline = time.monotonic() + _TARGET_WAIT_S
+        while True:
+            matches = [p for p in self.service.descendants() if _is_target(kind, command_line(p))]
+            targets = outermost(matches)  # not a process the raylet is starting, say
+            if targets or time.monotonic() > deadline:
+                return targets
+            time.sleep(0.05)
 
     def run_faults(self, until: float) -> None:
         kinds = list(self.args.faults)

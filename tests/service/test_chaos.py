@@ -31,8 +31,8 @@ def test_a_short_soak_loses_no_study_and_answers_no_5xx_while_the_database_is_up
         pytest.fail(f"the soak needs a private PostgreSQL server: {reason}")
     out = tmp_path / "summary.json"
     result = subprocess.run(
-        [sys.executable, str(CHAOS), "--minutes", "1.5", "--studies", "2", "--rates", "4",
-         "--epochs", "25", "--readers", "6", "--fault-every", "15", "25",
+        [sys.executable, str(CHAOS), "--minutes", "1.25", "--studies", "2", "--rates", "4",
+         "--epochs", "12", "--readers", "6", "--fault-every", "15", "25",
          "--faults", "trial_worker,agent,postgres", "--settle-minutes", "20",
          "--out", str(out)],
         capture_output=True, text=True, timeout=1700,
