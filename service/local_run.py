@@ -141,6 +141,7 @@ def run_recorded(
     from worker.sweep import TakenOverError, run_study
 
     recorder = Scheduler(engine, config)  # not started: only its way of recording an end
+    again = rejoin if rejoin is not None else lambda: ray_address
     with StudyDriver(engine, key, config) as driver, _progress_bar(err) as bar:
 
         def update(progress: Progress) -> None:
@@ -158,7 +159,6 @@ def run_recorded(
                 recorder.finish_study(key, StudyStatus.CANCELLED, driver, error=_INTERRUPTED)
                 raise
             except Exception as exc:
-                again = rejoin if rejoin is not None else lambda: ray_address
                 if _resumed_after_fault(exc, recorder, key, driver, again, err):
                     continue
                 recorder.finish_study(key, StudyStatus.FAILED, driver, exc=exc)  # if ours
@@ -229,7 +229,6 @@ def _while_ray_starts(
     start, the imports, the migrations and the claim are most of what `ratebench run` does
     before its first trial, and need not wait for one another. When Ray fails to start after
     `work()` succeeded, `ray_failed(its result, the error)` runs, then a CliError says why."""
-    import os
     from concurrent.futures import ThreadPoolExecutor
 
     from worker import cluster
@@ -241,11 +240,8 @@ def _while_ray_starts(
         except Exception as exc:  # Ray raises many types; the user gets one line
             if done.exception() is None:  # waits for work(); its own error is shadowed by Ray's
                 ray_failed(done.result(), exc)
-            where = (
-                "start a local Ray runtime"
-                if cluster.is_local(ray_address)
-                else f"join Ray at {ray_address or os.environ.get('RAY_ADDRESS')}"
-            )
+            joins = cluster.cluster_to_join(ray_address)
+            where = "start a local Ray runtime" if joins is None else f"join Ray at {joins}"
             first = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
             raise CliError(f"could not {where}: {first}") from None
         from worker.remote import warm_workers

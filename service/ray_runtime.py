@@ -168,7 +168,6 @@ class RayRuntime:
                     self._connect(cluster.connect)
                 self._state = "connected"
                 self._generation += 1
-                self._announce()
             except Exception as exc:  # Ray raises many types; the status must report any
                 where = self.address or "a local runtime"
                 if isinstance(exc, cluster.ClusterUnreachableError):  # its message says it all
@@ -177,6 +176,7 @@ class RayRuntime:
                     log.exception("could not connect to Ray at %s", where)
                 self._state, self._error = "error", f"{type(exc).__name__}: {exc}"
                 return
+            self._announce()
         self._warm()
 
     def _connect(self, how: Callable[..., None]) -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,11 +141,10 @@ def _ray_start_address() -> str | None:
 
 def _answers(address: str) -> bool:
     """Whether something accepts a connection at `host:port`."""
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
+    if not address.rpartition(":")[2].isdigit():
         return False
     try:
-        socket.create_connection((host.strip("[]"), int(port)), _CONNECT_TIMEOUT_S).close()
-    except OSError:
+        cluster.check_reachable(address, _CONNECT_TIMEOUT_S)
+    except cluster.ClusterUnreachableError:
         return False
     return True

@@ -66,6 +66,7 @@ __all__ = [
     "ClusterUnreachableError",
     "check_auth",
     "check_reachable",
+    "cluster_to_join",
     "connect",
     "export_start_timeout",
     "has_token",
@@ -131,10 +132,10 @@ def has_token() -> bool:
 
 def is_local(address: str | None) -> bool:
     """Whether `connect(address)` starts a local runtime of this process (joins no cluster)."""
-    return _joins(address) is None
+    return cluster_to_join(address) is None
 
 
-def _joins(address: str | None) -> str | None:
+def cluster_to_join(address: str | None) -> str | None:
     """The cluster that `connect(address)` joins: `address`, else `RAY_ADDRESS`; None for a
     local runtime of this process (no address anywhere, or `LOCAL`)."""
     if address == LOCAL:
@@ -145,7 +146,7 @@ def _joins(address: str | None) -> str | None:
 def check_auth(address: str | None) -> None:
     """Raise ClusterConfigError when joining the cluster at `address` (None: `RAY_ADDRESS`, or
     a local runtime when that is unset too) needs a token that this process lacks."""
-    if _joins(address) is None:
+    if cluster_to_join(address) is None:
         return
     if os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "token" and not has_token():
         raise ClusterConfigError(
@@ -201,7 +202,7 @@ def connect(address: str | None, **options: Any) -> None:
 
     if ray.is_initialized():
         return
-    joins = _joins(address)
+    joins = cluster_to_join(address)
     check_reachable(joins)
     if joins is None:
         os.environ.setdefault(_RAY_WORKER_NICENESS, "0")  # inherited by the raylet's workers

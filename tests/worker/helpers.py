@@ -73,7 +73,14 @@ def runs_task(pid: int, key: str) -> bool:
     """Whether the process is running the trial task `key` now (a trial's key, or a cohort's):
     Ray titles a worker by its task. A trial's stored `pid` is not enough: a worker takes task
     after task, and the storage learns of a trial's end only when the driver records it."""
-    return alive(pid) and command_line(pid).split() == ["ray::ratebench", "trial", key]
+    return alive(pid) and task_of(pid) == key
+
+
+def task_of(pid: int) -> str | None:
+    """The key of the trial task the process runs, by the title Ray gives a worker while it
+    runs one (`ray::ratebench trial <key>`); None for any other process."""
+    title = command_line(pid).split()
+    return title[2] if len(title) == 3 and title[:2] == ["ray::ratebench", "trial"] else None
 
 
 class TaskKiller:
@@ -102,14 +109,11 @@ class TaskKiller:
     def _watch(self) -> None:
         while not self._stop.is_set():
             for pid in descendants(os.getpid()):
-                title = command_line(pid).split()
-                if title[:2] != _TASK_TITLE or len(title) != 3 or not self.wanted(title[2]):
+                key = task_of(pid)
+                if key is None or not self.wanted(key):
                     continue
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                    self.killed.update(pid=pid, key=title[2])
+                    self.killed.update(pid=pid, key=key)
                     return
             self._stop.wait(0.02)
-
-
-_TASK_TITLE = ["ray::ratebench", "trial"]

@@ -13,8 +13,8 @@ import pytest
 import sqlalchemy as sa
 from optuna.exceptions import StorageInternalError
 
-from service.processes import command_line, descendants
-from tests.worker.helpers import digits_spec
+from service.processes import descendants
+from tests.worker.helpers import digits_spec, task_of
 from worker import storage
 from worker.results import TrialRecord, load_trials
 from worker.slots import Capacity, TrialGate
@@ -22,7 +22,6 @@ from worker.spec import StudySpec
 from worker.sweep import Progress, run_study
 
 pytestmark = pytest.mark.ray
-_TITLE = "ray::ratebench trial "  # Ray titles a worker process by the task it runs
 
 
 def _spec(**changes: Any) -> StudySpec:
@@ -147,7 +146,7 @@ def test_a_driver_that_loses_its_database_gives_back_every_slot_and_cancels_its_
         lock.close()
 
     def trial_processes() -> list[int]:
-        return [p for p in descendants(os.getpid()) if command_line(p).startswith(_TITLE)]
+        return [p for p in descendants(os.getpid()) if task_of(p) is not None]
 
     deadline = time.monotonic() + 60
     while trial_processes() and time.monotonic() < deadline:
