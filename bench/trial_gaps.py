@@ -100,26 +100,34 @@ def _kind(cmdline: str) -> str:
 
 def _cpu_shares(stop: threading.Event) -> dict[str, float]:
     """Cores used per kind of process over `CPU_SAMPLE_S` (or until `stop`), from when the
-    first trial's process is seen. A Ray worker that ran a trial at any moment of the window
-    counts as a trial process (its title says so only while the trial runs)."""
+    first trial's process is seen to the last look that saw a trial training (a short sweep
+    ends within the window, and its workers exit with the run). A Ray worker that ran a trial
+    at any moment of the window counts as a trial process (its title says so only while the
+    trial runs)."""
     ran_trials: set[int] = set()
 
-    def look() -> dict[int, tuple[int, str]]:
+    def look() -> tuple[dict[int, tuple[int, str]], bool]:
         ticks = _cpu_ticks()
-        ran_trials.update(pid for pid, (_, cmd) in ticks.items() if _kind(cmd) == "trials")
-        return ticks
+        training = {pid for pid, (_, cmd) in ticks.items() if _kind(cmd) == "trials"}
+        ran_trials.update(training)
+        return ticks, bool(training)
 
-    while not (before := look()) or not ran_trials:
+    while not (seen := look())[1]:
         if stop.wait(0.1):
             return {}
-    began = time.monotonic()
+    before, began = seen[0], time.monotonic()
+    last, ended = before, began
     while not stop.wait(0.1) and time.monotonic() - began < CPU_SAMPLE_S:
-        look()
-    after, seconds = look(), time.monotonic() - began
+        ticks, training = look()
+        if training:
+            last, ended = ticks, time.monotonic()
+    seconds = ended - began
+    if seconds <= 0:
+        return {}
     hz = os.sysconf("SC_CLK_TCK")
     shares: dict[str, float] = {}
-    for pid, (ticks, cmdline) in after.items():
-        used = ticks - before.get(pid, (0, ""))[0]
+    for pid, (ticks_now, cmdline) in last.items():
+        used = ticks_now - before.get(pid, (0, ""))[0]
         kind = "trials" if pid in ran_trials else _kind(cmdline)
         shares[kind] = shares.get(kind, 0.0) + used / hz / seconds
     return {kind: round(cores, 3) for kind, cores in sorted(shares.items())}

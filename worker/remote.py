@@ -9,11 +9,12 @@ trial stored), and answers (True stops the work). A task whose answers matter (a
 stop it, a hypergradient arm's tuning) waits for each answer, so each of its reports is
 recorded before its result arrives. Any other task (`Job.awaits_answers` False: no pruner,
 a final seed) sends its epochs' objectives as notes and trains on: waiting for the driver to
-record each epoch cost a short trial a fifth of its time. The driver records the notes that
-arrive while the trial runs (the study's live view) and, from the result's history, any that
-had not arrived when it ended. The task also announces its process id,
-host, start time and machine (`worker.environment.node`) when it starts, so the trial records
-where and when it ran (and a test can kill that process). This module knows no tuner.
+record each epoch cost a short trial a fifth of its time. It sends at most one note a second
+(`NOTE_INTERVAL_S`): the driver records the notes that arrive while the trial runs (the
+study's live view) and, from the result's history, every epoch that no note brought. The
+task also announces its process id, host, start time and machine (`worker.environment.node`)
+when it starts, so the trial records where and when it ran (and a test can kill that
+process). This module knows no tuner.
 
 Trials that use GPUs run in a fresh worker process each (`max_calls=1`): the process exits
 after the trial, so CUDA memory, caches and allocator state never leak into the next trial.
@@ -38,6 +39,12 @@ from worker import environment
 
 if TYPE_CHECKING:  # not at run time: a Ray worker process need not import Optuna
     from worker.arms.base import Work
+
+# The shortest time between two notes of a job that awaits no answer (`_MailboxReporter`): the
+# live view of a running trial is at most this late, and the driver writes at most one epoch
+# per trial and interval while it trains instead of every epoch.
+NOTE_INTERVAL_S = 1.0
+_clock = time.monotonic  # the notes' clock (a test steps it)
 
 __all__ = ["Mailbox", "Ran", "trial_task", "warm_workers"]
 
@@ -105,14 +112,22 @@ class Mailbox:
 
 class _MailboxReporter:
     """A job's reports to the mailbox: each waits for its answer when `awaits`, else it is
-    sent as a note and the work goes on (never stopped)."""
+    sent as a note, at most one per `NOTE_INTERVAL_S`, and the work goes on (never stopped).
+
+    A note is only the study's live view: the result's history brings every epoch, so the notes
+    in between can be left out. Each one is a message to the mailbox and a storage transaction
+    of the driver, and a short trial's epochs take tens of milliseconds."""
 
     def __init__(self, mailbox: Any, key: str, awaits: bool) -> None:
         self.mailbox, self.key, self.awaits = mailbox, key, awaits
+        self._last_note: float | None = None
 
     def report(self, index: int, payload: Any) -> bool:
         if not self.awaits:
-            self.mailbox.note.remote(self.key, index, payload)
+            now = _clock()
+            if self._last_note is None or now - self._last_note >= NOTE_INTERVAL_S:
+                self._last_note = now
+                self.mailbox.note.remote(self.key, index, payload)
             return False
         return bool(ray.get(self.mailbox.report.remote(self.key, index, payload)))
 

@@ -65,3 +65,40 @@ def test_the_epochs_whose_notes_did_not_arrive_are_stored_from_the_result(
     frozen = job.arm.sweep.trials[0]
     assert frozen.state.name == "COMPLETE" and frozen.value == 0.7
     assert frozen.intermediate_values == {1: 0.25, 2: 0.6, 3: 0.7}
+
+
+class _RecordedNotes:
+    """Stands in for the mailbox actor's handle: `note.remote(...)` records the call (the
+    actor's side is exercised by every sweep test on Ray)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, int, Any]] = []
+        self.note = self
+
+    def remote(self, key: str, index: int, payload: Any) -> None:
+        self.sent.append((key, index, payload))
+
+
+def test_a_trial_that_awaits_no_answer_sends_at_most_one_note_per_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Epochs of tens of milliseconds: the first epoch's note goes at once, then one per
+    `NOTE_INTERVAL_S`; the result's history brings the rest (test above)."""
+    from worker import remote
+
+    now = [100.0]
+    monkeypatch.setattr(remote, "_clock", lambda: now[0])
+    mailbox = _RecordedNotes()
+    reporter = remote._MailboxReporter(mailbox, "sgd/sweep/0", awaits=False)
+    step = remote.NOTE_INTERVAL_S * 0.3
+    for epoch in range(1, 9):
+        assert reporter.report(epoch, 0.1 * epoch) is False  # never stopped
+        now[0] += step
+    # epochs 1..8 at 0, 0.3, ..., 2.1 intervals: notes at 0 (epoch 1) and 1.2 (epoch 5)
+    assert [(key, index) for key, index, _ in mailbox.sent] == [
+        ("sgd/sweep/0", 1),
+        ("sgd/sweep/0", 5),
+    ]
+    member = reporter.under("sgd/sweep/1")  # a cohort's member keeps its own interval
+    assert member.report(1, 0.5) is False
+    assert mailbox.sent[-1] == ("sgd/sweep/1", 1, 0.5)
