@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -99,7 +100,7 @@ def api_response(
     headers = dict(kwargs.pop("headers", {}))
     if key:
         headers["Authorization"] = f"Bearer {key}"
-    deadline = time.monotonic() + wait_s
+    deadline, said = time.monotonic() + wait_s, False
     while True:
         try:
             response = httpx.request(
@@ -109,6 +110,10 @@ def api_response(
         except httpx.ConnectError as exc:
             if time.monotonic() >= deadline:
                 raise CliError(f"cannot reach the API at {base}: {exc}") from None
+            if not said:  # minutes of silence would read as a hang
+                print(f"waiting for the API at {base} to listen (up to {wait_s:.0f} s; "
+                      "--wait-for-api sets how long)", file=sys.stderr, flush=True)  # fmt: skip
+                said = True
             time.sleep(0.5)
         except httpx.HTTPError as exc:
             raise CliError(f"cannot reach the API at {base}: {exc}") from None

@@ -311,3 +311,26 @@ def test_task_leaderboard_takes_the_apis_setting_filters(
     with pytest.raises(SystemExit):
         main(["leaderboard", "--task", task, "--epochs", "0", "--url", url])
     assert "must be at least 1" in capsys.readouterr().err
+
+
+def test_a_submit_to_an_api_not_listening_says_it_waits_then_fails_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README starts the service and submits at once: `submit` keeps trying while nothing
+    listens, says so on its first refusal, and ends with one line, not a traceback."""
+    from tests.service.helpers import free_port
+
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(SPEC))
+    url = f"http://127.0.0.1:{free_port()}"
+    code = main(["submit", str(spec_file), "--url", url, "--wait-for-api", "1"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"waiting for the API at {url} to listen (up to 1 s;" in err
+    assert err.count("waiting for the API") == 1
+    assert (
+        err.rstrip()
+        .splitlines()[-1]
+        .startswith(f"ratebench submit: error: cannot reach the API at {url}")
+    )
+    assert "Traceback" not in err
