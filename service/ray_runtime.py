@@ -21,6 +21,12 @@ under: when this process's node is dead, the runtime is shut down and started ag
 local runtime, or the cluster joined again), and the generation grows; the studies then resume
 from storage. Several studies asking at once restart it once.
 
+Other threads ask Ray things (`/health`, a submit's node checks, the scheduler's watch) through
+`ask`, never while a restart or the shutdown runs: Ray aborts the whole process ("The core
+worker has already been shutdown") when a call meets a runtime that another thread is shutting
+down. A restart first marks the runtime "restarting", so that `ask` answers None without
+calling Ray, then waits (up to `_USERS_WAIT_S`) for the calls already made to return.
+
 A local runtime started here is announced (`service.running_ray`): its address goes to the
 data folder, where `ratebench run` finds it and joins it instead of starting Ray.
 
@@ -38,7 +44,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from service import running_ray
 from worker import cluster
@@ -48,11 +54,16 @@ __all__ = ["RayRuntime", "RayStatus"]
 log = logging.getLogger(__name__)
 
 _MAIN_LOOP_POLL_S = 0.2
+# How long a restart or the shutdown waits for other threads' calls into Ray to return (a call
+# that hangs on a dead runtime must not hold the restart off for good).
+_USERS_WAIT_S = 10.0
+
+T = TypeVar("T")
 
 
 @dataclass
 class RayStatus:
-    state: str  # "disabled" | "starting" | "connected" | "restarting" | "error"
+    state: str  # "disabled" | "starting" | "connected" | "restarting" | "error" | "stopped"
     address: str | None = None
     error: str | None = None
     resources: dict[str, float] = field(default_factory=dict)
@@ -100,6 +111,8 @@ class RayRuntime:
         self._restarts = 0
         self._lock = threading.Lock()  # one start or restart at a time
         self._calls: queue.SimpleQueue[_Call] | None = None  # while the main thread serves
+        self._users = 0  # calls into Ray under way on other threads (`ask`)
+        self._users_changed = threading.Condition()
 
     @property
     def connected(self) -> bool:
@@ -109,6 +122,28 @@ class RayRuntime:
     def generation(self) -> int:
         """Which runtime this is: 1 after the first start, one more after each restart."""
         return self._generation
+
+    def ask(self, question: Callable[..., T], *args: Any) -> T | None:
+        """`question(*args)`, a call into Ray, made only while the runtime is connected and
+        never while it is shut down or restarted; None (without calling) otherwise."""
+        with self._users_changed:
+            if self._state != "connected":
+                return None
+            self._users += 1
+        try:
+            return question(*args)
+        finally:
+            with self._users_changed:
+                self._users -= 1
+                self._users_changed.notify_all()
+
+    def _stop_asking(self, state: str) -> None:
+        """Enter `state` (no new `ask` calls Ray), then wait for the calls under way."""
+        with self._users_changed:
+            self._state = state
+            if not self._users_changed.wait_for(lambda: self._users == 0, _USERS_WAIT_S):
+                log.warning("%d calls into Ray still under way after %g s; going on",
+                            self._users, _USERS_WAIT_S)  # fmt: skip
 
     # -- the main thread ----------------------------------------------------------------------
 
@@ -226,7 +261,7 @@ class RayRuntime:
             if self._state == "connected" and cluster.local_node_alive():
                 return True  # an actor or an object was lost, not the runtime
             log.warning("the Ray runtime's node is gone; starting Ray again")
-            self._state = "restarting"
+            self._stop_asking("restarting")
             try:
                 self._connect(cluster.reconnect)
             except Exception as exc:
@@ -242,24 +277,28 @@ class RayRuntime:
         return True
 
     def status(self) -> RayStatus:
-        resources: dict[str, float] = {}
-        if self._state == "connected":
-            import ray
+        answer = self.ask(self._connected_status)
+        if answer is not None:
+            return answer
+        return RayStatus(self._state, self.address, self._error, restarts=self._restarts)
 
-            if not cluster.local_node_alive():  # the scheduler starts it again
-                return RayStatus("error", self.address, "this process's Ray node is not alive",
-                                 restarts=self._restarts)  # fmt: skip
-            try:
-                resources = {
-                    k: float(v)
-                    for k, v in ray.cluster_resources().items()
-                    if k in {"CPU", "GPU", "memory"}
-                }
-            except Exception as exc:  # a lost cluster shows as an error, not a 500
-                return RayStatus(
-                    "error", self.address, f"{type(exc).__name__}: {exc}", restarts=self._restarts
-                )
-        return RayStatus(self._state, self.address, self._error, resources, self._restarts)
+    def _connected_status(self) -> RayStatus:
+        import ray
+
+        if not cluster.local_node_alive():  # the scheduler starts it again
+            return RayStatus("error", self.address, "this process's Ray node is not alive",
+                             restarts=self._restarts)  # fmt: skip
+        try:
+            resources = {
+                k: float(v)
+                for k, v in ray.cluster_resources().items()
+                if k in {"CPU", "GPU", "memory"}
+            }
+        except Exception as exc:  # a lost cluster shows as an error, not a 500
+            return RayStatus(
+                "error", self.address, f"{type(exc).__name__}: {exc}", restarts=self._restarts
+            )
+        return RayStatus("connected", self.address, None, resources, self._restarts)
 
     def shutdown(self) -> None:
         if self._started_here:
@@ -267,4 +306,5 @@ class RayRuntime:
 
             if self.announce_in is not None:
                 running_ray.forget(self.announce_in)
+            self._stop_asking("stopped")
             self._on_main_thread(ray.shutdown)

@@ -232,7 +232,7 @@ class Scheduler:
         self._ray_checked = now
         from worker import cluster
 
-        if self.ray.connected and not cluster.local_node_alive():
+        if self.ray.ask(cluster.local_node_alive) is False:  # None: restarting or not connected
             log.warning("the Ray runtime's node is gone; starting Ray again before the next claim")
             self._recover_ray(self.ray.generation)
 
@@ -406,7 +406,7 @@ class Scheduler:
             return
         from worker import cluster
 
-        if cluster.local_node_alive():
+        if self.ray.ask(cluster.local_node_alive):  # only an actor or an object was lost
             return
         self._ray_down.set()
         try:

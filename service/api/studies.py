@@ -150,8 +150,9 @@ async def _check_plugin_on_nodes(
     await db.authorize()
     try:
         problem = await in_thread(
-            request, "heavy", cluster_package_problem, task.package, task.version, task.name
-        )
+            request, "heavy", ray.ask, cluster_package_problem, task.package, task.version,
+            task.name,
+        )  # fmt: skip
     except Exception:  # an unreachable cluster: the trials' own check decides later
         log.warning("could not ask the Ray nodes for %s", task.package, exc_info=True)
         return
@@ -172,8 +173,9 @@ async def _check_node_fit(spec: StudySpec, ray: RayRuntime, request: Request) ->
     res = spec.resources
     try:
         problem = await in_thread(
-            request, "health", cluster_fit_problem, res.cpus_per_trial, res.gpus_per_trial
-        )
+            request, "health", ray.ask, cluster_fit_problem, res.cpus_per_trial,
+            res.gpus_per_trial,
+        )  # fmt: skip
     except Exception:  # an unreachable cluster: the scheduler's check decides later
         log.warning("could not read the Ray cluster's nodes for a submit", exc_info=True)
         return

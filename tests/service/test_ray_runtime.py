@@ -1,9 +1,11 @@
 """Who joins Ray: an API without the scheduler never does, and a command that would join a
-token-protected cluster without a token stops with one line before contacting anything."""
+token-protected cluster without a token stops with one line before contacting anything; and
+no other thread calls into Ray while the runtime restarts."""
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +17,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.cli import main
 from service.config import Settings, get_settings
+from service.ray_runtime import RayRuntime
 from tests.service.helpers import tiny_spec
 from worker import cluster
 
@@ -75,3 +78,53 @@ def test_a_missing_ray_token_is_one_line_from_each_command(
     assert line.startswith(f"ratebench {command}: error: RAY_AUTH_MODE=token but no Ray token")
     assert "RAY_AUTH_TOKEN" in line
     assert "Traceback" not in err
+
+
+def test_a_restart_waits_for_the_calls_into_ray_under_way_and_lets_none_start(
+    ray_runtime: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray aborts the whole process when a call meets a runtime another thread shuts down, so a
+    restart first stops new calls (`ask` answers None), then waits for the one under way. The
+    node's death and Ray's shutdown and start are stood in for: the session's runtime, which
+    the other tests use, must live on."""
+    runtime = RayRuntime(None)
+    runtime.start()  # joins the session's runtime, already up in this process
+    assert runtime.connected
+    inside, release = threading.Event(), threading.Event()
+
+    def slow_question() -> str:
+        inside.set()
+        release.wait(60)
+        return "answered"
+
+    answers: list[str | None] = []
+    asking = threading.Thread(target=lambda: answers.append(runtime.ask(slow_question)))
+    asking.start()
+    assert inside.wait(30)
+    seen: dict[str, object] = {}
+
+    def restart_in_place(address: str | None, **options: object) -> None:
+        seen["calls under way"] = runtime._users
+
+    monkeypatch.setattr(cluster, "local_node_alive", lambda: False)
+    monkeypatch.setattr(cluster, "reconnect", restart_in_place)
+    generation = runtime.generation
+    restarting = threading.Thread(target=runtime.recover, args=(generation,))
+    restarting.start()
+    deadline = time.monotonic() + 30
+    while runtime.status().state != "restarting" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert runtime.status().state == "restarting"
+    called: list[bool] = []
+    assert runtime.ask(lambda: called.append(True)) is None and not called
+    restarting.join(timeout=0.5)
+    assert restarting.is_alive(), "the restart did not wait for the call under way"
+    release.set()
+    restarting.join(timeout=60)
+    asking.join(timeout=60)
+    assert answers == ["answered"]
+    assert seen == {"calls under way": 0}
+    monkeypatch.undo()  # Ray's own answers again
+    assert runtime.generation == generation + 1 and runtime.connected
+    assert runtime.status().restarts == 1
+    assert runtime.ask(lambda: "asked") == "asked"
