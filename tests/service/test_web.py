@@ -90,7 +90,10 @@ def test_index_and_task_pages_list_the_finished_study(
     assert "mnist1d-mlp" in page.inner_text("#tasks")
     assert "e2e" in page.inner_text("#studies")
     page.click("text=mnist1d-mlp")
-    assert page.url.endswith("/tasks/mnist1d-mlp")
+    # The URL changes when the navigation commits, before the new page is parsed; `count()`
+    # does not wait (on a loaded machine it once counted the page still loading: 0).
+    page.wait_for_url("**/tasks/mnist1d-mlp")
+    page.wait_for_load_state()
     assert page.locator("section.group").count() == 1  # one setting: one table
     assert "1 epoch × one pass" in page.inner_text(".setting")
     rows = page.locator("table.leaderboard tr").all_inner_texts()[1:]
