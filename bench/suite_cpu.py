@@ -26,7 +26,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from service.processes import command_line
+from service.processes import command_line, cpu_seconds
 
 # The first pattern that matches a command line names its kind. A Ray worker's title changes
 # with its task, so every worker counts as one kind.
@@ -57,18 +57,9 @@ def _busy_seconds() -> float:
 
 def _look(seen: dict[int, tuple[float, str]]) -> None:
     """Each process's CPU seconds so far, with the first command line read for it."""
-    hz = os.sysconf("SC_CLK_TCK")
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        pid = int(entry.name)
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        cpu = (int(fields[11]) + int(fields[12])) / hz
-        command = seen[pid][1] if pid in seen and seen[pid][1] else command_line(pid)
-        seen[pid] = (max(cpu, seen.get(pid, (0.0, ""))[0]), command)
+    for pid, cpu in cpu_seconds().items():
+        _, command = seen.get(pid, (0.0, ""))
+        seen[pid] = (cpu, command or command_line(pid))
 
 
 def profile(command: list[str]) -> dict[str, Any]:
@@ -94,8 +85,9 @@ def profile(command: list[str]) -> dict[str, Any]:
     for pid, (cpu, cmd) in seen.items():
         used = cpu - before.get(pid, (0.0, ""))[0]
         if used > 0:
-            seconds[kind_of(cmd)] += used
-            count[kind_of(cmd)] += 1
+            kind = kind_of(cmd)
+            seconds[kind] += used
+            count[kind] += 1
     return {
         "command": command,
         "exit_code": code,

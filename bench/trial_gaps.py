@@ -42,7 +42,7 @@ from typing import Any
 from _sweep_runners import trial_config
 from sweep_wall import WORKLOADS
 
-from service.processes import command_line
+from service.processes import command_line, cpu_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_SAMPLE_S = 10.0
@@ -72,18 +72,9 @@ def _spec(work: dict[str, Any], rates: int) -> dict[str, Any]:
     }
 
 
-def _cpu_ticks() -> dict[int, tuple[int, str]]:
-    """Every process's CPU ticks so far (user + system) and its command line."""
-    found: dict[int, tuple[int, str]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        found[int(entry.name)] = (int(fields[11]) + int(fields[12]), command_line(int(entry.name)))
-    return found
+def _cpu_seconds() -> dict[int, tuple[float, str]]:
+    """Every process's CPU seconds so far (user + system) and its command line."""
+    return {pid: (cpu, command_line(pid)) for pid, cpu in cpu_seconds().items()}
 
 
 def _kind(cmdline: str) -> str:
@@ -106,11 +97,11 @@ def _cpu_shares(stop: threading.Event) -> dict[str, float]:
     trial runs)."""
     ran_trials: set[int] = set()
 
-    def look() -> tuple[dict[int, tuple[int, str]], bool]:
-        ticks = _cpu_ticks()
-        training = {pid for pid, (_, cmd) in ticks.items() if _kind(cmd) == "trials"}
+    def look() -> tuple[dict[int, tuple[float, str]], bool]:
+        processes = _cpu_seconds()
+        training = {pid for pid, (_, cmd) in processes.items() if _kind(cmd) == "trials"}
         ran_trials.update(training)
-        return ticks, bool(training)
+        return processes, bool(training)
 
     while not (seen := look())[1]:
         if stop.wait(0.1):
@@ -118,18 +109,17 @@ def _cpu_shares(stop: threading.Event) -> dict[str, float]:
     before, began = seen[0], time.monotonic()
     last, ended = before, began
     while not stop.wait(0.1) and time.monotonic() - began < CPU_SAMPLE_S:
-        ticks, training = look()
+        processes, training = look()
         if training:
-            last, ended = ticks, time.monotonic()
+            last, ended = processes, time.monotonic()
     seconds = ended - began
     if seconds <= 0:
         return {}
-    hz = os.sysconf("SC_CLK_TCK")
     shares: dict[str, float] = {}
-    for pid, (ticks_now, cmdline) in last.items():
-        used = ticks_now - before.get(pid, (0, ""))[0]
+    for pid, (cpu, cmdline) in last.items():
+        used = cpu - before.get(pid, (0.0, ""))[0]
         kind = "trials" if pid in ran_trials else _kind(cmdline)
-        shares[kind] = shares.get(kind, 0.0) + used / hz / seconds
+        shares[kind] = shares.get(kind, 0.0) + used / seconds
     return {kind: round(cores, 3) for kind, cores in sorted(shares.items())}
 
 

@@ -5,9 +5,18 @@ its session. `ratebench cluster` finds the processes of its nodes with it, the c
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-__all__ = ["alive", "command_line", "descendants", "in_session", "naming", "outermost"]
+__all__ = [
+    "alive",
+    "command_line",
+    "cpu_seconds",
+    "descendants",
+    "in_session",
+    "naming",
+    "outermost",
+]
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -20,6 +29,18 @@ def _stat(pid: int) -> list[str] | None:
 
 def _pids() -> list[int]:
     return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+
+
+def cpu_seconds() -> dict[int, float]:
+    """Every process's CPU time so far (user + system, in seconds), by pid (what the benchmarks
+    count for processes `time` never waits for: Ray's daemons and workers)."""
+    hz = os.sysconf("SC_CLK_TCK")
+    found: dict[int, float] = {}
+    for pid in _pids():
+        fields = _stat(pid)
+        if fields is not None:
+            found[pid] = (int(fields[11]) + int(fields[12])) / hz
+    return found
 
 
 def command_line(pid: int) -> str:
